@@ -1,0 +1,133 @@
+"""Blocking TCP helpers: framed reads with caps, connects with backoff. The only socket code
+shared by the coordinators and the workers; OSError becomes ConnectError here."""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ConnectError, UsageError
+from .wire import HEADER, FrameType, parse_header
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); UsageError otherwise."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise UsageError(f"bad address {text!r}: port must be 0-65535")
+    return host, port
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: delay_n = uniform(0, min(cap, initial * factor**n))."""
+
+    initial: float = 0.2
+    factor: float = 2.0
+    cap: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.initial * self.factor**attempt))
+
+
+def resolve(host: str, port: int) -> tuple[int, tuple]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    max_retries: int = 5,
+    timeout: float = 10.0,
+    backoff: Backoff = Backoff(),
+    deadline: float | None = None,
+    on_retry: Callable[[int, float, str], None] | None = None,
+) -> socket.socket:
+    """Connect with up to ``max_retries`` retries after the first attempt; ConnectError after."""
+    family, addr = resolve(host, port)
+    last = ""
+    for attempt in range(max_retries + 1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc.strerror or str(exc) or type(exc).__name__
+        if attempt == max_retries:
+            break
+        delay = backoff.delay(attempt)
+        if deadline is not None and time.monotonic() + delay > deadline:
+            break
+        if on_retry is not None:
+            on_retry(attempt + 1, delay, last)
+        time.sleep(delay)
+    raise ConnectError(f"cannot connect to {host}:{port} after {attempt + 1} attempts: {last}")
+
+
+class FramedSocket:
+    """Frames over a blocking TCP socket. Caps are checked on the header before any payload
+    is read; every socket failure becomes ConnectError."""
+
+    def __init__(self, sock: socket.socket, *, peer: str = "peer") -> None:
+        self.sock = sock
+        self.peer = peer
+        self._hdr = bytearray(HEADER.size)
+
+    def send(self, data: bytes | memoryview) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ConnectError(f"connection to {self.peer} lost: {_why(exc)}") from None
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely, or raise ConnectError."""
+        got = 0
+        n = len(view)
+        try:
+            while got < n:
+                k = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+                if k == 0:
+                    raise ConnectError(f"connection closed by {self.peer}")
+                got += k
+        except OSError as exc:
+            raise ConnectError(f"connection to {self.peer} lost: {_why(exc)}") from None
+
+    def recv_header(self, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, int]:
+        self.recv_into(memoryview(self._hdr))
+        return parse_header(bytes(self._hdr), cap=cap)
+
+    def recv_frame(self, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, bytes]:
+        ftype, length = self.recv_header(cap=cap)
+        buf = bytearray(length)
+        self.recv_into(memoryview(buf))
+        return ftype, bytes(buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
