@@ -114,6 +114,19 @@ class FramedSocket:
         self.recv_into(memoryview(self._hdr))
         return parse_header(bytes(self._hdr), cap=cap)
 
+    def recv_header_or_eof(self, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, int] | None:
+        """Like ``recv_header`` but returns None when the peer closed cleanly between frames."""
+        view = memoryview(self._hdr)
+        try:
+            k = self.sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        except OSError as exc:
+            raise ConnectError(f"connection to {self.peer} lost: {_why(exc)}") from None
+        if k == 0:
+            return None
+        if k < len(view):
+            self.recv_into(view[k:])
+        return parse_header(bytes(self._hdr), cap=cap)
+
     def recv_frame(self, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, bytes]:
         ftype, length = self.recv_header(cap=cap)
         buf = bytearray(length)

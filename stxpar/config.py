@@ -1,0 +1,124 @@
+"""Typed, validated configuration and results (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+from . import keyschedule as ks
+from .errors import UsageError
+from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
+
+#: Default block size; see docs/tuning.md for the sweep that chose it.
+DEFAULT_BLOCK_SIZE = 4 << 20
+#: Default time a transfer may go without any progress before it counts as stalled.
+DEFAULT_STALL_TIMEOUT = 60.0
+
+
+def default_workers() -> int:
+    """One worker per logical CPU, between 2 and 8 (see docs/tuning.md)."""
+    cpus = psutil.cpu_count(logical=True) or 1
+    return max(2, min(8, cpus))
+
+
+def parse_size(text: str) -> int:
+    """``4M``, ``512K``, ``1G``, ``4096`` -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: expected a number with an optional K, M, G or T") from None
+    if value < 0 or value != int(value):
+        raise UsageError(f"bad size {text!r}")
+    return int(value)
+
+
+def check_workers(n: int | None) -> int:
+    if n is None:
+        return default_workers()
+    if not isinstance(n, int) or not 1 <= n <= MAX_STREAMS:
+        raise UsageError(f"--workers must be between 1 and {MAX_STREAMS} (got {n})")
+    return n
+
+
+def check_block_size(n: int | None) -> int:
+    if n is None:
+        return DEFAULT_BLOCK_SIZE
+    if not MIN_BLOCK_SIZE <= n <= MAX_BLOCK_SIZE:
+        raise UsageError(
+            f"--block-size must be between {MIN_BLOCK_SIZE >> 10} KiB and {MAX_BLOCK_SIZE >> 20} MiB"
+        )
+    return n
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """How a sender behaves. Every field has a safe default."""
+
+    #: Worker processes, one TCP stream each (default: see ``default_workers``).
+    workers: int | None = None
+    #: Bytes per block: the unit of encryption, acknowledgement and resume.
+    block_size: int | None = None
+    #: Connection attempts after the first one before giving up (exit 4).
+    max_retries: int = 5
+    #: Seconds for one TCP connect attempt.
+    connect_timeout: float = 10.0
+    #: Seconds the whole handshake may take.
+    handshake_timeout: float = 30.0
+    #: Seconds without any acknowledged progress before the transfer counts as stalled.
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    #: Records / ciphertext bytes per stream key before ratcheting to a new epoch.
+    rekey_records: int = ks.MAX_RECORDS_PER_KEY
+    rekey_bytes: int = ks.MAX_BYTES_PER_KEY
+
+    def resolved(self) -> SendOptions:
+        if self.max_retries < 0:
+            raise UsageError("--max-retries must be 0 or more")
+        if not 1 <= self.rekey_records <= ks.MAX_RECORDS_PER_KEY:
+            raise UsageError("rekey_records out of range")
+        if not 1 <= self.rekey_bytes <= ks.MAX_BYTES_PER_KEY:
+            raise UsageError("rekey_bytes out of range")
+        return SendOptions(
+            workers=check_workers(self.workers),
+            block_size=check_block_size(self.block_size),
+            max_retries=self.max_retries,
+            connect_timeout=self.connect_timeout,
+            handshake_timeout=self.handshake_timeout,
+            stall_timeout=self.stall_timeout,
+            rekey_records=self.rekey_records,
+            rekey_bytes=self.rekey_bytes,
+        )
+
+
+@dataclass
+class TransferResult:
+    """What one completed transfer did; ``as_json()`` is what ``--json`` prints."""
+
+    file: str
+    bytes: int
+    seconds: float
+    workers: int
+    block_size: int
+    blocks_total: int
+    blocks_sent: int = 0
+    blocks_resumed: int = 0
+    retransmits: int = 0
+    reconnects: int = 0
+    digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d["mb_per_s"] = round(self.mb_per_s, 1)
+        d["seconds"] = round(self.seconds, 3)
+        d.update(extra)
+        return d

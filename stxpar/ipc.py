@@ -1,0 +1,61 @@
+"""ZeroMQ plumbing between a coordinator and its workers (local IPC).
+
+Messages are msgpack lists ``[verb, ...]``. Endpoints are ``ipc://`` sockets inside a private
+0700 directory, so stream secrets handed to workers never touch the network; every socket has a
+message size cap and linger 0. One context per process, created after the process started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import msgpack
+import zmq
+
+#: Largest IPC message (a list of block digests for a big range stays well below this).
+MAX_IPC_MESSAGE = 16 << 20
+
+
+def private_dir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o700)
+    return path
+
+
+def remove_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def configure(sock: zmq.Socket, *, linger_ms: int = 0) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_IPC_MESSAGE)
+    return sock
+
+
+def pack(*fields: Any) -> bytes:
+    return msgpack.packb(list(fields), use_bin_type=True)
+
+
+def unpack(data: bytes) -> list[Any]:
+    obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if not isinstance(obj, list) or not obj:
+        raise ValueError("bad IPC message")
+    return obj
+
+
+def spawn_worker(module: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args`` with no secrets in argv or the environment."""
+    env = dict(os.environ)
+    env.pop("STX_PSK_FILE", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        close_fds=True,
+    )

@@ -1,0 +1,646 @@
+"""Receiver coordinator: listens, authenticates, admits transfers, hands streams to workers.
+
+Theory of operation
+-------------------
+One listening TCP port carries everything: the client speaks first on every connection, with
+INIT (a control connection: handshake, metadata, end, receipt) or JOIN (a data stream of an
+established session, proving its stream key). Each connection gets a thread with a deadline;
+pre-authentication work is bounded (frame caps, a handshake timeout, a handshake rate limit and
+a cap on connections that have not authenticated yet).
+
+An admitted transfer gets a preallocated partial file ``.NAME.stxpart`` in the destination. A
+JOIN that proves its key is passed, socket and stream secret, to the least busy worker process
+over a private SEQPACKET socketpair; workers report landed blocks (index, digest) on a ZeroMQ
+PULL socket. When END arrives and every block is durable, the coordinator checks the whole-file
+digest, fsyncs, renames the partial file to its final name and sends the RECEIPT. Anything else
+removes the partial file: nothing half-written ever takes the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import ipc
+from .config import check_workers
+from .digest import DIGEST_LEN, file_digest
+from .errors import (
+    AuthError,
+    ConnectError,
+    IntegrityError,
+    ProtocolError,
+    RejectedError,
+    StxError,
+    UsageError,
+)
+from .handshake import DEFAULT_WINDOW_MS, ReplayCache, ServerHandshake, handshake_cap, keyring_for
+from .keyschedule import SessionKeys
+from .netio import FramedSocket, parse_hostport
+from .records import ControlChannel, verify_join
+from .wire import (
+    MAX_HANDSHAKE_PAYLOAD,
+    MAX_NAME_BYTES,
+    End,
+    ErrorMsg,
+    FrameType,
+    Init,
+    Join,
+    Metadata,
+    MetadataAck,
+    Receipt,
+    encode_frame,
+)
+
+#: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped".
+EventFn = Callable[[str, dict[str, Any]], None]
+PART_SUFFIX = ".stxpart"
+DEFAULT_SYNC_BYTES = 64 << 20
+COMPLETE_TIMEOUT = 120.0
+
+
+def safe_name(name: str) -> str:
+    """The peer's file name reduced to a safe base name, or RejectedError."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if not base or base in (".", "..") or base.startswith("."):
+        raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in base) or len(base.encode()) > 255:
+        raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
+    return base
+
+
+@dataclass
+class ReceivedFile:
+    """One completed transfer, as the receiver saw it."""
+
+    path: str
+    name: str
+    size: int
+    digest: str
+    seconds: float
+    blocks_total: int
+    streams: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "file": self.path, "bytes": self.size, "seconds": round(self.seconds, 3),
+            "blocks_total": self.blocks_total, "streams": self.streams, "digest": self.digest,
+        }
+
+
+@dataclass
+class _Incoming:
+    md: Metadata
+    session: SessionKeys
+    final: Path
+    part: Path
+    started: float
+    received: bytearray
+    digests: bytearray
+    count: int = 0
+    streams: set[int] = field(default_factory=set)
+    failure: StxError | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+class _Pool:
+    """Receiver worker processes and their fd-passing channels."""
+
+    def __init__(self, n: int, report_endpoint: str) -> None:
+        self.members: list[tuple[socket.socket, subprocess.Popen[bytes]]] = []
+        self.load = [0] * n
+        self.lock = threading.Lock()
+        for _ in range(n):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            proc = ipc.spawn_worker(
+                "stxpar.workers.receiver", str(theirs.fileno()), report_endpoint,
+                pass_fds=(theirs.fileno(),),
+            )
+            theirs.close()
+            self.members.append((mine, proc))
+
+    def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
+        with self.lock:
+            i = min(range(len(self.members)), key=lambda k: (self.members[k][1].poll() is not None, self.load[k]))
+            self.load[i] += 1
+            chan = self.members[i][0]
+            socket.send_fds(chan, [ipc.pack("stream", job)], [conn.fileno()])
+
+    def cancel(self, session_id: bytes) -> None:
+        with self.lock:
+            for chan, _ in self.members:
+                try:
+                    chan.send(ipc.pack("cancel", session_id))
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        for chan, _ in self.members:
+            chan.close()
+        for _, proc in self.members:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Receiver:
+    """An STX receiver: ``with Receiver(dest, psk=key) as r: ... r.address ...``.
+
+    ``start()`` binds and starts the worker pool and the accept loop in background threads;
+    ``stop()`` ends them. ``once=True`` stops after the first completed transfer (``wait()``
+    returns then). ``completed`` lists what arrived.
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        psk: bytes | Sequence[bytes],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int | None = None,
+        once: bool = False,
+        handshake_timeout: float = 10.0,
+        window_ms: int = DEFAULT_WINDOW_MS,
+        max_handshakes_per_s: float = 50.0,
+        max_pending: int = 256,
+        sync_bytes: int = DEFAULT_SYNC_BYTES,
+        on_event: EventFn | None = None,
+    ) -> None:
+        psks = [psk] if isinstance(psk, bytes | bytearray) else list(psk)
+        if not psks or any(len(k) < 32 for k in psks):
+            raise UsageError("the key must be at least 256 bits")
+        self._keyring = keyring_for([bytes(k) for k in psks])
+        self.dest = Path(dest)
+        self.host, self.port = host, port
+        self.workers = check_workers(workers)
+        self.once = once
+        self.handshake_timeout = handshake_timeout
+        self.window_ms = window_ms
+        self.sync_bytes = sync_bytes
+        self._on_event = on_event
+        self._rate = _TokenBucket(rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s))
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._replay = ReplayCache()
+        self._replay_lock = threading.Lock()
+        self._sessions: dict[bytes, _Incoming] = {}
+        self._names: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self._pool: _Pool | None = None
+        self._zctx: zmq.Context | None = None
+        self._workdir = ""
+        self.completed: list[ReceivedFile] = []
+        self.dropped_streams = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("receiver not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def start(self) -> Receiver:
+        self._check_dest()
+        self._listener = self._listen()
+        self._workdir = ipc.private_dir("stx-recv-")
+        self._zctx = zmq.Context()
+        report_ep = f"ipc://{self._workdir}/report"
+        pull = ipc.configure(self._zctx.socket(zmq.PULL))
+        pull.bind(report_ep)
+        self._pool = _Pool(self.workers, report_ep)
+        for target, args in ((self._report_loop, (pull,)), (self._accept_loop, ())):
+            t = threading.Thread(target=target, args=args, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._event("listening", host=self.address[0], port=self.address[1], workers=self.workers)
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``stop()`` (or, with ``once``, the first completed transfer)."""
+        return self._done.wait(timeout)
+
+    def serve_forever(self) -> None:
+        while not self._done.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._done.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            sessions = list(self._sessions)
+        if self._pool is not None:
+            for sid in sessions:
+                self._pool.cancel(sid)
+            self._pool.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._zctx is not None:
+            self._zctx.destroy(linger=0)
+        ipc.remove_dir(self._workdir)
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, fields)
+            except Exception:  # a faulty callback must not take the receiver down
+                pass
+
+    def _check_dest(self) -> None:
+        if not self.dest.exists():
+            raise UsageError(f"destination {self.dest} does not exist")
+        if not self.dest.is_dir():
+            raise UsageError(f"destination {self.dest} is not a directory")
+        if not os.access(self.dest, os.W_OK | os.X_OK):
+            raise UsageError(f"destination {self.dest} is not writable")
+
+    def _listen(self) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise UsageError(f"cannot resolve listen address {self.host!r}: {exc.strerror}") from None
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"cannot listen on {self.host}:{self.port}: address already in use") from None
+            raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        sock.settimeout(0.5)
+        return sock
+
+    # ---------------------------------------------------------------- accept
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            if not self._pending.acquire(blocking=False):
+                conn.close()
+                self._event("dropped", peer=peer[0], reason="too many unauthenticated connections")
+                continue
+            threading.Thread(target=self._serve_conn, args=(conn, peer), daemon=True).start()
+
+    def _serve_conn(self, conn: socket.socket, peer: tuple) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._pending.release()
+
+        fs = FramedSocket(conn, peer=str(peer[0]))
+        try:
+            conn.settimeout(self.handshake_timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            ftype, payload = fs.recv_frame(cap=_first_cap)
+            if ftype is FrameType.JOIN:
+                self._serve_join(fs, payload, release)
+            elif ftype is FrameType.INIT:
+                self._serve_control(fs, payload, peer, release)
+            else:
+                raise ProtocolError(f"unexpected {ftype.name} as the first frame")
+        except StxError as exc:
+            self._event("rejected", peer=peer[0], error=str(exc))
+        except Exception as exc:  # never let one connection take the receiver down
+            self._event("rejected", peer=peer[0], error=f"internal error: {type(exc).__name__}")
+        finally:
+            release()
+            fs.close()
+
+    # ---------------------------------------------------------------- data streams
+
+    def _serve_join(self, fs: FramedSocket, payload: bytes, release: Callable[[], None]) -> None:
+        try:
+            join = Join.decode(payload)
+            with self._lock:
+                inc = self._sessions.get(join.session_id)
+            if inc is None:
+                raise AuthError("data stream for an unknown session")
+            verify_join(
+                stream_secret=inc.session.stream_secret(join.stream),
+                session_id=join.session_id, stream=join.stream, tag=join.mac,
+            )
+            with inc.cond:
+                if join.stream in inc.streams or len(inc.streams) >= 4 * inc.md.streams + 64:
+                    raise AuthError(f"stream {join.stream} refused (repeated or too many)")
+                inc.streams.add(join.stream)
+        except StxError:
+            self.dropped_streams += 1
+            raise
+        release()
+        md = inc.md
+        job = {
+            "session_id": join.session_id,
+            "stream": join.stream,
+            "secret": inc.session.stream_secret(join.stream),
+            "path": os.fspath(inc.part),
+            "size": md.size,
+            "block_size": md.block_size,
+            "file_id": md.file_id,
+            "rekey_records": md.rekey_records,
+            "rekey_bytes": md.rekey_bytes,
+            "sync_bytes": self.sync_bytes,
+        }
+        fs.sock.settimeout(None)
+        assert self._pool is not None
+        self._pool.hand_over(job, fs.sock)
+
+    def _report_loop(self, pull: zmq.Socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not pull.poll(200):
+                    continue
+                msg = ipc.unpack(pull.recv())
+            except zmq.ZMQError:
+                return
+            with self._lock:
+                inc = self._sessions.get(msg[1])
+            if inc is None:
+                continue
+            if msg[0] == "blocks":
+                with inc.cond:
+                    for seq, digest in msg[2]:
+                        if 0 <= seq < len(inc.received) and len(digest) == DIGEST_LEN:
+                            inc.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+                            if not inc.received[seq]:
+                                inc.received[seq] = 1
+                                inc.count += 1
+                    inc.cond.notify_all()
+            elif msg[0] == "fail":
+                from .errors import error_from_wire
+
+                with inc.cond:
+                    if inc.failure is None:
+                        err = error_from_wire(msg[3], msg[4])
+                        inc.failure = type(err)(msg[4])
+                    inc.cond.notify_all()
+
+    # ---------------------------------------------------------------- control connection
+
+    def _handshake(self, fs: FramedSocket, init_payload: bytes) -> SessionKeys:
+        if not self._rate.take():
+            raise RejectedError("too many handshakes; try again shortly")
+        with self._replay_lock:
+            hs = ServerHandshake(
+                keyring=self._keyring, now_ms=_now_ms(), replay_cache=self._replay, window_ms=self.window_ms,
+            )
+        deadline = time.monotonic() + self.handshake_timeout
+        frames = hs.receive(FrameType.INIT, init_payload, now_ms=_now_ms())
+        while True:
+            for frame in frames:
+                fs.send(frame)
+            if hs.established:
+                break
+            fs.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            ftype, payload = fs.recv_frame(cap=handshake_cap)
+            with self._replay_lock:
+                frames = hs.receive(ftype, payload, now_ms=_now_ms())
+        assert hs.session is not None
+        return hs.session
+
+    def _serve_control(self, fs: FramedSocket, init_payload: bytes, peer: tuple, release: Callable[[], None]) -> None:
+        Init.decode(init_payload)
+        try:
+            session = self._handshake(fs, init_payload)
+        except StxError as exc:
+            _send_error(fs, exc, generic=True)
+            raise
+        release()
+        channel = ControlChannel(session=session, client=False)
+        inc: _Incoming | None = None
+        try:
+            ftype, payload = fs.recv_frame(cap=_metadata_cap)
+            if ftype is not FrameType.METADATA:
+                raise ProtocolError(f"expected METADATA, got {ftype.name}")
+            md = Metadata.decode(channel.open(ftype, payload))
+            inc = self._admit(md, session)
+            self._event("accepted", peer=peer[0], file=md.name, bytes=md.size, streams=md.streams)
+            have = bytes((md.total_blocks + 7) // 8)
+            fs.send(channel.seal(FrameType.METADATA_ACK, MetadataAck(have=have).encode()))
+            end = self._await_end(fs, channel, inc)
+            received = self._finish(inc, end)
+            fs.send(channel.seal(FrameType.RECEIPT, Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode()))
+            self.completed.append(received)
+            self._event("received", **received.as_json())
+            inc = None
+            if self.once:
+                self._done.set()
+        except StxError as exc:
+            _send_error(fs, exc, generic=False)
+            if inc is not None:
+                self._event("failed", file=inc.md.name, error=str(exc))
+            raise
+        finally:
+            if inc is not None:
+                self._abort(inc)
+
+    def _admit(self, md: Metadata, session: SessionKeys) -> _Incoming:
+        name = safe_name(md.name)
+        final = self.dest / name
+        part = self.dest / f".{name}{PART_SUFFIX}"
+        with self._lock:
+            if final in self._names:
+                raise RejectedError(f"a transfer of {name} is already in progress")
+            self._names.add(final)
+        try:
+            free = _free_bytes(self.dest)
+            if md.size > free:
+                raise RejectedError(f"not enough space for {name}: {md.size} bytes needed, {free} free")
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                if md.size:
+                    try:
+                        os.posix_fallocate(fd, 0, md.size)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                            raise
+                        os.ftruncate(fd, md.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._names.discard(final)
+            _unlink(part)
+            raise RejectedError(f"cannot create {part.name}: {exc.strerror}") from None
+        except StxError:
+            with self._lock:
+                self._names.discard(final)
+            raise
+        inc = _Incoming(
+            md=md, session=session, final=final, part=part, started=time.monotonic(),
+            received=bytearray(md.total_blocks), digests=bytearray(md.total_blocks * DIGEST_LEN),
+        )
+        with self._lock:
+            self._sessions[session.session_id] = inc
+        return inc
+
+    def _await_end(self, fs: FramedSocket, channel: ControlChannel, inc: _Incoming) -> End:
+        fs.sock.settimeout(None)
+        while True:
+            with inc.cond:
+                if inc.failure is not None:
+                    raise inc.failure
+            if self._stopping.is_set():
+                raise RejectedError("receiver shutting down")
+            readable, _, _ = select.select([fs.sock], [], [], 0.2)
+            if readable:
+                break
+        ftype, payload = fs.recv_frame(cap=_end_cap)
+        if ftype is FrameType.ERROR:
+            raise ConnectError("sender aborted the transfer")
+        if ftype is not FrameType.END:
+            raise ProtocolError(f"expected END, got {ftype.name}")
+        return End.decode(channel.open(ftype, payload))
+
+    def _finish(self, inc: _Incoming, end: End) -> ReceivedFile:
+        md = inc.md
+        if end.total_blocks != md.total_blocks:
+            raise ProtocolError("END names a different number of blocks")
+        deadline = time.monotonic() + COMPLETE_TIMEOUT
+        with inc.cond:
+            while inc.count < md.total_blocks and inc.failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise IntegrityError("sender ended the transfer before every block arrived")
+                inc.cond.wait(min(left, 0.5))
+            if inc.failure is not None:
+                raise inc.failure
+        digest = file_digest(block_digests=inc.digests, block_size=md.block_size, size=md.size)
+        if digest != end.digest:
+            raise IntegrityError(f"whole-file digest mismatch for {md.name}")
+        try:
+            fd = os.open(inc.part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(inc.part, inc.final)
+            dfd = os.open(self.dest, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise RejectedError(f"cannot finish {md.name}: {exc.strerror}") from None
+        self._forget(inc)
+        return ReceivedFile(
+            path=os.fspath(inc.final), name=inc.final.name, size=md.size, digest=digest.hex(),
+            seconds=time.monotonic() - inc.started, blocks_total=md.total_blocks, streams=len(inc.streams),
+        )
+
+    def _forget(self, inc: _Incoming) -> None:
+        with self._lock:
+            self._sessions.pop(inc.session.session_id, None)
+            self._names.discard(inc.final)
+
+    def _abort(self, inc: _Incoming) -> None:
+        if self._pool is not None:
+            self._pool.cancel(inc.session.session_id)
+        self._forget(inc)
+        _unlink(inc.part)
+
+
+class _TokenBucket:
+    def __init__(self, *, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
+def _first_cap(ftype: FrameType) -> int:
+    return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.INIT, FrameType.JOIN) else -1
+
+
+def _metadata_cap(ftype: FrameType) -> int:
+    return MAX_NAME_BYTES + 512 if ftype is FrameType.METADATA else -1
+
+
+def _end_cap(ftype: FrameType) -> int:
+    return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.END, FrameType.ERROR) else -1
+
+
+def _send_error(fs: FramedSocket, exc: StxError, *, generic: bool) -> None:
+    if isinstance(exc, ConnectError):
+        return
+    message = "authentication failed" if generic and isinstance(exc, AuthError | ProtocolError) else str(exc)
+    code = exc.wire_code
+    try:
+        fs.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
+    except StxError:
+        pass
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    return parse_hostport(text)

@@ -1,0 +1,223 @@
+"""Receiver worker: takes authenticated data streams from its coordinator and lands blocks.
+
+The coordinator accepts each TCP connection, checks its JOIN proof, and passes the connected
+socket here with SCM_RIGHTS over a SEQPACKET socketpair (a kernel socket cannot travel over
+ZeroMQ), together with that stream's secret and the file to write. One thread per stream:
+read a BLOCK frame into a reused buffer, check the CRC (damaged: ask again, bounded), decrypt
+into a reused buffer (tag fails: authentication failure, the stream ends), ``pwrite`` at the
+block's offset, digest. Blocks are acknowledged in batches after ``fdatasync``: the worker first
+reports ``blocks`` (index and digest) to the coordinator over ZeroMQ, then sends the sender a
+MAC'd ACK, so nothing is acknowledged that is not durable and known to the coordinator.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from stxpar import ipc
+from stxpar.digest import block_digest
+from stxpar.errors import ConnectError, IntegrityError, ProtocolError, RejectedError, StxError
+from stxpar.netio import FramedSocket
+from stxpar.records import BLOCK_SUFFIX, AckChannel, BlockContext, BlockOpener, CrcMismatch
+from stxpar.wire import BLOCK_HEADER, Ack, ErrorMsg, FrameType, encode_frame
+
+MAX_CRC_RETRIES = 3
+FLUSH_IDLE_S = 0.02
+FLUSH_INTERVAL_S = 0.25
+MAX_MSG = 64 << 10
+
+
+class StreamJob(threading.Thread):
+    def __init__(self, owner: Worker, job: dict[str, Any], sock: socket.socket) -> None:
+        super().__init__(daemon=True, name=f"stream-{job['stream']}")
+        self.owner = owner
+        self.job = job
+        self.sock = sock
+        self.sid: bytes = job["session_id"]
+        self.stream = int(job["stream"])
+        self.cancelled = False
+
+    def run(self) -> None:
+        report = ipc.configure(self.owner.ctx.socket(zmq.PUSH), linger_ms=2000)
+        report.connect(self.owner.report_endpoint)
+        conn = FramedSocket(self.sock, peer="sender")
+        try:
+            self._receive(conn, report)
+            report.send(ipc.pack("closed", self.sid, self.stream))
+        except BaseException as exc:
+            if self.cancelled:
+                return
+            code = exc.wire_code if isinstance(exc, StxError) else 1
+            message = str(exc) if isinstance(exc, StxError) else f"receiver worker error: {exc!r}"
+            if not isinstance(exc, ConnectError):
+                try:
+                    conn.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
+                except StxError:
+                    pass
+            report.send(ipc.pack("fail", self.sid, self.stream, code, message))
+        finally:
+            conn.close()
+            report.close()
+            self.owner.forget(self)
+
+    def _receive(self, conn: FramedSocket, report: zmq.Socket) -> None:
+        job = self.job
+        secret: bytes = job.pop("secret")
+        ctx = BlockContext(
+            session_id=self.sid,
+            stream=self.stream,
+            file_size=int(job["size"]),
+            file_id=job["file_id"],
+            block_size=int(job["block_size"]),
+            rekey_records=int(job["rekey_records"]),
+            rekey_bytes=int(job["rekey_bytes"]),
+        )
+        opener = BlockOpener(stream_secret=secret, ctx=ctx)
+        acks = AckChannel(stream_secret=secret, ctx=ctx)
+        del secret
+        block_size = ctx.block_size
+        sync_bytes = int(job["sync_bytes"])
+        body = bytearray(BLOCK_HEADER.size + block_size + BLOCK_SUFFIX)
+        body_view = memoryview(body)
+        try:
+            fd = os.open(job["path"], os.O_WRONLY)
+        except OSError as exc:
+            raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
+        pending: list[tuple[int, bytes]] = []
+        resend: list[int] = []
+        crc_failures: collections.Counter[int] = collections.Counter()
+        pending_bytes = 0
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal pending_bytes, last_flush
+            if not pending and not resend:
+                return
+            if pending:
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise _disk_error(exc) from None
+                report.send(ipc.pack("blocks", self.sid, pending))
+            conn.send(acks.seal(Ack(tuple(s for s, _ in pending), tuple(resend)).encode()))
+            pending.clear()
+            resend.clear()
+            pending_bytes = 0
+            last_flush = time.monotonic()
+
+        def cap(ftype: FrameType) -> int:
+            return len(body) if ftype is FrameType.BLOCK else -1
+
+        try:
+            while True:
+                if (pending or resend) and not select.select([self.sock], [], [], FLUSH_IDLE_S)[0]:
+                    flush()
+                header = conn.recv_header_or_eof(cap=cap)
+                if header is None:
+                    flush()
+                    return
+                _, length = header
+                if length < BLOCK_HEADER.size + BLOCK_SUFFIX:
+                    raise ProtocolError("short BLOCK frame")
+                view = body_view[:length]
+                conn.recv_into(view)
+                seq, size = BLOCK_HEADER.unpack_from(view)
+                opener.check_header(seq, size, length)
+                try:
+                    plain = opener.open(seq, view[BLOCK_HEADER.size :])
+                except CrcMismatch:
+                    crc_failures[seq] += 1
+                    if crc_failures[seq] > MAX_CRC_RETRIES:
+                        raise IntegrityError(
+                            f"block {seq} arrived damaged {crc_failures[seq]} times; giving up"
+                        ) from None
+                    resend.append(seq)
+                    flush()
+                    continue
+                try:
+                    written = os.pwrite(fd, plain, seq * block_size)
+                except OSError as exc:
+                    raise _disk_error(exc) from None
+                if written != size:
+                    raise _disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+                pending.append((seq, block_digest(plain)))
+                pending_bytes += size
+                if pending_bytes >= sync_bytes or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
+                    flush()
+        finally:
+            os.close(fd)
+
+
+def _disk_error(exc: OSError) -> StxError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RejectedError(f"receiver cannot write: {exc.strerror}")
+    return RejectedError(f"receiver write failed: {exc.strerror}")
+
+
+class Worker:
+    def __init__(self, channel_fd: int, report_endpoint: str) -> None:
+        self.channel = socket.socket(fileno=channel_fd)
+        self.ctx = zmq.Context()
+        self.report_endpoint = report_endpoint
+        self.lock = threading.Lock()
+        self.streams: set[StreamJob] = set()
+
+    def forget(self, job: StreamJob) -> None:
+        with self.lock:
+            self.streams.discard(job)
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.channel, MAX_MSG, 4)
+            except OSError:
+                return
+            if not msg:
+                for fd in fds:
+                    os.close(fd)
+                return  # coordinator went away
+            cmd = ipc.unpack(msg)
+            if cmd[0] == "stream" and len(fds) == 1:
+                job = StreamJob(self, cmd[1], socket.socket(fileno=fds[0]))
+                with self.lock:
+                    self.streams.add(job)
+                job.start()
+            elif cmd[0] == "cancel":
+                for fd in fds:
+                    os.close(fd)
+                with self.lock:
+                    victims = [j for j in self.streams if j.sid == cmd[1]]
+                for j in victims:
+                    j.cancelled = True
+                    try:
+                        j.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    channel_fd, report_endpoint = argv
+    worker = Worker(int(channel_fd), report_endpoint)
+    try:
+        worker.run()
+    finally:
+        worker.ctx.destroy(linger=500)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

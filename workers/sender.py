@@ -1,0 +1,196 @@
+"""Sender worker: one TCP stream, pulls block lists from the coordinator over ZeroMQ.
+
+Main thread: ``get`` -> ``blocks [..]`` -> for each block pread into a reused buffer, digest,
+seal into a reused frame buffer, send; report the digests (``sent``). Reader thread: reads the
+receiver's MAC'd acks, reports durable blocks (``acked``) straight to the coordinator and hands
+resend requests to the main thread. Any failure is reported (``error``) and ends the process.
+The worker never sees the PSK or any other stream's key.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+from typing import Any
+
+import zmq
+
+from stxpar import ipc
+from stxpar.digest import block_digest
+from stxpar.errors import ConnectError, IntegrityError, ProtocolError, StxError, error_from_wire
+from stxpar.netio import FramedSocket, connect
+from stxpar.records import AckChannel, BlockContext, BlockSealer, join_mac
+from stxpar.wire import MAX_ACK_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, Ack, ErrorMsg, FrameType, Join, block_len, encode_frame
+
+POLL_MS = 100
+
+
+def _ack_cap(ftype: FrameType) -> int:
+    if ftype is FrameType.ACK:
+        return MAX_ACK_PAYLOAD
+    if ftype is FrameType.ERROR:
+        return MAX_HANDSHAKE_PAYLOAD
+    return -1
+
+
+class Worker:
+    def __init__(self, ctl_endpoint: str, report_endpoint: str, slot: int) -> None:
+        self.ctx = zmq.Context()
+        self.dealer = ipc.configure(self.ctx.socket(zmq.DEALER))
+        self.dealer.connect(ctl_endpoint)
+        self.report = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
+        self.report.connect(report_endpoint)
+        self.report_endpoint = report_endpoint
+        self.slot = slot
+        self.parent = os.getppid()
+        self.resend: queue.Queue[int] = queue.Queue()
+        self.failed = threading.Event()
+        self.finishing = threading.Event()
+
+    # -- coordinator link
+    def request(self, *fields: Any) -> list[Any]:
+        self.dealer.send(ipc.pack(*fields))
+        while True:
+            if self.dealer.poll(POLL_MS):
+                return ipc.unpack(self.dealer.recv())
+            self.check_alive()
+            self.drain_resends()
+
+    def check_alive(self) -> None:
+        if self.failed.is_set():
+            raise SystemExit(1)
+        if os.getppid() != self.parent:
+            raise SystemExit(1)
+
+    def fail(self, sock: zmq.Socket, exc: BaseException) -> None:
+        if isinstance(exc, StxError):
+            code, message = exc.wire_code, str(exc)
+        else:
+            code, message = 1, f"worker error: {type(exc).__name__}: {exc}"
+        sock.send(ipc.pack("error", self.slot, code, message))
+
+    # -- data path
+    def run(self) -> None:
+        msg = self.request("hello", self.slot)
+        if msg[0] != "setup":
+            return
+        cfg: dict[str, Any] = msg[1]
+        self.stream = int(cfg["stream"])
+        self.size = int(cfg["size"])
+        self.block_size = int(cfg["block_size"])
+        ctx = BlockContext(
+            session_id=cfg["session_id"],
+            stream=self.stream,
+            file_size=self.size,
+            file_id=cfg["file_id"],
+            block_size=self.block_size,
+            rekey_records=int(cfg["rekey_records"]),
+            rekey_bytes=int(cfg["rekey_bytes"]),
+        )
+        secret: bytes = cfg.pop("secret")
+        self.sealer = BlockSealer(stream_secret=secret, ctx=ctx)
+        self.acks = AckChannel(stream_secret=secret, ctx=ctx)
+        join = Join(
+            session_id=ctx.session_id,
+            stream=self.stream,
+            mac=join_mac(stream_secret=secret, session_id=ctx.session_id, stream=self.stream),
+        )
+        del secret
+        self.fd = os.open(cfg["path"], os.O_RDONLY)
+        self.buf = bytearray(self.block_size)
+        self.view = memoryview(self.buf)
+        sock = connect(
+            cfg["host"], int(cfg["port"]), max_retries=int(cfg["max_retries"]),
+            timeout=float(cfg["connect_timeout"]),
+        )
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.conn = FramedSocket(sock, peer=f"{cfg['host']}:{cfg['port']}")
+        self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
+        reader = threading.Thread(target=self.read_acks, name="acks", daemon=True)
+        reader.start()
+        self.report.send(ipc.pack("joined", self.slot, self.stream))
+        while True:
+            msg = self.request("get", self.slot)
+            if msg[0] == "blocks":
+                digests = [self.send_block(int(seq)) for seq in msg[1]]
+                self.report.send(ipc.pack("sent", self.slot, digests))
+            elif msg[0] == "done":
+                break
+        self.finishing.set()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        reader.join(timeout=30)
+
+    def send_block(self, seq: int) -> tuple[int, bytes]:
+        self.drain_resends()
+        n = block_len(index=seq, size=self.size, block_size=self.block_size)
+        plain = self.view[:n]
+        got = os.preadv(self.fd, [plain], seq * self.block_size)
+        if got != n:
+            raise IntegrityError("the source file shrank during the transfer")
+        digest = block_digest(plain)
+        self.conn.send(self.sealer.seal(seq, plain))
+        return seq, digest
+
+    def drain_resends(self) -> None:
+        while True:
+            try:
+                seq = self.resend.get_nowait()
+            except queue.Empty:
+                return
+            self.check_alive()
+            self.send_block(seq)
+            self.report.send(ipc.pack("retransmit", self.slot, seq))
+
+    def read_acks(self) -> None:
+        report = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
+        report.connect(self.report_endpoint)
+        try:
+            while True:
+                try:
+                    ftype, payload = self.conn.recv_frame(cap=_ack_cap)
+                except ConnectError:
+                    if self.finishing.is_set():
+                        return
+                    raise
+                if ftype is FrameType.ERROR:
+                    err = ErrorMsg.decode(payload)
+                    raise error_from_wire(err.code, err.message)
+                if ftype is not FrameType.ACK:
+                    raise ProtocolError(f"unexpected {ftype.name} on a data stream")
+                ack = Ack.decode(self.acks.open(payload))
+                if ack.durable:
+                    report.send(ipc.pack("acked", self.slot, list(ack.durable)))
+                for seq in ack.resend:
+                    self.resend.put(seq)
+        except BaseException as exc:  # report every failure, then stop the worker
+            if not self.finishing.is_set():
+                self.fail(report, exc)
+            self.failed.set()
+        finally:
+            report.close()
+
+
+def main(argv: list[str]) -> int:
+    ctl_endpoint, report_endpoint, slot = argv
+    worker = Worker(ctl_endpoint, report_endpoint, int(slot))
+    try:
+        worker.run()
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except BaseException as exc:
+        worker.fail(worker.report, exc)
+        return 1
+    finally:
+        worker.ctx.destroy(linger=200)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
