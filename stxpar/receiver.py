@@ -43,6 +43,7 @@ from .errors import (
     RejectedError,
     StxError,
     UsageError,
+    error_from_wire,
 )
 from .handshake import DEFAULT_WINDOW_MS, ReplayCache, ServerHandshake, handshake_cap, keyring_for
 from .keyschedule import SessionKeys
@@ -119,6 +120,7 @@ class _Pool:
     def __init__(self, n: int, report_endpoint: str) -> None:
         self.members: list[tuple[socket.socket, subprocess.Popen[bytes]]] = []
         self.load = [0] * n
+        self.where: dict[tuple[bytes, int], int] = {}
         self.lock = threading.Lock()
         for _ in range(n):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -133,8 +135,15 @@ class _Pool:
         with self.lock:
             i = min(range(len(self.members)), key=lambda k: (self.members[k][1].poll() is not None, self.load[k]))
             self.load[i] += 1
+            self.where[(job["session_id"], job["stream"])] = i
             chan = self.members[i][0]
             socket.send_fds(chan, [ipc.pack("stream", job)], [conn.fileno()])
+
+    def released(self, session_id: bytes, stream: int) -> None:
+        with self.lock:
+            i = self.where.pop((session_id, stream), None)
+            if i is not None:
+                self.load[i] -= 1
 
     def cancel(self, session_id: bytes) -> None:
         with self.lock:
@@ -396,6 +405,8 @@ class Receiver:
                 msg = ipc.unpack(pull.recv())
             except zmq.ZMQError:
                 return
+            if msg[0] in ("closed", "fail") and self._pool is not None:
+                self._pool.released(msg[1], msg[2])
             with self._lock:
                 inc = self._sessions.get(msg[1])
             if inc is None:
@@ -410,8 +421,6 @@ class Receiver:
                                 inc.count += 1
                     inc.cond.notify_all()
             elif msg[0] == "fail":
-                from .errors import error_from_wire
-
                 with inc.cond:
                     if inc.failure is None:
                         err = error_from_wire(msg[3], msg[4])
