@@ -49,11 +49,15 @@ def unpack(data: bytes) -> list[Any]:
 
 
 def spawn_worker(module: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start ``python -m module args`` with no secrets in argv or the environment."""
+    """Start ``python -P -m module args`` with no secrets in argv or the environment.
+
+    ``-P``: the worker imports the installed stxpar, never a ``stxpar/`` folder that happens to
+    be in the current directory (a source checkout keeps ``workers/`` outside it).
+    """
     env = dict(os.environ)
     env.pop("STX_PSK_FILE", None)
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-P", "-m", module, *args],
         pass_fds=pass_fds,
         stdin=subprocess.DEVNULL,
         env=env,
