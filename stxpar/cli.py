@@ -113,7 +113,9 @@ def _progress_for(args: argparse.Namespace, label: str) -> Progress | None:
 def _key(args: argparse.Namespace) -> bytes:
     path = args.psk_file or os.environ.get("STX_PSK_FILE")
     if not path:
-        raise UsageError("no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')")
+        raise UsageError(
+            "no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')"
+        )
     return load_key_file(path)
 
 
@@ -128,8 +130,10 @@ def _print_json(obj: dict[str, Any]) -> None:
 def cmd_keygen(args: argparse.Namespace) -> int:
     if args.output:
         path = write_key_file(args.output, force=args.force)
-        print(f"wrote a new 256-bit key to {path} (mode 0600); copy it to the other side securely",
-              file=sys.stderr)
+        print(
+            f"wrote a new 256-bit key to {path} (mode 0600); copy it to the other side securely",
+            file=sys.stderr,
+        )
     else:
         from .psk import format_key, generate
 
@@ -144,7 +148,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     key = _key(args)
     progress = _progress_for(args, os.path.basename(args.file))
     opts = SendOptions(
-        workers=args.workers, block_size=args.block_size, max_retries=args.max_retries,
+        workers=args.workers,
+        block_size=args.block_size,
+        max_retries=args.max_retries,
         stall_timeout=args.stall_timeout,
     )
     try:
@@ -175,20 +181,35 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 _print_json(fields)
             if not args.quiet:
                 mbps = fields["bytes"] / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
-                print(f"received {fields['file']}: {_human(fields['bytes'])} in {fields['seconds']:.2f} s"
-                      f" ({mbps:.1f} MB/s)", file=sys.stderr)
+                print(
+                    f"received {fields['file']}: {_human(fields['bytes'])} in {fields['seconds']:.2f} s"
+                    f" ({mbps:.1f} MB/s)",
+                    file=sys.stderr,
+                )
         elif kind == "listening" and not args.quiet:
-            print(f"listening on {fields['host']}:{fields['port']} with {fields['workers']} workers,"
-                  f" writing to {args.dest}", file=sys.stderr)
+            print(
+                f"listening on {fields['host']}:{fields['port']} with {fields['workers']} workers,"
+                f" writing to {args.dest}",
+                file=sys.stderr,
+            )
         elif kind in ("rejected", "failed") and not args.quiet:
             who = fields.get("peer") or fields.get("file")
             print(f"{kind} {who}: {fields['error']}", file=sys.stderr)
         elif kind == "accepted" and not args.quiet:
-            print(f"receiving {fields['file']} ({_human(fields['bytes'])}) from {fields['peer']}",
-                  file=sys.stderr)
+            print(
+                f"receiving {fields['file']} ({_human(fields['bytes'])}) from {fields['peer']}",
+                file=sys.stderr,
+            )
 
-    receiver = Receiver(args.dest, psk=key, host=host, port=port, workers=args.workers,
-                        once=args.once, on_event=on_event)
+    receiver = Receiver(
+        args.dest,
+        psk=key,
+        host=host,
+        port=port,
+        workers=args.workers,
+        once=args.once,
+        on_event=on_event,
+    )
     receiver.start()
     try:
         receiver.serve_forever()
@@ -202,8 +223,14 @@ def cmd_recv(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(size=args.size, workers=args.workers, block_size=args.block_size,
-                    directory=args.dir, as_json=args.json, quiet=args.quiet)
+    return run_demo(
+        size=args.size,
+        workers=args.workers,
+        block_size=args.block_size,
+        directory=args.dir,
+        as_json=args.json,
+        quiet=args.quiet,
+    )
 
 
 # ---------------------------------------------------------------- parser
@@ -213,28 +240,63 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="the file to send")
     p.add_argument("address", type=_hostport, metavar="HOST:PORT", help="where 'stx recv' listens")
     p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help=f"worker processes, one TCP stream each (default here: {default_workers()})")
-    p.add_argument("--block-size", type=_size, metavar="SIZE",
-                   help=f"block size, e.g. 1M, 4M, 16M (default {DEFAULT_BLOCK_SIZE >> 20}M; 4K-64M)")
-    p.add_argument("--max-retries", type=_nonneg_int, default=5, metavar="N",
-                   help="connection attempts after the first before giving up with exit 4 (default 5)")
-    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="give up when nothing is acknowledged for this long (default 60)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout at the end")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress line and no summary on stderr")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help=f"worker processes, one TCP stream each (default here: {default_workers()})",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_size,
+        metavar="SIZE",
+        help=f"block size, e.g. 1M, 4M, 16M (default {DEFAULT_BLOCK_SIZE >> 20}M; 4K-64M)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=_nonneg_int,
+        default=5,
+        metavar="N",
+        help="connection attempts after the first before giving up with exit 4 (default 5)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when nothing is acknowledged for this long (default 60)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON summary line on stdout at the end"
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress line and no summary on stderr"
+    )
     p.set_defaults(func=cmd_send)
 
 
 def _add_recv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", type=_hostport, required=True, metavar="HOST:PORT",
-                   help="address to listen on; every stream of a transfer connects to this one port")
+    p.add_argument(
+        "--listen",
+        type=_hostport,
+        required=True,
+        metavar="HOST:PORT",
+        help="address to listen on; every stream of a transfer connects to this one port",
+    )
     p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
-    p.add_argument("--dest", required=True, metavar="DIR", help="directory the files are written into")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help=f"receiver worker processes (default here: {default_workers()})")
+    p.add_argument(
+        "--dest", required=True, metavar="DIR", help="directory the files are written into"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help=f"receiver worker processes (default here: {default_workers()})",
+    )
     p.add_argument("--once", action="store_true", help="exit after one completed transfer")
-    p.add_argument("--json", action="store_true", help="print one JSON line on stdout per received file")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON line on stdout per received file"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
     p.set_defaults(func=cmd_recv)
 
@@ -249,27 +311,55 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stxpar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    kg = sub.add_parser("keygen", help="make a new random 256-bit key", epilog=EXIT_CODES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    kg.add_argument("-o", "--output", metavar="FILE", help="write the key to FILE (mode 0600) instead of stdout")
+    kg = sub.add_parser(
+        "keygen",
+        help="make a new random 256-bit key",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kg.add_argument(
+        "-o", "--output", metavar="FILE", help="write the key to FILE (mode 0600) instead of stdout"
+    )
     kg.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     kg.set_defaults(func=cmd_keygen)
 
-    _add_send_args(sub.add_parser("send", help="send a file to a receiver", epilog=EXIT_CODES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter))
-    _add_recv_args(sub.add_parser("recv", help="receive files", epilog=EXIT_CODES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter))
+    _add_send_args(
+        sub.add_parser(
+            "send",
+            help="send a file to a receiver",
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    _add_recv_args(
+        sub.add_parser(
+            "recv",
+            help="receive files",
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
 
     demo = sub.add_parser(
-        "demo", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="send a generated test file to a local receiver and verify it",
         description="Make a random test file, start a receiver on 127.0.0.1 on a free port, send the file "
-                    "over parallel encrypted streams, verify the copy, print a summary and clean up.",
+        "over parallel encrypted streams, verify the copy, print a summary and clean up.",
     )
-    demo.add_argument("--size", type=_size, default=1 << 30, metavar="SIZE", help="test file size (default 1G)")
-    demo.add_argument("--workers", type=_positive_int, metavar="N", help="workers on each side (default: auto)")
+    demo.add_argument(
+        "--size", type=_size, default=1 << 30, metavar="SIZE", help="test file size (default 1G)"
+    )
+    demo.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="workers on each side (default: auto)"
+    )
     demo.add_argument("--block-size", type=_size, metavar="SIZE", help="block size (default 4M)")
-    demo.add_argument("--dir", metavar="DIR", help="scratch directory (default: /dev/shm if it has room, else the temp dir)")
+    demo.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="scratch directory (default: /dev/shm if it has room, else the temp dir)",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON summary line on stdout")
     demo.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     demo.set_defaults(func=cmd_demo)
@@ -289,8 +379,10 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     except Exception as exc:  # a bug: one line unless STX_DEBUG asks for the traceback
         if os.environ.get("STX_DEBUG"):
             raise
-        print(f"{parser.prog}: internal error: {type(exc).__name__}: {exc} (set STX_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(
+            f"{parser.prog}: internal error: {type(exc).__name__}: {exc} (set STX_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
         return EXIT_OTHER
 
 
@@ -299,8 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _alias(command: str, adder: Callable[[argparse.ArgumentParser], None], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=f"Same as 'stx {command}'.", epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Same as 'stx {command}'.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     adder(parser)
     return run(None, parser)
 
@@ -315,4 +411,3 @@ def recv_main() -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

@@ -31,7 +31,9 @@ def parse_size(text: str) -> int:
     try:
         value = float(num) * units[unit]
     except ValueError:
-        raise UsageError(f"bad size {text!r}: expected a number with an optional K, M, G or T") from None
+        raise UsageError(
+            f"bad size {text!r}: expected a number with an optional K, M, G or T"
+        ) from None
     if value < 0 or value != int(value):
         raise UsageError(f"bad size {text!r}")
     return int(value)

@@ -29,7 +29,9 @@ def _scratch_dir(size: int, directory: str | None) -> str:
     else:
         base = tempfile.gettempdir()
     if shutil.disk_usage(base).free < 2 * size + (64 << 20):
-        raise UsageError(f"not enough space in {base} for a {_human(size)} demo (needs twice the size)")
+        raise UsageError(
+            f"not enough space in {base} for a {_human(size)} demo (needs twice the size)"
+        )
     return tempfile.mkdtemp(prefix="stx-demo-", dir=base)
 
 
@@ -54,8 +56,13 @@ def _sha256(path: str) -> str:
 
 
 def run_demo(
-    *, size: int, workers: int | None, block_size: int | None, directory: str | None,
-    as_json: bool, quiet: bool,
+    *,
+    size: int,
+    workers: int | None,
+    block_size: int | None,
+    directory: str | None,
+    as_json: bool,
+    quiet: bool,
 ) -> int:
     root = _scratch_dir(size, directory)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -72,8 +79,15 @@ def run_demo(
             say(f"stx demo: receiver listening on {host}:{port} ({receiver.workers} workers)")
             progress = None if quiet or not sys.stderr.isatty() else Progress(sys.stderr, "sending")
             try:
-                result = send(src, host, port, psk=key, workers=workers, block_size=block_size,
-                              progress=progress)
+                result = send(
+                    src,
+                    host,
+                    port,
+                    psk=key,
+                    workers=workers,
+                    block_size=block_size,
+                    progress=progress,
+                )
             finally:
                 if progress is not None:
                     progress.close()

@@ -31,6 +31,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -71,7 +72,9 @@ def handshake_cap(ftype: FrameType) -> int:
 
 
 def _private_key(raw: bytes | None) -> X25519PrivateKey:
-    return X25519PrivateKey.from_private_bytes(raw) if raw is not None else X25519PrivateKey.generate()
+    return (
+        X25519PrivateKey.from_private_bytes(raw) if raw is not None else X25519PrivateKey.generate()
+    )
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
@@ -112,7 +115,7 @@ class ReplayCache:
 
 
 class _Handshake:
-    _table: Mapping[tuple[State, FrameType], Callable[[_Handshake, bytes, int], list[bytes]]] = {}
+    _table: Mapping[tuple[State, FrameType], Callable[[Any, bytes, bytes], list[bytes]]] = {}
 
     def __init__(self) -> None:
         self.state = State.START
@@ -196,18 +199,25 @@ class ClientHandshake(_Handshake):
         except ValueError:
             raise AuthError(AUTH_FAILED + " (the receiver does not hold this key)") from None
         pub = _public_bytes(self._eph)
-        tag = ks.mac(key=self._psk.client_auth, label="client key share", data=self.transcript_hash + pub)
+        tag = ks.mac(
+            key=self._psk.client_auth, label="client key share", data=self.transcript_hash + pub
+        )
         self.state = State.WAIT_KEY_CONFIRMATION
         return [self._emit(FrameType.KEY_NEGOTIATION, KeyShare(pub, tag).encode())]
 
     def _on_key_confirmation(self, payload: bytes, th: bytes) -> list[bytes]:
         msg = KeyShare.decode(payload)
         shared = x25519_shared(self._eph, msg.public)
-        master = ks.derive_master(early=self._psk.early, shared=shared, transcript_hash=th, eph_s=msg.public)
+        master = ks.derive_master(
+            early=self._psk.early, shared=shared, transcript_hash=th, eph_s=msg.public
+        )
         session = ks.derive_session_keys(master=master)
         try:
             ks.verify_mac(
-                key=session.server_finished, label="server finished", data=th + msg.public, tag=msg.mac
+                key=session.server_finished,
+                label="server finished",
+                data=th + msg.public,
+                tag=msg.mac,
             )
         except ValueError:
             raise AuthError(AUTH_FAILED + " (bad key confirmation)") from None
@@ -288,7 +298,12 @@ class ServerHandshake(_Handshake):
         msg = KeyShare.decode(payload)
         assert self._psk is not None
         try:
-            ks.verify_mac(key=self._psk.client_auth, label="client key share", data=th + msg.public, tag=msg.mac)
+            ks.verify_mac(
+                key=self._psk.client_auth,
+                label="client key share",
+                data=th + msg.public,
+                tag=msg.mac,
+            )
         except ValueError:
             raise AuthError(AUTH_FAILED) from None
         eph = _private_key(self._eph_raw)
@@ -296,7 +311,9 @@ class ServerHandshake(_Handshake):
         shared = x25519_shared(eph, msg.public)
         pub = _public_bytes(eph)
         th_now = self.transcript_hash
-        master = ks.derive_master(early=self._psk.early, shared=shared, transcript_hash=th_now, eph_s=pub)
+        master = ks.derive_master(
+            early=self._psk.early, shared=shared, transcript_hash=th_now, eph_s=pub
+        )
         session = ks.derive_session_keys(master=master)
         tag = ks.mac(key=session.server_finished, label="server finished", data=th_now + pub)
         self.session = session

@@ -48,7 +48,9 @@ def unpack(data: bytes) -> list[Any]:
     return obj
 
 
-def spawn_worker(module: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    module: str, *args: str, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     """Start ``python -P -m module args`` with no secrets in argv or the environment.
 
     ``-P``: the worker imports the installed stxpar, never a ``stxpar/`` folder that happens to

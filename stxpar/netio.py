@@ -114,7 +114,9 @@ class FramedSocket:
         self.recv_into(memoryview(self._hdr))
         return parse_header(bytes(self._hdr), cap=cap)
 
-    def recv_header_or_eof(self, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, int] | None:
+    def recv_header_or_eof(
+        self, *, cap: Callable[[FrameType], int]
+    ) -> tuple[FrameType, int] | None:
         """Like ``recv_header`` but returns None when the peer closed cleanly between frames."""
         view = memoryview(self._hdr)
         try:

@@ -45,7 +45,9 @@ def parse_key(text: str, *, source: str) -> bytes:
     try:
         key = bytes.fromhex(body)
     except ValueError:
-        raise UsageError(f"{source} does not hold an stx key (make one with 'stx keygen')") from None
+        raise UsageError(
+            f"{source} does not hold an stx key (make one with 'stx keygen')"
+        ) from None
     if len(key) < MIN_KEY_BYTES:
         raise UsageError(
             f"{source} holds a {len(key) * 8}-bit key; at least {MIN_KEY_BYTES * 8} bits are required"

@@ -94,8 +94,12 @@ class ReceivedFile:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "file": self.path, "bytes": self.size, "seconds": round(self.seconds, 3),
-            "blocks_total": self.blocks_total, "streams": self.streams, "digest": self.digest,
+            "file": self.path,
+            "bytes": self.size,
+            "seconds": round(self.seconds, 3),
+            "blocks_total": self.blocks_total,
+            "streams": self.streams,
+            "digest": self.digest,
         }
 
 
@@ -125,7 +129,9 @@ class _Pool:
         for _ in range(n):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             proc = ipc.spawn_worker(
-                "stxpar.workers.receiver", str(theirs.fileno()), report_endpoint,
+                "stxpar.workers.receiver",
+                str(theirs.fileno()),
+                report_endpoint,
                 pass_fds=(theirs.fileno(),),
             )
             theirs.close()
@@ -133,7 +139,10 @@ class _Pool:
 
     def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
         with self.lock:
-            i = min(range(len(self.members)), key=lambda k: (self.members[k][1].poll() is not None, self.load[k]))
+            i = min(
+                range(len(self.members)),
+                key=lambda k: (self.members[k][1].poll() is not None, self.load[k]),
+            )
             self.load[i] += 1
             self.where[(job["session_id"], job["stream"])] = i
             chan = self.members[i][0]
@@ -200,7 +209,9 @@ class Receiver:
         self.window_ms = window_ms
         self.sync_bytes = sync_bytes
         self._on_event = on_event
-        self._rate = _TokenBucket(rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s))
+        self._rate = _TokenBucket(
+            rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s)
+        )
         self._pending = threading.BoundedSemaphore(max_pending)
         self._replay = ReplayCache()
         self._replay_lock = threading.Lock()
@@ -292,10 +303,13 @@ class Receiver:
 
     def _listen(self) -> socket.socket:
         try:
-            infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(
+                self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except socket.gaierror as exc:
-            raise UsageError(f"cannot resolve listen address {self.host!r}: {exc.strerror}") from None
+            raise UsageError(
+                f"cannot resolve listen address {self.host!r}: {exc.strerror}"
+            ) from None
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -305,7 +319,9 @@ class Receiver:
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
-                raise UsageError(f"cannot listen on {self.host}:{self.port}: address already in use") from None
+                raise UsageError(
+                    f"cannot listen on {self.host}:{self.port}: address already in use"
+                ) from None
             raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
         sock.settimeout(0.5)
         return sock
@@ -370,7 +386,9 @@ class Receiver:
                 raise AuthError("data stream for an unknown session")
             verify_join(
                 stream_secret=inc.session.stream_secret(join.stream),
-                session_id=join.session_id, stream=join.stream, tag=join.mac,
+                session_id=join.session_id,
+                stream=join.stream,
+                tag=join.mac,
             )
             with inc.cond:
                 if join.stream in inc.streams or len(inc.streams) >= 4 * inc.md.streams + 64:
@@ -434,7 +452,10 @@ class Receiver:
             raise RejectedError("too many handshakes; try again shortly")
         with self._replay_lock:
             hs = ServerHandshake(
-                keyring=self._keyring, now_ms=_now_ms(), replay_cache=self._replay, window_ms=self.window_ms,
+                keyring=self._keyring,
+                now_ms=_now_ms(),
+                replay_cache=self._replay,
+                window_ms=self.window_ms,
             )
         deadline = time.monotonic() + self.handshake_timeout
         frames = hs.receive(FrameType.INIT, init_payload, now_ms=_now_ms())
@@ -450,7 +471,9 @@ class Receiver:
         assert hs.session is not None
         return hs.session
 
-    def _serve_control(self, fs: FramedSocket, init_payload: bytes, peer: tuple, release: Callable[[], None]) -> None:
+    def _serve_control(
+        self, fs: FramedSocket, init_payload: bytes, peer: tuple, release: Callable[[], None]
+    ) -> None:
         Init.decode(init_payload)
         try:
             session = self._handshake(fs, init_payload)
@@ -471,7 +494,12 @@ class Receiver:
             fs.send(channel.seal(FrameType.METADATA_ACK, MetadataAck(have=have).encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
-            fs.send(channel.seal(FrameType.RECEIPT, Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode()))
+            fs.send(
+                channel.seal(
+                    FrameType.RECEIPT,
+                    Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode(),
+                )
+            )
             self.completed.append(received)
             self._event("received", **received.as_json())
             inc = None
@@ -497,7 +525,9 @@ class Receiver:
         try:
             free = _free_bytes(self.dest)
             if md.size > free:
-                raise RejectedError(f"not enough space for {name}: {md.size} bytes needed, {free} free")
+                raise RejectedError(
+                    f"not enough space for {name}: {md.size} bytes needed, {free} free"
+                )
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
                 if md.size:
@@ -519,8 +549,13 @@ class Receiver:
                 self._names.discard(final)
             raise
         inc = _Incoming(
-            md=md, session=session, final=final, part=part, started=time.monotonic(),
-            received=bytearray(md.total_blocks), digests=bytearray(md.total_blocks * DIGEST_LEN),
+            md=md,
+            session=session,
+            final=final,
+            part=part,
+            started=time.monotonic(),
+            received=bytearray(md.total_blocks),
+            digests=bytearray(md.total_blocks * DIGEST_LEN),
         )
         with self._lock:
             self._sessions[session.session_id] = inc
@@ -576,8 +611,13 @@ class Receiver:
             raise RejectedError(f"cannot finish {md.name}: {exc.strerror}") from None
         self._forget(inc)
         return ReceivedFile(
-            path=os.fspath(inc.final), name=inc.final.name, size=md.size, digest=digest.hex(),
-            seconds=time.monotonic() - inc.started, blocks_total=md.total_blocks, streams=len(inc.streams),
+            path=os.fspath(inc.final),
+            name=inc.final.name,
+            size=md.size,
+            digest=digest.hex(),
+            seconds=time.monotonic() - inc.started,
+            blocks_total=md.total_blocks,
+            streams=len(inc.streams),
         )
 
     def _forget(self, inc: _Incoming) -> None:
@@ -625,7 +665,11 @@ def _end_cap(ftype: FrameType) -> int:
 def _send_error(fs: FramedSocket, exc: StxError, *, generic: bool) -> None:
     if isinstance(exc, ConnectError):
         return
-    message = "authentication failed" if generic and isinstance(exc, AuthError | ProtocolError) else str(exc)
+    message = (
+        "authentication failed"
+        if generic and isinstance(exc, AuthError | ProtocolError)
+        else str(exc)
+    )
     code = exc.wire_code
     try:
         fs.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))

@@ -87,7 +87,9 @@ class _EpochKeys:
     def next_nonce(self, ct_len: int) -> bytes:
         """Nonce for the next record, ratcheting first if this record would pass a limit."""
         ctx = self._ctx
-        if self.records >= ctx.rekey_records or (self.records and self.bytes + ct_len > ctx.rekey_bytes):
+        if self.records >= ctx.rekey_records or (
+            self.records and self.bytes + ct_len > ctx.rekey_bytes
+        ):
             self._secret = ks.ratchet(stream_secret=self._secret)
             self.epoch += 1
             self._load()
@@ -188,7 +190,9 @@ class AckChannel:
         return data
 
     def seal(self, body: bytes) -> bytes:
-        return encode_frame(FrameType.ACK, body + ks.mac(key=self._key, label="ack", data=self._data(body)))
+        return encode_frame(
+            FrameType.ACK, body + ks.mac(key=self._key, label="ack", data=self._data(body))
+        )
 
     def open(self, payload: bytes) -> bytes:
         if len(payload) < ks.HASH_LEN:

@@ -182,7 +182,9 @@ class _Transfer:
             now = time.monotonic()
             self._check_workers()
             if now - self.last_progress > self.opts.stall_timeout:
-                raise ConnectError(f"transfer stalled: no progress for {self.opts.stall_timeout:.0f} s")
+                raise ConnectError(
+                    f"transfer stalled: no progress for {self.opts.stall_timeout:.0f} s"
+                )
             if self.progress is not None and now - last_report >= 0.2:
                 last_report = now
                 self.progress(self.done_bytes, self.src.size)
@@ -293,7 +295,9 @@ class _Transfer:
                 st.proc.wait()
 
     def whole_digest(self) -> bytes:
-        return file_digest(block_digests=self.digests, block_size=self.md.block_size, size=self.src.size)
+        return file_digest(
+            block_digests=self.digests, block_size=self.md.block_size, size=self.src.size
+        )
 
 
 def _now_ms() -> int:
@@ -378,8 +382,15 @@ def send(
         total = blocks_for(src.size, opts.block_size)
         needed = [i for i in range(total) if not _bit(ack.have, i)]
         transfer = _Transfer(
-            src=src, md=md, session=session, host=host, port=port, opts=opts,
-            needed=needed, ctl=ctl, progress=progress,
+            src=src,
+            md=md,
+            session=session,
+            host=host,
+            port=port,
+            opts=opts,
+            needed=needed,
+            ctl=ctl,
+            progress=progress,
         )
         if needed:
             ctl.sock.settimeout(None)

@@ -71,7 +71,9 @@ def encode_frame(ftype: FrameType, payload: bytes) -> bytes:
     return HEADER.pack(ftype, len(payload)) + payload
 
 
-def parse_header(header: bytes | memoryview, *, cap: Callable[[FrameType], int]) -> tuple[FrameType, int]:
+def parse_header(
+    header: bytes | memoryview, *, cap: Callable[[FrameType], int]
+) -> tuple[FrameType, int]:
     """Decode a 5-byte frame header; reject unknown types and lengths above ``cap(type)``."""
     raw_type, length = HEADER.unpack(header)
     try:
@@ -211,7 +213,9 @@ class ClientHello:
         v, suite, key_id, nonce, t = _unpack(payload, 5, "ClientHello")
         _expect(v, VERSION, "protocol version")
         _expect(suite, SUITE, "cipher suite")
-        return cls(_bin(key_id, "key id", size=8), _bin(nonce, "nonce", size=NONCE_LEN), _int(t, "time"))
+        return cls(
+            _bin(key_id, "key id", size=8), _bin(nonce, "nonce", size=NONCE_LEN), _int(t, "time")
+        )
 
 
 @dataclass(frozen=True)
@@ -283,8 +287,14 @@ class Metadata:
 
     def encode(self) -> bytes:
         return _pack(
-            self.name, self.size, self.mtime_ns, self.block_size, self.file_id,
-            self.streams, self.rekey_records, self.rekey_bytes,
+            self.name,
+            self.size,
+            self.mtime_ns,
+            self.block_size,
+            self.file_id,
+            self.streams,
+            self.rekey_records,
+            self.rekey_bytes,
         )
 
     @classmethod

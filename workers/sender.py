@@ -23,7 +23,16 @@ from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, IntegrityError, ProtocolError, StxError, error_from_wire
 from stxpar.netio import FramedSocket, connect
 from stxpar.records import AckChannel, BlockContext, BlockSealer, join_mac
-from stxpar.wire import MAX_ACK_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, Ack, ErrorMsg, FrameType, Join, block_len, encode_frame
+from stxpar.wire import (
+    MAX_ACK_PAYLOAD,
+    MAX_HANDSHAKE_PAYLOAD,
+    Ack,
+    ErrorMsg,
+    FrameType,
+    Join,
+    block_len,
+    encode_frame,
+)
 
 POLL_MS = 100
 
@@ -103,7 +112,9 @@ class Worker:
         self.buf = bytearray(self.block_size)
         self.view = memoryview(self.buf)
         sock = connect(
-            cfg["host"], int(cfg["port"]), max_retries=int(cfg["max_retries"]),
+            cfg["host"],
+            int(cfg["port"]),
+            max_retries=int(cfg["max_retries"]),
             timeout=float(cfg["connect_timeout"]),
         )
         sock.settimeout(None)
