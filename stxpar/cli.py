@@ -152,9 +152,30 @@ def cmd_send(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_retries=args.max_retries,
         stall_timeout=args.stall_timeout,
+        deadline=args.deadline,
     )
+
+    def on_event(kind: str, fields: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        if progress is not None and progress.shown:
+            sys.stderr.write("\n")
+        if kind == "resuming":
+            print(
+                f"resuming: {_human(fields['have_bytes'])} of {_human(fields['bytes'])} already there",
+                file=sys.stderr,
+            )
+        elif kind == "reconnecting":
+            print(
+                f"connection problem ({fields['reason']}); reconnecting in {fields['delay']:.1f} s"
+                f" (attempt {fields['attempt']} of {args.max_retries})",
+                file=sys.stderr,
+            )
+
     try:
-        result = send(args.file, host, port, psk=key, progress=progress, options=opts)
+        result = send(
+            args.file, host, port, psk=key, progress=progress, options=opts, on_event=on_event
+        )
     finally:
         if progress is not None:
             progress.close()
@@ -169,9 +190,63 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    unit = t[-1] if t and t[-1] in units else "s"
+    try:
+        value = float(t.rstrip("smhd")) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad age {text!r}: expected e.g. 90s, 30m, 12h, 7d"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"bad age {text!r}")
+    return value
+
+
+def _partials(args: argparse.Namespace) -> int:
+    from .receiver import list_partials, purge_partials
+
+    if args.purge_partial is not None:
+        items = purge_partials(args.dest, older_than_s=args.purge_partial)
+        verb = "removed"
+    else:
+        items = list_partials(args.dest)
+        verb = "partial"
+    for p in items:
+        if args.json:
+            _print_json(
+                {
+                    "name": p.name,
+                    "bytes": p.size,
+                    "have_bytes": p.have_bytes,
+                    "blocks_have": p.blocks_have,
+                    "blocks_total": p.blocks_total,
+                    "age_s": round(p.age_s, 1),
+                    "action": verb,
+                }
+            )
+        else:
+            print(
+                f"{verb} {p.name}: {_human(p.have_bytes)} of {_human(p.size)}"
+                f" ({p.blocks_have}/{p.blocks_total} blocks), untouched for {p.age_s / 3600:.1f} h"
+            )
+    if not items and not args.json:
+        print(
+            "no partial transfers" if verb == "partial" else "nothing old enough to remove",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_recv(args: argparse.Namespace) -> int:
     from .receiver import Receiver
 
+    if args.list_partial or args.purge_partial is not None:
+        return _partials(args)
+    if args.listen is None:
+        raise UsageError("--listen HOST:PORT is required to receive")
     host, port = args.listen
     key = _key(args)
 
@@ -196,10 +271,14 @@ def cmd_recv(args: argparse.Namespace) -> int:
             who = fields.get("peer") or fields.get("file")
             print(f"{kind} {who}: {fields['error']}", file=sys.stderr)
         elif kind == "accepted" and not args.quiet:
+            resumed = fields.get("resumed_blocks") or 0
+            note = f", resuming with {resumed} blocks already there" if resumed else ""
             print(
-                f"receiving {fields['file']} ({_human(fields['bytes'])}) from {fields['peer']}",
+                f"receiving {fields['file']} ({_human(fields['bytes'])}) from {fields['peer']}{note}",
                 file=sys.stderr,
             )
+        elif kind == "restarting" and not args.quiet:
+            print(f"starting {fields['file']} over: {fields['reason']}", file=sys.stderr)
 
     receiver = Receiver(
         args.dest,
@@ -257,14 +336,23 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         type=_nonneg_int,
         default=5,
         metavar="N",
-        help="connection attempts after the first before giving up with exit 4 (default 5)",
+        help="consecutive failed connection attempts (or reconnects without progress) after the"
+        " first before giving up with exit 4; backoff starts at 0.2 s, doubles, caps at 10 s,"
+        " with full jitter (default 5)",
     )
     p.add_argument(
         "--stall-timeout",
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="give up when nothing is acknowledged for this long (default 60)",
+        help="reconnect when nothing is acknowledged for this long (default 60)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="give up with exit 4 when the whole transfer takes longer than this (default: no limit)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON summary line on stdout at the end"
@@ -279,7 +367,6 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen",
         type=_hostport,
-        required=True,
         metavar="HOST:PORT",
         help="address to listen on; every stream of a transfer connects to this one port",
     )
@@ -294,6 +381,17 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         help=f"receiver worker processes (default here: {default_workers()})",
     )
     p.add_argument("--once", action="store_true", help="exit after one completed transfer")
+    p.add_argument(
+        "--list-partial",
+        action="store_true",
+        help="list the partial transfers in --dest (resumable by sending the same file again) and exit",
+    )
+    p.add_argument(
+        "--purge-partial",
+        type=_age,
+        metavar="AGE",
+        help="remove partial transfers in --dest untouched for AGE (e.g. 30m, 12h, 7d) and exit",
+    )
     p.add_argument(
         "--json", action="store_true", help="print one JSON line on stdout per received file"
     )

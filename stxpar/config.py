@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psutil
 
 from . import keyschedule as ks
 from .errors import UsageError
+from .netio import Backoff
 from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 
 #: Default block size; see docs/tuning.md for the sweep that chose it.
@@ -76,6 +77,10 @@ class SendOptions:
     #: Records / ciphertext bytes per stream key before ratcheting to a new epoch.
     rekey_records: int = ks.MAX_RECORDS_PER_KEY
     rekey_bytes: int = ks.MAX_BYTES_PER_KEY
+    #: Give up (exit 4) when the whole transfer takes longer than this many seconds (0: never).
+    deadline: float = 0.0
+    #: Delays between connection attempts.
+    backoff: Backoff = field(default_factory=Backoff)
 
     def resolved(self) -> SendOptions:
         if self.max_retries < 0:
@@ -84,15 +89,12 @@ class SendOptions:
             raise UsageError("rekey_records out of range")
         if not 1 <= self.rekey_bytes <= ks.MAX_BYTES_PER_KEY:
             raise UsageError("rekey_bytes out of range")
-        return SendOptions(
+        if self.deadline < 0 or self.stall_timeout <= 0:
+            raise UsageError("--deadline and --stall-timeout must be positive")
+        return replace(
+            self,
             workers=check_workers(self.workers),
             block_size=check_block_size(self.block_size),
-            max_retries=self.max_retries,
-            connect_timeout=self.connect_timeout,
-            handshake_timeout=self.handshake_timeout,
-            stall_timeout=self.stall_timeout,
-            rekey_records=self.rekey_records,
-            rekey_bytes=self.rekey_bytes,
         )
 
 
@@ -111,11 +113,15 @@ class TransferResult:
     retransmits: int = 0
     reconnects: int = 0
     digest: str = ""
+    #: Bytes the receiver already held when this run started (not sent again).
+    bytes_resumed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        """Rate of what this run moved (resumed bytes excluded)."""
+        moved = self.bytes - self.bytes_resumed
+        return moved / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)

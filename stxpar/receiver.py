@@ -47,8 +47,10 @@ from .errors import (
 )
 from .handshake import DEFAULT_WINDOW_MS, ReplayCache, ServerHandshake, handshake_cap, keyring_for
 from .keyschedule import SessionKeys
-from .netio import FramedSocket, parse_hostport
+from .netio import FramedSocket
 from .records import ControlChannel, verify_join
+from .state import Identity, Partial, StateLog, find_partials
+from .state import load as load_state
 from .wire import (
     MAX_HANDSHAKE_PAYLOAD,
     MAX_NAME_BYTES,
@@ -60,12 +62,15 @@ from .wire import (
     Metadata,
     MetadataAck,
     Receipt,
+    bitmap,
     encode_frame,
 )
 
 #: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped".
 EventFn = Callable[[str, dict[str, Any]], None]
 PART_SUFFIX = ".stxpart"
+STATE_SUFFIX = ".stxstate"
+_RESERVED = object()
 DEFAULT_SYNC_BYTES = 64 << 20
 COMPLETE_TIMEOUT = 120.0
 
@@ -109,33 +114,62 @@ class _Incoming:
     session: SessionKeys
     final: Path
     part: Path
+    state: Path
+    log: StateLog
     started: float
     received: bytearray
     digests: bytearray
+    control: FramedSocket
     count: int = 0
     streams: set[int] = field(default_factory=set)
     failure: StxError | None = None
+    superseded: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def held_digests(self) -> bytes:
+        return b"".join(
+            self.digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN]
+            for i, v in enumerate(self.received)
+            if v
+        )
 
 
 class _Pool:
-    """Receiver worker processes and their fd-passing channels."""
+    """Receiver worker processes and their fd-passing channels; dead workers are replaced."""
 
     def __init__(self, n: int, report_endpoint: str) -> None:
+        self.report_endpoint = report_endpoint
         self.members: list[tuple[socket.socket, subprocess.Popen[bytes]]] = []
         self.load = [0] * n
         self.where: dict[tuple[bytes, int], int] = {}
         self.lock = threading.Lock()
+        self.replaced = 0
         for _ in range(n):
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            proc = ipc.spawn_worker(
-                "stxpar.workers.receiver",
-                str(theirs.fileno()),
-                report_endpoint,
-                pass_fds=(theirs.fileno(),),
-            )
-            theirs.close()
-            self.members.append((mine, proc))
+            self.members.append(self._spawn())
+
+    def _spawn(self) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = ipc.spawn_worker(
+            "stxpar.workers.receiver",
+            str(theirs.fileno()),
+            self.report_endpoint,
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        return mine, proc
+
+    def replace_dead(self) -> None:
+        """Start a new worker in place of each one that exited; its streams are gone (the
+        senders replace them)."""
+        with self.lock:
+            for i, (chan, proc) in enumerate(self.members):
+                if proc.poll() is None:
+                    continue
+                chan.close()
+                self.members[i] = self._spawn()
+                self.load[i] = 0
+                self.where = {k: v for k, v in self.where.items() if v != i}
+                self.replaced += 1
 
     def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
         with self.lock:
@@ -216,7 +250,7 @@ class Receiver:
         self._replay = ReplayCache()
         self._replay_lock = threading.Lock()
         self._sessions: dict[bytes, _Incoming] = {}
-        self._names: set[Path] = set()
+        self._active: dict[Path, Any] = {}  # final path -> _Incoming (or _RESERVED)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -416,7 +450,11 @@ class Receiver:
         self._pool.hand_over(job, fs.sock)
 
     def _report_loop(self, pull: zmq.Socket) -> None:
+        last_check = 0.0
         while not self._stopping.is_set():
+            if self._pool is not None and time.monotonic() - last_check > 0.5:
+                last_check = time.monotonic()
+                self._pool.replace_dead()
             try:
                 if not pull.poll(200):
                     continue
@@ -430,20 +468,36 @@ class Receiver:
             if inc is None:
                 continue
             if msg[0] == "blocks":
-                with inc.cond:
-                    for seq, digest in msg[2]:
-                        if 0 <= seq < len(inc.received) and len(digest) == DIGEST_LEN:
-                            inc.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
-                            if not inc.received[seq]:
-                                inc.received[seq] = 1
-                                inc.count += 1
-                    inc.cond.notify_all()
-            elif msg[0] == "fail":
+                self._record_blocks(inc, msg[2])
+            elif msg[0] == "fail" and msg[3] != ConnectError.wire_code:
+                # A stream that merely lost its connection is replaced by the sender; anything
+                # else (forgery, repeated damage, disk errors) ends the whole transfer.
                 with inc.cond:
                     if inc.failure is None:
-                        err = error_from_wire(msg[3], msg[4])
-                        inc.failure = type(err)(msg[4])
+                        inc.failure = type(error_from_wire(msg[3], msg[4]))(msg[4])
                     inc.cond.notify_all()
+
+    def _record_blocks(self, inc: _Incoming, blocks: list) -> None:
+        fresh = [
+            (seq, bytes(d))
+            for seq, d in blocks
+            if isinstance(seq, int) and 0 <= seq < len(inc.received) and len(d) == DIGEST_LEN
+        ]
+        with inc.cond:
+            if inc.failure is not None or inc.superseded:
+                return
+            try:
+                inc.log.append(fresh)  # the blocks are durable; now say so, durably
+            except OSError as exc:
+                inc.failure = _disk_error(exc, "cannot record progress")
+                inc.cond.notify_all()
+                return
+            for seq, digest in fresh:
+                inc.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+                if not inc.received[seq]:
+                    inc.received[seq] = 1
+                    inc.count += 1
+            inc.cond.notify_all()
 
     # ---------------------------------------------------------------- control connection
 
@@ -481,6 +535,7 @@ class Receiver:
             _send_error(fs, exc, generic=True)
             raise
         release()
+        _keepalive(fs.sock)
         channel = ControlChannel(session=session, client=False)
         inc: _Incoming | None = None
         try:
@@ -488,10 +543,17 @@ class Receiver:
             if ftype is not FrameType.METADATA:
                 raise ProtocolError(f"expected METADATA, got {ftype.name}")
             md = Metadata.decode(channel.open(ftype, payload))
-            inc = self._admit(md, session)
-            self._event("accepted", peer=peer[0], file=md.name, bytes=md.size, streams=md.streams)
-            have = bytes((md.total_blocks + 7) // 8)
-            fs.send(channel.seal(FrameType.METADATA_ACK, MetadataAck(have=have).encode()))
+            inc = self._admit(md, session, fs)
+            self._event(
+                "accepted",
+                peer=peer[0],
+                file=md.name,
+                bytes=md.size,
+                streams=md.streams,
+                resumed_blocks=inc.count,
+            )
+            ack = MetadataAck(have=bitmap(inc.received), digests=inc.held_digests())
+            fs.send(channel.seal(FrameType.METADATA_ACK, ack.encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
             fs.send(
@@ -506,60 +568,101 @@ class Receiver:
             if self.once:
                 self._done.set()
         except StxError as exc:
+            if inc is not None and inc.superseded:
+                raise ConnectError("superseded by a reconnect of the same sender") from None
             _send_error(fs, exc, generic=False)
             if inc is not None:
                 self._event("failed", file=inc.md.name, error=str(exc))
+            # A forged block or a wrong whole-file digest: nothing of this partial is trusted.
+            discard = isinstance(exc, AuthError | IntegrityError)
+            if inc is not None:
+                self._abort(inc, discard=discard)
+                inc = None
             raise
         finally:
             if inc is not None:
-                self._abort(inc)
+                self._abort(inc, discard=False)
 
-    def _admit(self, md: Metadata, session: SessionKeys) -> _Incoming:
+    def _admit(self, md: Metadata, session: SessionKeys, fs: FramedSocket) -> _Incoming:
         name = safe_name(md.name)
         final = self.dest / name
         part = self.dest / f".{name}{PART_SUFFIX}"
+        statep = self.dest / f".{name}{STATE_SUFFIX}"
+        ident = Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
         with self._lock:
-            if final in self._names:
+            old = self._active.get(final)
+            if old is not None and (old.md.run_id != md.run_id or old.md.file_id != md.file_id):
                 raise RejectedError(f"a transfer of {name} is already in progress")
-            self._names.add(final)
-        try:
-            free = _free_bytes(self.dest)
-            if md.size > free:
-                raise RejectedError(
-                    f"not enough space for {name}: {md.size} bytes needed, {free} free"
-                )
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            self._active[final] = _RESERVED
+        if old is not None:  # the same sender run reconnected: its old session gives way
+            old.superseded = True
+            self._abort(old, discard=False, release_name=False)
             try:
-                if md.size:
-                    try:
-                        os.posix_fallocate(fd, 0, md.size)
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                            raise
-                        os.ftruncate(fd, md.size)
-            finally:
-                os.close(fd)
-        except OSError as exc:
+                old.control.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            inc = self._open_partial(md, session, fs, ident, final, part, statep)
+        except BaseException:
             with self._lock:
-                self._names.discard(final)
-            _unlink(part)
-            raise RejectedError(f"cannot create {part.name}: {exc.strerror}") from None
-        except StxError:
-            with self._lock:
-                self._names.discard(final)
+                self._active.pop(final, None)
             raise
-        inc = _Incoming(
+        with self._lock:
+            self._active[final] = inc
+            self._sessions[session.session_id] = inc
+        return inc
+
+    def _open_partial(
+        self,
+        md: Metadata,
+        session: SessionKeys,
+        fs: FramedSocket,
+        ident: Identity,
+        final: Path,
+        part: Path,
+        statep: Path,
+    ) -> _Incoming:
+        parsed = load_state(statep)
+        resumable = parsed is not None and parsed.identity == ident and _size_of(part) == md.size
+        if parsed is not None and not resumable:
+            self._event(
+                "restarting", file=ident.name, reason="the source changed since the partial copy"
+            )
+        received = bytearray(md.total_blocks)
+        digests = bytearray(md.total_blocks * DIGEST_LEN)
+        try:
+            if resumable:
+                assert parsed is not None
+                log = StateLog.reopen(statep, parsed)
+                received, digests = parsed.have, parsed.digests
+            else:
+                _unlink(statep)
+                _unlink(part)  # a straggling writer keeps the old inode, never the new file
+                free = _free_bytes(self.dest)
+                if md.size > free:
+                    raise RejectedError(
+                        f"not enough space for {ident.name}: {md.size} bytes needed, {free} free"
+                    )
+                _create_preallocated(part, md.size)
+                log = StateLog.create(statep, ident)
+        except OSError as exc:
+            if not resumable:
+                _unlink(part)
+                _unlink(statep)
+            raise _disk_error(exc, f"cannot prepare {part.name}") from None
+        return _Incoming(
             md=md,
             session=session,
             final=final,
             part=part,
+            state=statep,
+            log=log,
             started=time.monotonic(),
-            received=bytearray(md.total_blocks),
-            digests=bytearray(md.total_blocks * DIGEST_LEN),
+            received=received,
+            digests=digests,
+            count=sum(received),
+            control=fs,
         )
-        with self._lock:
-            self._sessions[session.session_id] = inc
-        return inc
 
     def _await_end(self, fs: FramedSocket, channel: ControlChannel, inc: _Incoming) -> End:
         fs.sock.settimeout(None)
@@ -602,13 +705,11 @@ class Receiver:
             finally:
                 os.close(fd)
             os.replace(inc.part, inc.final)
-            dfd = os.open(self.dest, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(self.dest)
+            inc.log.close()
+            _unlink(inc.state)
         except OSError as exc:
-            raise RejectedError(f"cannot finish {md.name}: {exc.strerror}") from None
+            raise _disk_error(exc, f"cannot finish {md.name}") from None
         self._forget(inc)
         return ReceivedFile(
             path=os.fspath(inc.final),
@@ -620,16 +721,22 @@ class Receiver:
             streams=len(inc.streams),
         )
 
-    def _forget(self, inc: _Incoming) -> None:
+    def _forget(self, inc: _Incoming, *, release_name: bool = True) -> None:
         with self._lock:
             self._sessions.pop(inc.session.session_id, None)
-            self._names.discard(inc.final)
+            if release_name and self._active.get(inc.final) is inc:
+                del self._active[inc.final]
 
-    def _abort(self, inc: _Incoming) -> None:
+    def _abort(self, inc: _Incoming, *, discard: bool, release_name: bool = True) -> None:
+        """End a session. Its partial file and state stay for a resume unless ``discard``."""
         if self._pool is not None:
             self._pool.cancel(inc.session.session_id)
-        self._forget(inc)
-        _unlink(inc.part)
+        self._forget(inc, release_name=release_name)
+        with inc.cond:
+            inc.log.close()
+        if discard:
+            _unlink(inc.part)
+            _unlink(inc.state)
 
 
 class _TokenBucket:
@@ -677,6 +784,52 @@ def _send_error(fs: FramedSocket, exc: StxError, *, generic: bool) -> None:
         pass
 
 
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a vanished peer within about a minute instead of hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return os.stat(path, follow_symlinks=False).st_size
+    except OSError:
+        return -1
+
+
+def _create_preallocated(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise
+                os.ftruncate(fd, size)  # a filesystem without fallocate
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)
+
+
+def _disk_error(exc: OSError, what: str) -> StxError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RejectedError(f"{what}: the receiver's disk is full ({exc.strerror})")
+    return RejectedError(f"{what}: {exc.strerror}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -695,5 +848,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def listen_address(text: str) -> tuple[str, int]:
-    return parse_hostport(text)
+def list_partials(dest: str | os.PathLike[str]) -> list[Partial]:
+    """Partial transfers in ``dest`` (what a resume would continue)."""
+    path = Path(dest)
+    if not path.is_dir():
+        raise UsageError(f"destination {path} is not a directory")
+    return find_partials(path, part_suffix=PART_SUFFIX, state_suffix=STATE_SUFFIX, now=time.time())
+
+
+def purge_partials(dest: str | os.PathLike[str], *, older_than_s: float) -> list[Partial]:
+    """Remove partial transfers untouched for ``older_than_s`` seconds; return them.
+
+    Do not run it against a destination an active receiver is writing a transfer into that
+    has made no progress for that long."""
+    removed = []
+    for partial in list_partials(dest):
+        if partial.age_s >= older_than_s:
+            for f in partial.files:
+                _unlink(f)
+            removed.append(partial)
+    return removed

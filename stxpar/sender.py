@@ -21,8 +21,9 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -55,6 +56,8 @@ from .wire import (
 
 #: progress(done_bytes, total_bytes): called from the coordinator's loop, a few times a second.
 ProgressFn = Callable[[int, int], None]
+#: on_event(kind, fields): "resuming" {have_bytes, bytes}; "reconnecting" {attempt, delay, reason}.
+EventFn = Callable[[str, dict[str, Any]], None]
 POLL_MS = 100
 RECEIPT_TIMEOUT = 300.0
 WORKER_EXIT_TIMEOUT = 10.0
@@ -96,26 +99,84 @@ class SourceFile:
         ident = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode()
         return cls(p, st.st_size, st.st_mtime_ns, hashlib.sha256(ident).digest()[:16])
 
+    def check_unchanged(self) -> None:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise UsageError(f"{self.path}: {exc.strerror}") from None
+        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
+            raise IntegrityError(f"{self.path} changed during the transfer")
+
 
 @dataclass
 class _Stream:
     """A worker process and the stream it drives."""
 
     slot: int
-    stream: int
     proc: subprocess.Popen[bytes]
+    stream: int = -1
     identity: bytes = b""
     assigned: set[int] = field(default_factory=set)
     done: bool = False
+    dead: bool = False
+
+
+@dataclass
+class _Run:
+    """What one ``send()`` call accumulates across sessions (reconnects)."""
+
+    src: SourceFile
+    run_id: bytes
+    total: int
+    digests: bytearray
+    have_digest: bytearray
+    acked: bytearray
+    complete: int = 0
+    blocks_sent: int = 0
+    blocks_resumed: int = -1
+    bytes_resumed: int = 0
+    retransmits: int = 0
+    reconnects: int = 0
+    streams_replaced: int = 0
+    workers_used: int = 0
+
+    @classmethod
+    def new(cls, src: SourceFile, total: int) -> _Run:
+        return cls(
+            src=src,
+            run_id=os.urandom(16),
+            total=total,
+            digests=bytearray(total * DIGEST_LEN),
+            have_digest=bytearray(total),
+            acked=bytearray(total),
+        )
+
+    def done_bytes(self, block_size: int) -> int:
+        if self.complete == self.total:
+            return self.src.size
+        return sum(
+            min(block_size, self.src.size - i * block_size)
+            for i in range(self.total)
+            if self.acked[i] and self.have_digest[i]
+        )
+
+    def whole_digest(self, block_size: int) -> bytes:
+        return file_digest(block_digests=self.digests, block_size=block_size, size=self.src.size)
 
 
 class _Transfer:
-    """Everything between METADATA_ACK and END: the pool, the queue, the accounting."""
+    """One session's data phase: the pool, the pull queue, the accounting.
+
+    A stream that fails with a connection error (or whose worker dies) gets its unacknowledged
+    blocks put back on the queue and a replacement worker with a fresh stream id; after too
+    many replacements, or when nothing moves for ``stall_timeout``, the session fails with
+    ConnectError and ``send()`` reconnects.
+    """
 
     def __init__(
         self,
         *,
-        src: SourceFile,
+        run: _Run,
         md: Metadata,
         session: SessionKeys,
         host: str,
@@ -125,42 +186,41 @@ class _Transfer:
         ctl: FramedSocket,
         progress: ProgressFn | None,
     ) -> None:
-        self.src, self.md, self.session, self.opts = src, md, session, opts
+        self.run_state, self.md, self.session, self.opts = run, md, session, opts
         self.host, self.port, self.ctl, self.progress = host, port, ctl, progress
-        self.total = md.total_blocks
         self.queue: collections.deque[int] = collections.deque(needed)
-        self.needed = len(needed)
-        self.digests = bytearray(self.total * DIGEST_LEN)
-        self.have_digest = bytearray(self.total)
-        self.acked = bytearray(self.total)
-        self.complete = 0
-        self.done_bytes = 0
-        self.retransmits = 0
-        self.blocks_sent = 0
         self.streams: dict[int, _Stream] = {}
         self.parked: list[bytes] = []
         self.next_stream = 0
+        self.next_slot = 0
+        self.width = max(1, min(opts.workers or 1, len(needed)))
+        self.replacements_left = 2 * self.width + 2
         self.last_progress = time.monotonic()
+        self._ctl_ep = self._rep_ep = ""
 
-    # -- the pool
     def run(self) -> None:
         workdir = ipc.private_dir("stx-send-")
         zctx = zmq.Context()
         router = ipc.configure(zctx.socket(zmq.ROUTER))
         pull = ipc.configure(zctx.socket(zmq.PULL))
         try:
-            ctl_ep, rep_ep = f"ipc://{workdir}/ctl", f"ipc://{workdir}/report"
-            router.bind(ctl_ep)
-            pull.bind(rep_ep)
-            n = min(self.opts.workers or 1, max(1, self.needed))
-            for slot in range(n):
-                proc = ipc.spawn_worker("stxpar.workers.sender", ctl_ep, rep_ep, str(slot))
-                self.streams[slot] = _Stream(slot=slot, stream=-1, proc=proc)
+            self._ctl_ep, self._rep_ep = f"ipc://{workdir}/ctl", f"ipc://{workdir}/report"
+            router.bind(self._ctl_ep)
+            pull.bind(self._rep_ep)
+            for _ in range(self.width):
+                self._spawn()
+            self.run_state.workers_used = max(self.run_state.workers_used, self.width)
             self._loop(router, pull)
         finally:
             self._stop_workers(router)
             zctx.destroy(linger=0)
             ipc.remove_dir(workdir)
+
+    def _spawn(self) -> None:
+        slot = self.next_slot
+        self.next_slot += 1
+        proc = ipc.spawn_worker("stxpar.workers.sender", self._ctl_ep, self._rep_ep, str(slot))
+        self.streams[slot] = _Stream(slot=slot, proc=proc)
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -168,7 +228,8 @@ class _Transfer:
         poller.register(pull, zmq.POLLIN)
         poller.register(self.ctl.sock.fileno(), zmq.POLLIN)
         last_report = 0.0
-        while self.complete < self.needed:
+        r = self.run_state
+        while r.complete < r.total:
             events = dict(poller.poll(POLL_MS))
             if router in events:
                 while router.poll(0):
@@ -181,23 +242,34 @@ class _Transfer:
                 self._on_control()
             now = time.monotonic()
             self._check_workers()
+            if self.parked and self.queue:  # blocks came back: wake the idle workers
+                waiting, self.parked = self.parked, []
+                for identity in waiting:
+                    self._on_request(router, identity, ["get", self._slot_of(identity)])
             if now - self.last_progress > self.opts.stall_timeout:
                 raise ConnectError(
-                    f"transfer stalled: no progress for {self.opts.stall_timeout:.0f} s"
+                    f"transfer stalled: nothing acknowledged for {self.opts.stall_timeout:.0f} s"
                 )
             if self.progress is not None and now - last_report >= 0.2:
                 last_report = now
-                self.progress(self.done_bytes, self.src.size)
+                self.progress(r.done_bytes(self.md.block_size), r.src.size)
         if self.progress is not None:
-            self.progress(self.done_bytes, self.src.size)
+            self.progress(r.src.size, r.src.size)
         for identity in self.parked:
             router.send_multipart([identity, ipc.pack("done")])
         self.parked.clear()
 
+    def _slot_of(self, identity: bytes) -> int:
+        for st in self.streams.values():
+            if st.identity == identity:
+                return st.slot
+        return -1
+
     def _on_request(self, router: zmq.Socket, identity: bytes, msg: list) -> None:
         verb, slot = msg[0], msg[1]
         st = self.streams.get(slot)
-        if st is None:
+        if st is None or st.dead:
+            router.send_multipart([identity, ipc.pack("done")])
             return
         if verb == "hello":
             st.identity = identity
@@ -209,13 +281,13 @@ class _Transfer:
                 "session_id": self.session.session_id,
                 "host": self.host,
                 "port": self.port,
-                "path": os.fspath(self.src.path),
-                "size": self.src.size,
+                "path": os.fspath(self.run_state.src.path),
+                "size": self.run_state.src.size,
+                "mtime_ns": self.run_state.src.mtime_ns,
                 "block_size": self.md.block_size,
                 "file_id": self.md.file_id,
                 "rekey_records": self.md.rekey_records,
                 "rekey_bytes": self.md.rekey_bytes,
-                "max_retries": self.opts.max_retries,
                 "connect_timeout": self.opts.connect_timeout,
             }
             router.send_multipart([identity, ipc.pack("setup", setup)])
@@ -223,48 +295,69 @@ class _Transfer:
             batch = self._take_batch()
             if batch:
                 st.assigned.update(batch)
+                if identity in self.parked:
+                    self.parked.remove(identity)
                 router.send_multipart([identity, ipc.pack("blocks", batch)])
-            elif self.complete >= self.needed:
+            elif self.run_state.complete >= self.run_state.total:
                 router.send_multipart([identity, ipc.pack("done")])
                 st.done = True
-            else:
+            elif identity not in self.parked:
                 self.parked.append(identity)
 
     def _take_batch(self) -> list[int]:
-        if not self.queue:
-            return []
-        k = max(1, min(16, len(self.queue) // (2 * max(1, len(self.streams)))))
+        live = sum(1 for st in self.streams.values() if not st.dead)
+        k = max(1, min(16, len(self.queue) // (2 * max(1, live))))
         return [self.queue.popleft() for _ in range(min(k, len(self.queue)))]
 
     def _on_report(self, msg: list) -> None:
         verb, slot = msg[0], msg[1]
         st = self.streams.get(slot)
+        r = self.run_state
         if verb == "sent":
             for seq, digest in msg[2]:
-                if 0 <= seq < self.total and len(digest) == DIGEST_LEN:
-                    self.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
-                    self.blocks_sent += 1
-                    if not self.have_digest[seq]:
-                        self.have_digest[seq] = 1
+                if 0 <= seq < r.total and len(digest) == DIGEST_LEN:
+                    r.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+                    r.blocks_sent += 1
+                    if not r.have_digest[seq]:
+                        r.have_digest[seq] = 1
                         self._maybe_complete(seq)
         elif verb == "acked":
             for seq in msg[2]:
-                if 0 <= seq < self.total and not self.acked[seq]:
-                    self.acked[seq] = 1
+                if 0 <= seq < r.total and not r.acked[seq]:
+                    r.acked[seq] = 1
                     if st is not None:
                         st.assigned.discard(seq)
                     self._maybe_complete(seq)
         elif verb == "retransmit":
-            self.retransmits += 1
-        elif verb == "error":
+            r.retransmits += 1
+        elif verb == "error" and st is not None and not st.dead:
             code, message = msg[2], msg[3]
-            raise error_from_wire(code, message) if code != 1 else StxError(message)
+            if code != ConnectError.wire_code:
+                raise error_from_wire(code, message) if code != 1 else StxError(message)
+            self._replace(st, message)
 
     def _maybe_complete(self, seq: int) -> None:
-        if self.acked[seq] and self.have_digest[seq]:
-            self.complete += 1
-            self.done_bytes += min(self.md.block_size, self.src.size - seq * self.md.block_size)
+        r = self.run_state
+        if r.acked[seq] and r.have_digest[seq]:
+            r.complete += 1
             self.last_progress = time.monotonic()
+
+    def _replace(self, st: _Stream, why: str) -> None:
+        """Put a failed stream's unfinished blocks back on the queue; start a new stream."""
+        st.dead = True
+        if st.proc.poll() is None:
+            st.proc.kill()
+        r = self.run_state
+        back = sorted(seq for seq in st.assigned if not (r.acked[seq] and r.have_digest[seq]))
+        self.queue.extendleft(reversed(back))
+        st.assigned.clear()
+        if st.identity in self.parked:
+            self.parked.remove(st.identity)
+        if self.replacements_left <= 0:
+            raise ConnectError(f"data streams keep failing ({why})")
+        self.replacements_left -= 1
+        r.streams_replaced += 1
+        self._spawn()
 
     def _on_control(self) -> None:
         ftype, payload = self.ctl.recv_frame(cap=_control_cap)
@@ -274,10 +367,10 @@ class _Transfer:
         raise ProtocolError(f"unexpected {ftype.name} on the control connection")
 
     def _check_workers(self) -> None:
-        for st in self.streams.values():
+        for st in list(self.streams.values()):
             rc = st.proc.poll()
-            if rc is not None and not st.done and rc != 0:
-                raise StxError(f"sender worker {st.slot} exited unexpectedly (status {rc})")
+            if rc is not None and not st.done and not st.dead and rc != 0:
+                self._replace(st, f"sender worker {st.slot} exited with status {rc}")
 
     def _stop_workers(self, router: zmq.Socket) -> None:
         deadline = time.monotonic() + WORKER_EXIT_TIMEOUT
@@ -293,11 +386,6 @@ class _Transfer:
             except subprocess.TimeoutExpired:
                 st.proc.kill()
                 st.proc.wait()
-
-    def whole_digest(self) -> bytes:
-        return file_digest(
-            block_digests=self.digests, block_size=self.md.block_size, size=self.src.size
-        )
 
 
 def _now_ms() -> int:
@@ -328,40 +416,21 @@ def _expect_sealed(ctl: FramedSocket, channel: ControlChannel, want: FrameType) 
     return channel.open(ftype, payload)
 
 
-def send(
-    path: str | os.PathLike[str],
+def _session(
+    run: _Run,
     host: str,
     port: int,
     *,
     psk: bytes,
-    workers: int | None = None,
-    block_size: int | None = None,
-    progress: ProgressFn | None = None,
-    options: SendOptions | None = None,
-) -> TransferResult:
-    """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
-    authenticated receipt confirms the whole file arrived, verified and durable.
-
-    ``workers`` and ``block_size`` override the same fields of ``options``. Raises a subclass
-    of :class:`stxpar.errors.StxError` on failure; its ``exit_code`` is what the CLI exits with.
-    """
-    base = options or SendOptions()
-    opts = SendOptions(
-        workers=workers if workers is not None else base.workers,
-        block_size=block_size if block_size is not None else base.block_size,
-        max_retries=base.max_retries,
-        connect_timeout=base.connect_timeout,
-        handshake_timeout=base.handshake_timeout,
-        stall_timeout=base.stall_timeout,
-        rekey_records=base.rekey_records,
-        rekey_bytes=base.rekey_bytes,
-    ).resolved()
-    assert opts.block_size is not None and opts.workers is not None
-    if len(psk) < 32:
-        raise UsageError("the key must be at least 256 bits")
-    src = SourceFile.open(path)
-    started = time.monotonic()
-    sock = connect(host, port, max_retries=opts.max_retries, timeout=opts.connect_timeout)
+    opts: SendOptions,
+    progress: ProgressFn | None,
+    on_event: EventFn | None,
+) -> None:
+    """One connection: handshake, metadata, the data phase, END and RECEIPT."""
+    assert opts.block_size is not None
+    src = run.src
+    src.check_unchanged()
+    sock = connect(host, port, max_retries=0, timeout=opts.connect_timeout)
     ctl = FramedSocket(sock, peer=f"{host}:{port}")
     try:
         session = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
@@ -372,51 +441,115 @@ def send(
             mtime_ns=src.mtime_ns,
             block_size=opts.block_size,
             file_id=src.file_id,
-            streams=opts.workers,
+            streams=opts.workers or 1,
             rekey_records=opts.rekey_records,
             rekey_bytes=opts.rekey_bytes,
+            run_id=run.run_id,
         )
         ctl.send(channel.seal(FrameType.METADATA, md.encode()))
         ctl.sock.settimeout(opts.stall_timeout)
         ack = MetadataAck.decode(_expect_sealed(ctl, channel, FrameType.METADATA_ACK))
-        total = blocks_for(src.size, opts.block_size)
-        needed = [i for i in range(total) if not _bit(ack.have, i)]
-        transfer = _Transfer(
-            src=src,
-            md=md,
-            session=session,
-            host=host,
-            port=port,
-            opts=opts,
-            needed=needed,
-            ctl=ctl,
-            progress=progress,
-        )
+        held = ack.held(run.total)
+        for k, seq in enumerate(held):
+            digest = ack.digests[k * DIGEST_LEN : (k + 1) * DIGEST_LEN]
+            run.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+            run.have_digest[seq] = run.acked[seq] = 1
+        run.complete = sum(1 for i in range(run.total) if run.acked[i] and run.have_digest[i])
+        if run.blocks_resumed < 0:
+            run.blocks_resumed = len(held)
+            run.bytes_resumed = run.done_bytes(md.block_size)
+            if held and on_event is not None:
+                on_event(
+                    "resuming", {"have_bytes": run.done_bytes(md.block_size), "bytes": src.size}
+                )
+        needed = [i for i in range(run.total) if not (run.acked[i] and run.have_digest[i])]
         if needed:
             ctl.sock.settimeout(None)
-            transfer.run()
-        digest = transfer.whole_digest()
-        ctl.send(channel.seal(FrameType.END, End(total_blocks=total, digest=digest).encode()))
+            _Transfer(
+                run=run,
+                md=md,
+                session=session,
+                host=host,
+                port=port,
+                opts=opts,
+                needed=needed,
+                ctl=ctl,
+                progress=progress,
+            ).run()
+        digest = run.whole_digest(md.block_size)
+        ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
         ctl.sock.settimeout(RECEIPT_TIMEOUT)
         receipt = Receipt.decode(_expect_sealed(ctl, channel, FrameType.RECEIPT))
         if receipt.digest != digest or receipt.size != src.size:
             raise IntegrityError("the receiver's receipt does not match the file sent")
     finally:
         ctl.close()
+
+
+def send(
+    path: str | os.PathLike[str],
+    host: str,
+    port: int,
+    *,
+    psk: bytes,
+    workers: int | None = None,
+    block_size: int | None = None,
+    progress: ProgressFn | None = None,
+    options: SendOptions | None = None,
+    on_event: EventFn | None = None,
+) -> TransferResult:
+    """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
+    authenticated receipt confirms the whole file arrived, verified and durable.
+
+    Connection failures, stalls and dropped streams are retried with exponential backoff and
+    jitter (``options.max_retries`` consecutive failed attempts, ``options.deadline``); every
+    reconnect is a fresh handshake that resumes from the receiver's bitmap. ``workers`` and
+    ``block_size`` override the same fields of ``options``. ``on_event(kind, fields)`` hears
+    "resuming" and "reconnecting". Raises a subclass of :class:`stxpar.errors.StxError`; its
+    ``exit_code`` is what the CLI exits with.
+    """
+    base = options or SendOptions()
+    opts = replace(
+        base,
+        workers=workers if workers is not None else base.workers,
+        block_size=block_size if block_size is not None else base.block_size,
+    ).resolved()
+    assert opts.block_size is not None and opts.workers is not None
+    if len(psk) < 32:
+        raise UsageError("the key must be at least 256 bits")
+    src = SourceFile.open(path)
+    run = _Run.new(src, blocks_for(src.size, opts.block_size))
+    started = time.monotonic()
+    deadline = started + opts.deadline if opts.deadline else None
+    failures = 0
+    while True:
+        before = run.complete
+        try:
+            _session(run, host, port, psk=psk, opts=opts, progress=progress, on_event=on_event)
+            break
+        except ConnectError as exc:
+            failures = 1 if run.complete > before else failures + 1
+            delay = opts.backoff.delay(failures - 1)
+            if failures > opts.max_retries:
+                raise ConnectError(f"{exc} (gave up after {failures} attempts)") from None
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise ConnectError(f"{exc} (deadline of {opts.deadline:.0f} s reached)") from None
+            run.reconnects += 1
+            if on_event is not None:
+                on_event("reconnecting", {"attempt": failures, "delay": delay, "reason": str(exc)})
+            time.sleep(delay)
     return TransferResult(
         file=os.fspath(src.path),
         bytes=src.size,
         seconds=time.monotonic() - started,
-        workers=min(opts.workers, max(1, len(needed))),
+        workers=max(1, run.workers_used),
         block_size=opts.block_size,
-        blocks_total=total,
-        blocks_sent=transfer.blocks_sent,
-        blocks_resumed=total - len(needed),
-        retransmits=transfer.retransmits,
-        reconnects=0,
-        digest=digest.hex(),
+        blocks_total=run.total,
+        blocks_sent=run.blocks_sent,
+        blocks_resumed=max(0, run.blocks_resumed),
+        retransmits=run.retransmits,
+        reconnects=run.reconnects,
+        digest=run.whole_digest(opts.block_size).hex(),
+        bytes_resumed=run.bytes_resumed,
+        extra={"streams_replaced": run.streams_replaced},
     )
-
-
-def _bit(bitmap: bytes, i: int) -> bool:
-    return i // 8 < len(bitmap) and bool(bitmap[i // 8] >> (i % 8) & 1)

@@ -40,7 +40,7 @@ DIGEST_LEN = 32
 
 #: Caps on payload length, enforced before allocation.
 MAX_HANDSHAKE_PAYLOAD = 512
-MAX_CONTROL_PAYLOAD = 64 << 20
+MAX_CONTROL_PAYLOAD = 136 << 20  # METADATA_ACK: bitmap + 32 bytes per held block
 MAX_ACK_PAYLOAD = 64 << 10
 MAX_NAME_BYTES = 1024
 MIN_BLOCK_SIZE = 4 << 10
@@ -280,6 +280,8 @@ class Metadata:
     streams: int
     rekey_records: int
     rekey_bytes: int
+    #: Random per sender run: a reconnect of the same run supersedes its old session.
+    run_id: bytes = bytes(16)
 
     @property
     def total_blocks(self) -> int:
@@ -295,11 +297,12 @@ class Metadata:
             self.streams,
             self.rekey_records,
             self.rekey_bytes,
+            self.run_id,
         )
 
     @classmethod
     def decode(cls, payload: bytes) -> Metadata:
-        name, size, mtime, bs, fid, streams, rr, rb = _unpack(payload, 8, "Metadata")
+        name, size, mtime, bs, fid, streams, rr, rb, run = _unpack(payload, 9, "Metadata")
         md = cls(
             _str(name, "name", max_len=MAX_NAME_BYTES),
             _int(size, "size", hi=1 << 62),
@@ -309,6 +312,7 @@ class Metadata:
             _int(streams, "streams", lo=1, hi=MAX_STREAMS),
             _int(rr, "rekey records", lo=1, hi=1 << 24),
             _int(rb, "rekey bytes", lo=1, hi=1 << 36),
+            _bin(run, "run id", size=16),
         )
         if md.total_blocks > MAX_BLOCKS:
             raise ProtocolError("file has too many blocks for this block size")
@@ -317,17 +321,42 @@ class Metadata:
 
 @dataclass(frozen=True)
 class MetadataAck:
-    """The receiver's answer: accepted, and the bitmap of blocks it already holds."""
+    """The receiver's answer: the bitmap of blocks it already holds durably (bit i of byte
+    i // 8, least significant first) and their digests, in block order."""
 
     have: bytes
+    digests: bytes = b""
 
     def encode(self) -> bytes:
-        return _pack(self.have)
+        return _pack(self.have, self.digests)
 
     @classmethod
     def decode(cls, payload: bytes) -> MetadataAck:
-        (have,) = _unpack(payload, 1, "MetadataAck")
-        return cls(_bin(have, "bitmap", max_size=(MAX_BLOCKS + 7) // 8))
+        have, digests = _unpack(payload, 2, "MetadataAck")
+        return cls(
+            _bin(have, "bitmap", max_size=(MAX_BLOCKS + 7) // 8),
+            _bin(digests, "digests", max_size=MAX_CONTROL_PAYLOAD),
+        )
+
+    def held(self, total_blocks: int) -> list[int]:
+        """Indices of the blocks the receiver holds; ProtocolError if inconsistent."""
+        if len(self.have) != (total_blocks + 7) // 8:
+            raise ProtocolError("resume bitmap has the wrong length")
+        held = [i for i in range(total_blocks) if self.have[i // 8] >> (i % 8) & 1]
+        if total_blocks % 8 and self.have[-1] >> (total_blocks % 8):
+            raise ProtocolError("resume bitmap marks blocks past the end")
+        if len(self.digests) != DIGEST_LEN * len(held):
+            raise ProtocolError("resume digests do not match the bitmap")
+        return held
+
+
+def bitmap(have: bytearray | bytes) -> bytes:
+    """One byte per block (0/1) -> packed bitmap, least significant bit first."""
+    out = bytearray((len(have) + 7) // 8)
+    for i, v in enumerate(have):
+        if v:
+            out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ class Worker:
         sock = connect(
             cfg["host"],
             int(cfg["port"]),
-            max_retries=int(cfg["max_retries"]),
+            max_retries=2,
             timeout=float(cfg["connect_timeout"]),
         )
         sock.settimeout(None)
@@ -127,8 +127,8 @@ class Worker:
         while True:
             msg = self.request("get", self.slot)
             if msg[0] == "blocks":
-                digests = [self.send_block(int(seq)) for seq in msg[1]]
-                self.report.send(ipc.pack("sent", self.slot, digests))
+                for seq in msg[1]:
+                    self.send_block(int(seq))
             elif msg[0] == "done":
                 break
         self.finishing.set()
@@ -138,16 +138,17 @@ class Worker:
             pass
         reader.join(timeout=30)
 
-    def send_block(self, seq: int) -> tuple[int, bytes]:
+    def send_block(self, seq: int) -> None:
+        """Read, digest, seal and send one block. The digest is reported before the block goes
+        out, so the coordinator always knows it by the time the block is acknowledged."""
         self.drain_resends()
         n = block_len(index=seq, size=self.size, block_size=self.block_size)
         plain = self.view[:n]
         got = os.preadv(self.fd, [plain], seq * self.block_size)
         if got != n:
             raise IntegrityError("the source file shrank during the transfer")
-        digest = block_digest(plain)
+        self.report.send(ipc.pack("sent", self.slot, [(seq, block_digest(plain))]))
         self.conn.send(self.sealer.seal(seq, plain))
-        return seq, digest
 
     def drain_resends(self) -> None:
         while True:

@@ -1,0 +1,217 @@
+"""The receiver's resume state: an append-only, crash-consistent log beside the partial file.
+
+Layout of ``.NAME.stxstate``::
+
+    magic      b"STXSTATE1\\n"                       10 bytes
+    u32        header length H
+    header     msgpack [name, size, mtime_ns, block_size, file_id]   H bytes
+    u32        CRC-32 of the header
+    records    u32 seq | 32-byte block digest | u32 CRC-32(seq || digest)   40 bytes each
+
+The header is written to a temporary file, fsynced and renamed into place, so a state file
+either has a whole header or does not exist. A record is appended only after the block's bytes
+were ``fdatasync``-ed into the partial file, so the log never claims a block that is not on
+disk; a record torn by a crash fails its CRC and it and everything after it are ignored (and
+cut off when the log is reopened). Parsing is pure (``parse``), so it can be fuzzed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from .digest import DIGEST_LEN
+from .errors import ProtocolError
+from .wire import MAX_BLOCKS, MAX_NAME_BYTES, blocks_for
+
+MAGIC = b"STXSTATE1\n"
+_U32 = struct.Struct(">I")
+_RECORD = struct.Struct(f">I{DIGEST_LEN}sI")
+RECORD_LEN = _RECORD.size
+MAX_HEADER = MAX_NAME_BYTES + 256
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two runs "the same transfer" (a changed source starts over)."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    block_size: int
+    file_id: bytes
+
+    @property
+    def total_blocks(self) -> int:
+        return blocks_for(self.size, self.block_size)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            [self.name, self.size, self.mtime_ns, self.block_size, self.file_id], use_bin_type=True
+        )
+
+
+@dataclass
+class Parsed:
+    identity: Identity
+    have: bytearray  # one byte per block: 1 = durable
+    digests: bytearray  # DIGEST_LEN bytes per block
+    valid_len: int  # bytes of the file that parsed cleanly (where the next record goes)
+
+    @property
+    def count(self) -> int:
+        return sum(self.have)
+
+
+def encode_header(identity: Identity) -> bytes:
+    body = identity.encode()
+    return MAGIC + _U32.pack(len(body)) + body + _U32.pack(zlib.crc32(body))
+
+
+def encode_record(seq: int, digest: bytes) -> bytes:
+    head = _U32.pack(seq) + digest
+    return head + _U32.pack(zlib.crc32(head))
+
+
+def parse(data: bytes) -> Parsed:
+    """Parse a whole state file; ProtocolError if the header is unusable. Torn tails are fine."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise ProtocolError("not an stx state file")
+    (hlen,) = _U32.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + 4
+    if hlen > MAX_HEADER or len(data) < start + hlen + 4:
+        raise ProtocolError("damaged state header")
+    body = data[start : start + hlen]
+    (crc,) = _U32.unpack_from(data, start + hlen)
+    if zlib.crc32(body) != crc:
+        raise ProtocolError("damaged state header")
+    try:
+        fields = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        name, size, mtime, bs, fid = fields
+        ident = Identity(str(name), int(size), int(mtime), int(bs), bytes(fid))
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise ProtocolError("damaged state header") from None
+    if not isinstance(fid, bytes) or len(fid) != 16 or bs <= 0 or size < 0:
+        raise ProtocolError("damaged state header")
+    total = ident.total_blocks
+    if total > MAX_BLOCKS:
+        raise ProtocolError("damaged state header")
+    have = bytearray(total)
+    digests = bytearray(total * DIGEST_LEN)
+    pos = start + hlen + 4
+    while pos + RECORD_LEN <= len(data):
+        seq, digest, rcrc = _RECORD.unpack_from(data, pos)
+        if zlib.crc32(data[pos : pos + 4 + DIGEST_LEN]) != rcrc or seq >= total:
+            break
+        have[seq] = 1
+        digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+        pos += RECORD_LEN
+    return Parsed(ident, have, digests, pos)
+
+
+class StateLog:
+    """An open state log for one transfer; ``append`` after the data is durable."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def create(cls, path: Path, identity: Identity) -> StateLog:
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, encode_header(identity))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        os.lseek(fd, 0, os.SEEK_END)
+        return cls(path, fd)
+
+    @classmethod
+    def reopen(cls, path: Path, parsed: Parsed) -> StateLog:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        os.ftruncate(fd, parsed.valid_len)  # drop a torn tail before appending after it
+        os.lseek(fd, parsed.valid_len, os.SEEK_SET)
+        return cls(path, fd)
+
+    def append(self, records: list[tuple[int, bytes]]) -> None:
+        data = b"".join(encode_record(seq, digest) for seq, digest in records)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def load(path: Path) -> Parsed | None:
+    """The parsed state at ``path``, or None when it is missing or unusable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return parse(data)
+    except ProtocolError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A partial transfer left in a destination directory."""
+
+    name: str
+    size: int
+    have_bytes: int
+    blocks_have: int
+    blocks_total: int
+    age_s: float
+    files: tuple[Path, ...]
+
+
+def find_partials(dest: Path, *, part_suffix: str, state_suffix: str, now: float) -> list[Partial]:
+    """Every ``.NAME.stxpart`` / ``.NAME.stxstate`` pair (or orphan) in ``dest``."""
+    names: dict[str, list[Path]] = {}
+    for entry in dest.iterdir():
+        for suffix in (part_suffix, state_suffix, state_suffix + ".tmp"):
+            if entry.name.startswith(".") and entry.name.endswith(suffix):
+                names.setdefault(entry.name[1 : -len(suffix)], []).append(entry)
+                break
+    found = []
+    for name, files in sorted(names.items()):
+        parsed = load(dest / f".{name}{state_suffix}")
+        newest = max((f.lstat().st_mtime for f in files), default=now)
+        if parsed is None:
+            size = have_bytes = have = total = 0
+        else:
+            ident = parsed.identity
+            size, total, have = ident.size, ident.total_blocks, parsed.count
+            have_bytes = sum(
+                min(ident.block_size, ident.size - i * ident.block_size)
+                for i in range(total)
+                if parsed.have[i]
+            )
+        found.append(Partial(name, size, have_bytes, have, total, now - newest, tuple(files)))
+    return found
