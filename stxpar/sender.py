@@ -450,6 +450,9 @@ def _session(
         ctl.sock.settimeout(opts.stall_timeout)
         ack = MetadataAck.decode(_expect_sealed(ctl, channel, FrameType.METADATA_ACK))
         held = ack.held(run.total)
+        # The receiver's bitmap is the truth: a block acknowledged in an earlier session but
+        # not in it now (the receiver died before recording it) is sent again.
+        run.acked[:] = bytes(run.total)
         for k, seq in enumerate(held):
             digest = ack.digests[k * DIGEST_LEN : (k + 1) * DIGEST_LEN]
             run.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
