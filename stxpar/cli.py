@@ -466,6 +466,9 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
+    from .ipc import harden_process
+
+    harden_process()
     try:
         return int(args.func(args))
     except StxError as exc:

@@ -21,6 +21,26 @@ import zmq
 MAX_IPC_MESSAGE = 16 << 20
 
 
+def harden_process() -> None:
+    """Keep key material out of core files and away from same-user debuggers: no core dumps
+    (RLIMIT_CORE 0) and, on Linux, PR_SET_DUMPABLE 0. Called by the CLI and every worker, not
+    by the library API (an embedding program decides that for itself)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+        except (OSError, AttributeError):
+            pass
+
+
 def private_dir(prefix: str) -> str:
     path = tempfile.mkdtemp(prefix=prefix)
     os.chmod(path, 0o700)

@@ -210,6 +210,7 @@ class Worker:
 
 def main(argv: list[str]) -> int:
     channel_fd, report_endpoint = argv
+    ipc.harden_process()
     worker = Worker(int(channel_fd), report_endpoint)
     try:
         worker.run()

@@ -191,6 +191,7 @@ class Worker:
 
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot = argv
+    ipc.harden_process()
     worker = Worker(ctl_endpoint, report_endpoint, int(slot))
     try:
         worker.run()
