@@ -90,6 +90,11 @@ _BY_WIRE_CODE: dict[int, type[StxError]] = {
 }
 
 
+def error_from_code(code: int, message: str) -> StxError:
+    """The exception class a wire code stands for, with ``message`` as it is."""
+    return _BY_WIRE_CODE.get(code, StxError)(message)
+
+
 def error_from_wire(code: int, message: str) -> StxError:
     """Build the exception a peer's ERROR frame stands for (a local usage error becomes a rejection)."""
     cls = _BY_WIRE_CODE.get(code, ProtocolError)

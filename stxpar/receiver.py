@@ -247,7 +247,7 @@ class Receiver:
             rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s)
         )
         self._pending = threading.BoundedSemaphore(max_pending)
-        self._replay = ReplayCache()
+        self._replay = ReplayCache(ttl_ms=2 * window_ms)
         self._replay_lock = threading.Lock()
         self._sessions: dict[bytes, _Incoming] = {}
         self._active: dict[Path, Any] = {}  # final path -> _Incoming (or _RESERVED)
@@ -539,6 +539,7 @@ class Receiver:
         channel = ControlChannel(session=session, client=False)
         inc: _Incoming | None = None
         try:
+            fs.sock.settimeout(self.handshake_timeout)
             ftype, payload = fs.recv_frame(cap=_metadata_cap)
             if ftype is not FrameType.METADATA:
                 raise ProtocolError(f"expected METADATA, got {ftype.name}")

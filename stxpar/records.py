@@ -8,10 +8,11 @@ record ``n`` is ``iv XOR n``. A dropped, replayed, reordered or moved record the
 tag. Data streams ratchet to a new epoch key after ``rekey_records`` records or
 ``rekey_bytes`` ciphertext bytes; both ends count the same records and switch together.
 
-A data block on the wire is ``BLOCK | u32 seq | u32 size | ct | tag | crc32(ct||tag)``. The AAD
-binds the version, session, stream, epoch, block index, block length, total blocks and file id.
-The CRC (over ciphertext and tag, so it says nothing about the plaintext) separates damage in
-transit (CRC wrong: ask again) from forgery (CRC right, tag wrong: end the session).
+A data block on the wire is ``BLOCK | u32 seq | u32 size | ct | tag | crc32(seq..tag)``. The
+AAD binds the version, session, stream, epoch, block index, block length, total blocks and file
+id. The CRC (over the block header, ciphertext and tag, so it says nothing about the plaintext)
+separates damage in transit (CRC wrong: ask again, or drop the stream if the header itself is
+damaged) from forgery (CRC right, tag wrong: end the session).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class BlockSealer:
         BLOCK_HEADER.pack_into(self.out, HEADER.size, seq, size)
         sealed = self._view[BLOCK_PREFIX:end_ct]
         keys.aead.encrypt_into(nonce, plaintext, keys.aad(seq, size), sealed)
-        CRC.pack_into(self.out, end_ct, crc32(sealed))
+        CRC.pack_into(self.out, end_ct, crc32(self._view[HEADER.size : end_ct]))
         return self._view[: end_ct + CRC.size]
 
 
@@ -147,33 +148,43 @@ class BlockOpener:
     def epoch(self) -> int:
         return self._keys.epoch
 
-    def check_header(self, seq: int, size: int, frame_len: int) -> None:
+    def _check_header(self, seq: int, size: int, body_len: int) -> bool:
         ctx = self._ctx
         if seq >= ctx.total_blocks:
-            raise ProtocolError(f"block index {seq} out of range")
+            return False
         expected = block_len(index=seq, size=ctx.file_size, block_size=ctx.block_size)
-        if size != expected or frame_len != BLOCK_HEADER.size + size + BLOCK_SUFFIX:
-            raise ProtocolError(f"block {seq} has a bad length")
+        return size == expected and body_len == BLOCK_HEADER.size + size + BLOCK_SUFFIX
 
-    def open(self, seq: int, body: memoryview) -> memoryview:
-        """``body`` is ``ct || tag || crc``. Returns a view of the plaintext.
+    def open(self, body: memoryview) -> tuple[int, memoryview]:
+        """``body`` is a BLOCK payload: ``seq | size | ct | tag | crc``. Returns (seq, plaintext
+        view, valid until the next call).
 
-        Raises CrcMismatch (damage: resend) or AuthError (forgery: end the session). The record
-        counter advances in both cases, as it did on the sender.
+        The CRC covers everything before it. Raises CrcMismatch when it fails on a block whose
+        header is still plausible (damage: ask for that block again), ProtocolError when the
+        frame is damaged beyond that or malformed (the stream is dropped and replaced), and
+        AuthError when the CRC is right but the tag is not (forgery: end the session). The
+        record counter advances in every case, as it did on the sender.
         """
-        size = len(body) - BLOCK_SUFFIX
+        if len(body) < BLOCK_HEADER.size + BLOCK_SUFFIX:
+            raise ProtocolError("short BLOCK frame")
+        seq, size = BLOCK_HEADER.unpack_from(body)
+        plausible = self._check_header(seq, size, len(body))
         keys = self._keys
-        nonce = keys.next_nonce(size + TAG_LEN)
-        sealed = body[: size + TAG_LEN]
-        (crc,) = CRC.unpack_from(body, size + TAG_LEN)
-        if crc32(sealed) != crc:
-            raise CrcMismatch(seq)
+        nonce = keys.next_nonce(max(0, len(body) - BLOCK_HEADER.size - CRC.size))
+        (crc,) = CRC.unpack_from(body, len(body) - CRC.size)
+        if crc32(body[: len(body) - CRC.size]) != crc:
+            if plausible:
+                raise CrcMismatch(seq)
+            raise ProtocolError("damaged BLOCK frame header")
+        if not plausible:
+            raise ProtocolError(f"block {seq} has a bad index or length")
+        sealed = body[BLOCK_HEADER.size : BLOCK_HEADER.size + size + TAG_LEN]
         out = self._plain_view[:size]
         try:
             keys.aead.decrypt_into(nonce, sealed, keys.aad(seq, size), out)
         except InvalidTag:
             raise AuthError(f"block {seq} failed authentication (forged or altered data)") from None
-        return out
+        return seq, out
 
 
 class AckChannel:

@@ -34,8 +34,8 @@ from .errors import (
     ConnectError,
     IntegrityError,
     ProtocolError,
-    StxError,
     UsageError,
+    error_from_code,
     error_from_wire,
 )
 from .handshake import ClientHandshake, handshake_cap
@@ -43,6 +43,8 @@ from .keyschedule import SessionKeys
 from .netio import FramedSocket, connect
 from .records import ControlChannel
 from .wire import (
+    MAX_BLOCK_SIZE,
+    MAX_BLOCKS,
     MAX_CONTROL_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
     End,
@@ -241,7 +243,7 @@ class _Transfer:
             if self.ctl.sock.fileno() in events:
                 self._on_control()
             now = time.monotonic()
-            self._check_workers()
+            self._check_workers(pull)
             if self.parked and self.queue:  # blocks came back: wake the idle workers
                 waiting, self.parked = self.parked, []
                 for identity in waiting:
@@ -330,11 +332,12 @@ class _Transfer:
                     self._maybe_complete(seq)
         elif verb == "retransmit":
             r.retransmits += 1
-        elif verb == "error" and st is not None and not st.dead:
+        elif verb == "error" and st is not None:
             code, message = msg[2], msg[3]
             if code != ConnectError.wire_code:
-                raise error_from_wire(code, message) if code != 1 else StxError(message)
-            self._replace(st, message)
+                raise error_from_code(code, message)
+            if not st.dead:
+                self._replace(st, message)
 
     def _maybe_complete(self, seq: int) -> None:
         r = self.run_state
@@ -366,7 +369,14 @@ class _Transfer:
             raise error_from_wire(err.code, err.message)
         raise ProtocolError(f"unexpected {ftype.name} on the control connection")
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, pull: zmq.Socket) -> None:
+        if not any(
+            st.proc.poll() is not None and not st.done and not st.dead
+            for st in self.streams.values()
+        ):
+            return
+        while pull.poll(50):  # a dying worker's last report says why; read it before judging
+            self._on_report(ipc.unpack(pull.recv()))
         for st in list(self.streams.values()):
             rc = st.proc.poll()
             if rc is not None and not st.done and not st.dead and rc != 0:
@@ -521,7 +531,16 @@ def send(
     if len(psk) < 32:
         raise UsageError("the key must be at least 256 bits")
     src = SourceFile.open(path)
-    run = _Run.new(src, blocks_for(src.size, opts.block_size))
+    bs = opts.block_size
+    while blocks_for(src.size, bs) > MAX_BLOCKS:
+        if (block_size or base.block_size) is not None or bs >= MAX_BLOCK_SIZE:
+            raise UsageError(
+                f"{src.path} needs more than {MAX_BLOCKS} blocks of {bs} bytes;"
+                " use a larger --block-size"
+            )
+        bs *= 2  # the default block size grows for huge files
+    opts = replace(opts, block_size=bs)
+    run = _Run.new(src, blocks_for(src.size, bs))
     started = time.monotonic()
     deadline = started + opts.deadline if opts.deadline else None
     failures = 0
@@ -546,13 +565,13 @@ def send(
         bytes=src.size,
         seconds=time.monotonic() - started,
         workers=max(1, run.workers_used),
-        block_size=opts.block_size,
+        block_size=bs,
         blocks_total=run.total,
         blocks_sent=run.blocks_sent,
         blocks_resumed=max(0, run.blocks_resumed),
         retransmits=run.retransmits,
         reconnects=run.reconnects,
-        digest=run.whole_digest(opts.block_size).hex(),
+        digest=run.whole_digest(bs).hex(),
         bytes_resumed=run.bytes_resumed,
         extra={"streams_replaced": run.streams_replaced},
     )

@@ -46,7 +46,9 @@ MAX_NAME_BYTES = 1024
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
 MAX_STREAMS = 4096
-MAX_BLOCKS = (1 << 32) - 1
+#: Blocks per file. Bounds the receiver's per-transfer memory (33 bytes a block) and the
+#: METADATA_ACK (bitmap + 32-byte digest per held block): 4 Mi blocks = 16 TiB at 4 MiB blocks.
+MAX_BLOCKS = 1 << 22
 
 
 class FrameType(enum.IntEnum):
@@ -257,7 +259,7 @@ class ErrorMsg:
     message: str
 
     def encode(self) -> bytes:
-        return _pack(self.code, self.message[:200])
+        return _pack(self.code, self.message.encode()[:300].decode(errors="ignore"))
 
     @classmethod
     def decode(cls, payload: bytes) -> ErrorMsg:

@@ -32,6 +32,8 @@ from stxpar.records import BLOCK_SUFFIX, AckChannel, BlockContext, BlockOpener, 
 from stxpar.wire import BLOCK_HEADER, Ack, ErrorMsg, FrameType, encode_frame
 
 MAX_CRC_RETRIES = 3
+#: At most this many blocks per ACK (keeps an ACK well under MAX_ACK_PAYLOAD).
+MAX_ACK_BLOCKS = 4096
 FLUSH_IDLE_S = 0.02
 FLUSH_INTERVAL_S = 0.25
 MAX_MSG = 64 << 10
@@ -56,10 +58,17 @@ class StreamJob(threading.Thread):
             report.send(ipc.pack("closed", self.sid, self.stream))
         except BaseException as exc:
             if self.cancelled:
+                report.send(ipc.pack("closed", self.sid, self.stream))
                 return
+            tell_sender = not isinstance(exc, ConnectError)  # a lost connection cannot be told
+            if isinstance(exc, ProtocolError):
+                # A malformed or damaged frame costs this stream only: the sender replaces it
+                # and sends its unacknowledged blocks again. Forgery (AuthError), repeated damage
+                # (IntegrityError) and disk errors end the whole transfer.
+                exc = ConnectError(f"data stream dropped: {exc}")
             code = exc.wire_code if isinstance(exc, StxError) else 1
             message = str(exc) if isinstance(exc, StxError) else f"receiver worker error: {exc!r}"
-            if not isinstance(exc, ConnectError):
+            if tell_sender:
                 try:
                     conn.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
                 except StxError:
@@ -127,15 +136,12 @@ class StreamJob(threading.Thread):
                     flush()
                     return
                 _, length = header
-                if length < BLOCK_HEADER.size + BLOCK_SUFFIX:
-                    raise ProtocolError("short BLOCK frame")
                 view = body_view[:length]
                 conn.recv_into(view)
-                seq, size = BLOCK_HEADER.unpack_from(view)
-                opener.check_header(seq, size, length)
                 try:
-                    plain = opener.open(seq, view[BLOCK_HEADER.size :])
-                except CrcMismatch:
+                    seq, plain = opener.open(view)
+                except CrcMismatch as damaged:
+                    seq = damaged.seq
                     crc_failures[seq] += 1
                     if crc_failures[seq] > MAX_CRC_RETRIES:
                         raise IntegrityError(
@@ -144,6 +150,7 @@ class StreamJob(threading.Thread):
                     resend.append(seq)
                     flush()
                     continue
+                size = len(plain)
                 try:
                     written = os.pwrite(fd, plain, seq * block_size)
                 except OSError as exc:
@@ -152,7 +159,11 @@ class StreamJob(threading.Thread):
                     raise _disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
                 pending.append((seq, block_digest(plain)))
                 pending_bytes += size
-                if pending_bytes >= sync_bytes or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
+                if (
+                    pending_bytes >= sync_bytes
+                    or len(pending) >= MAX_ACK_BLOCKS
+                    or time.monotonic() - last_flush > FLUSH_INTERVAL_S
+                ):
                     flush()
         finally:
             os.close(fd)
