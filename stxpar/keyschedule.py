@@ -19,7 +19,7 @@ starting with ``stx1 `` so no two purposes can ever share a key.
     ctl c2s/s2c = HKDF-Expand(master, "stx1 control key c2s" ...)  # + "... iv ..." 12 bytes
     stream[s,0] = HKDF-Expand(master, "stx1 stream" || u32(s), 32)
     stream[s,e+1] = HKDF-Expand(stream[s,e], "stx1 epoch ratchet", 32)
-    per stream epoch: data key, data IV, ack key; per stream: join key (epoch 0)
+    per stream epoch: data key, data IV; per stream, from stream[s,0]: ack key, join key
 
 A worker process only ever sees its own ``stream[s,0]``; it cannot derive other streams' keys,
 the control keys or the PSK. The AES-GCM nonce of record ``n`` under a data key is

@@ -59,13 +59,13 @@ def load_key_file(path: str | os.PathLike[str]) -> bytes:
     """Read a key file, refusing one that group or others can read (as ssh does)."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # never block on a FIFO
     except FileNotFoundError:
         raise UsageError(f"key file {p} does not exist") from None
     except OSError as exc:
         raise UsageError(f"cannot read key file {p}: {exc.strerror}") from None
-    with os.fdopen(fd, "r", errors="replace") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"key file {p} is not a regular file")
         if st.st_mode & 0o077:
@@ -73,5 +73,9 @@ def load_key_file(path: str | os.PathLike[str]) -> bytes:
                 f"key file {p} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
                 f" run: chmod 600 {p}"
             )
-        text = f.read(4096)
+        text = os.read(fd, 4096).decode(errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read key file {p}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return parse_key(text, source=f"key file {p}")

@@ -81,7 +81,6 @@ class _EpochKeys:
         keys = ks.derive_stream_keys(stream_secret=self._secret)
         self.aead = AESGCM(keys.data_key)
         self.iv = keys.data_iv
-        self.ack_key = keys.ack_key
         self.records = 0
         self.bytes = 0
 
