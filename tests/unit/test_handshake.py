@@ -35,10 +35,12 @@ from stxpar.wire import (
     HEADER,
     MAX_HANDSHAKE_PAYLOAD,
     Ack,
+    ClientHello,
     End,
     ErrorMsg,
     FrameBuffer,
     FrameType,
+    Init,
     Join,
     KeyShare,
     MacOnly,
@@ -307,6 +309,21 @@ def test_unknown_key_id_and_wrong_mac_fail_identically(psk: bytes) -> None:
     assert [split(f)[0] for _, f in a.frames] == [split(f)[0] for _, f in b.frames]
     assert a.server.state is b.server.state is State.FAILED
     assert str(a.client_error) == str(b.client_error)
+
+
+def test_unknown_key_id_with_mac_under_the_placeholder_key(psk: bytes) -> None:
+    # For an unknown key id the server checks the MAC under an all-zero placeholder key (same
+    # work as a known one). An attacker who MACs under that key must still be refused.
+    server = make_server([psk])
+    (hello,) = server.receive(FrameType.INIT, Init().encode(), now_ms=NOW)
+    assert split(hello)[0] is FrameType.SERVER_HELLO
+    unknown = ClientHello(key_id=bytes(8), nonce=os.urandom(32), time_ms=NOW)
+    assert server.receive(FrameType.CLIENT_HELLO, unknown.encode(), now_ms=NOW) == []
+    forged = ks.mac(key=bytes(32), label="client auth", data=server.transcript_hash)
+    with pytest.raises(AuthError) as info:
+        server.receive(FrameType.CLIENT_AUTH, MacOnly(forged).encode(), now_ms=NOW)
+    assert str(info.value) == AUTH_FAILED
+    assert server.state is State.FAILED and server.session is None
 
 
 @pytest.mark.parametrize(
