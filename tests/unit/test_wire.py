@@ -231,9 +231,7 @@ RECORDED = [
         ),
         id="metadata",
     ),
-    pytest.param(
-        RECORDED_ACK, FrameType.ACK, Ack(durable=(0, 1, 300), resend=(70000,)), id="ack"
-    ),
+    pytest.param(RECORDED_ACK, FrameType.ACK, Ack(durable=(0, 1, 300), resend=(70000,)), id="ack"),
 ]
 
 

@@ -1,0 +1,553 @@
+"""Record protection: data blocks (CRC vs tag), epochs and nonces, acks, control, joins."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from stxpar import keyschedule as ks
+from stxpar import records
+from stxpar.errors import AuthError, ProtocolError
+from stxpar.records import (
+    BLOCK_PREFIX,
+    BLOCK_SUFFIX,
+    AckChannel,
+    BlockContext,
+    BlockOpener,
+    BlockSealer,
+    ControlChannel,
+    CrcMismatch,
+    join_mac,
+    verify_join,
+)
+from stxpar.wire import BLOCK_HEADER, HEADER, TAG_LEN, FrameType
+
+BS = 4096
+SID = bytes(range(16))
+FID = bytes(range(0xA0, 0xB0))
+SIZE = 3 * BS + 100  # three full blocks and a short last one
+
+
+def make_ctx(**changes: Any) -> BlockContext:
+    fields: dict[str, Any] = dict(
+        session_id=SID, stream=2, file_size=SIZE, file_id=FID, block_size=BS
+    )
+    fields.update(changes)
+    return BlockContext(**fields)
+
+
+def pair(secret: bytes, ctx: BlockContext) -> tuple[BlockSealer, BlockOpener]:
+    return BlockSealer(stream_secret=secret, ctx=ctx), BlockOpener(stream_secret=secret, ctx=ctx)
+
+
+def block(seq: int, size: int = SIZE) -> bytes:
+    n = min(BS, size - seq * BS)
+    return hashlib.shake_256(seq.to_bytes(4, "big")).digest(n)
+
+
+def seal(sealer: BlockSealer, seq: int, data: bytes | None = None) -> bytes:
+    """A copy of the sealed BLOCK frame (the sealer reuses its buffer)."""
+    return bytes(sealer.seal(seq, block(seq) if data is None else data))
+
+
+def open_frame(opener: BlockOpener, frame: bytes) -> bytes:
+    """What a receiver worker does with one BLOCK frame; returns a copy of the plaintext."""
+    raw_type, length = HEADER.unpack_from(frame)
+    assert raw_type == FrameType.BLOCK and length == len(frame) - HEADER.size
+    seq, size = BLOCK_HEADER.unpack_from(frame, HEADER.size)
+    opener.check_header(seq, size, length)
+    return bytes(opener.open(seq, memoryview(frame)[BLOCK_PREFIX:]))
+
+
+def flip(frame: bytes, pos: int, mask: int = 0x01) -> bytes:
+    return frame[:pos] + bytes([frame[pos] ^ mask]) + frame[pos + 1 :]
+
+
+def recrc(frame: bytes) -> bytes:
+    """What an attacker does after changing ciphertext or tag: make the CRC right again."""
+    body = frame[BLOCK_PREFIX:-4]
+    return frame[:-4] + struct.pack(">I", zlib.crc32(body))
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_round_trip_full_and_short_blocks() -> None:
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+    for seq in range(4):
+        frame = seal(sealer, seq)
+        size = len(block(seq))
+        assert size == (BS if seq < 3 else 100)
+        assert len(frame) == BLOCK_PREFIX + size + BLOCK_SUFFIX
+        assert HEADER.unpack_from(frame) == (FrameType.BLOCK, 8 + size + TAG_LEN + 4)
+        assert BLOCK_HEADER.unpack_from(frame, HEADER.size) == (seq, size)
+        # CRC-32 over ciphertext and tag (zlib, independent of the fast implementation).
+        assert struct.unpack(">I", frame[-4:])[0] == zlib.crc32(frame[BLOCK_PREFIX:-4])
+        assert block(seq)[:64] not in frame
+        assert open_frame(opener, frame) == block(seq)
+
+
+def test_same_plaintext_never_gives_the_same_ciphertext() -> None:
+    sealer = BlockSealer(stream_secret=os.urandom(32), ctx=make_ctx())
+    frames = {seal(sealer, 0) for _ in range(20)}  # e.g. a block sent again
+    assert len(frames) == 20
+
+
+def test_oversized_plaintext_refused() -> None:
+    sealer = BlockSealer(stream_secret=os.urandom(32), ctx=make_ctx())
+    with pytest.raises(ValueError):
+        sealer.seal(0, bytes(BS + 1))
+
+
+# ---------------------------------------------------------------- damage vs forgery
+
+
+def _regions(frame: bytes) -> dict[str, list[int]]:
+    size = len(frame) - BLOCK_PREFIX - BLOCK_SUFFIX
+    ct = list(range(BLOCK_PREFIX, BLOCK_PREFIX + size))
+    tag = list(range(BLOCK_PREFIX + size, BLOCK_PREFIX + size + TAG_LEN))
+    crc = list(range(len(frame) - 4, len(frame)))
+    return {"ciphertext": [ct[0], ct[len(ct) // 2], ct[-1]], "tag": [tag[0], tag[-1]], "crc": crc}
+
+
+@pytest.mark.parametrize("seq", [0, 3])
+@pytest.mark.parametrize("region", ["ciphertext", "tag", "crc"])
+def test_bit_flip_is_a_crc_mismatch(seq: int, region: str) -> None:
+    secret = os.urandom(32)
+    positions = _regions(seal(BlockSealer(stream_secret=secret, ctx=make_ctx()), seq))[region]
+    for pos in positions:
+        for mask in (0x01, 0x80):
+            sealer, opener = pair(secret, make_ctx())
+            for i in range(seq):
+                open_frame(opener, seal(sealer, i))
+            damaged = flip(seal(sealer, seq), pos, mask)
+            with pytest.raises(CrcMismatch) as info:
+                open_frame(opener, damaged)
+            assert info.value.seq == seq
+            # The sender sends the block again under the next counter; both sides advanced.
+            assert open_frame(opener, seal(sealer, seq)) == block(seq)
+
+
+@pytest.mark.parametrize("region", ["ciphertext", "tag"])
+def test_bit_flip_with_crc_recomputed_is_an_auth_error(region: str) -> None:
+    secret = os.urandom(32)
+    frame = seal(BlockSealer(stream_secret=secret, ctx=make_ctx()), 0)
+    for pos in _regions(frame)[region]:
+        opener = BlockOpener(stream_secret=secret, ctx=make_ctx())
+        with pytest.raises(AuthError):
+            open_frame(opener, recrc(flip(frame, pos)))
+    # Control: the untouched frame (CRC recomputed to the same value) opens.
+    opener = BlockOpener(stream_secret=secret, ctx=make_ctx())
+    assert open_frame(opener, recrc(frame)) == block(0)
+
+
+def test_index_changed_in_header_is_an_auth_error() -> None:
+    secret = os.urandom(32)
+    frame = seal(BlockSealer(stream_secret=secret, ctx=make_ctx()), 0)
+    moved = frame[: HEADER.size] + struct.pack(">II", 1, BS) + frame[BLOCK_PREFIX:]
+    opener = BlockOpener(stream_secret=secret, ctx=make_ctx())
+    with pytest.raises(AuthError):
+        open_frame(opener, moved)  # header is consistent for block 1; the AAD is not
+
+
+def test_replayed_block_is_an_auth_error() -> None:
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+    f0 = seal(sealer, 0)
+    assert open_frame(opener, f0) == block(0)
+    with pytest.raises(AuthError):
+        open_frame(opener, f0)
+
+
+def test_reordered_blocks_are_an_auth_error() -> None:
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+    _f0, f1 = seal(sealer, 0), seal(sealer, 1)
+    with pytest.raises(AuthError):
+        open_frame(opener, f1)
+
+
+def test_dropped_block_is_an_auth_error() -> None:
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+    seal(sealer, 0)  # lost in transit
+    with pytest.raises(AuthError):
+        open_frame(opener, seal(sealer, 1))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"session_id": bytes(16)},
+        {"stream": 3},
+        {"file_id": bytes(16)},
+        {"file_size": SIZE + BS},  # another total block count
+    ],
+    ids=["session", "stream", "file-id", "total-blocks"],
+)
+def test_block_moved_to_another_context_is_an_auth_error(changes: dict[str, Any]) -> None:
+    # Same stream secret on purpose: the AAD alone must bind the block to its context.
+    secret = os.urandom(32)
+    frame = seal(BlockSealer(stream_secret=secret, ctx=make_ctx()), 0)
+    opener = BlockOpener(stream_secret=secret, ctx=make_ctx(**changes))
+    with pytest.raises(AuthError):
+        open_frame(opener, frame)
+    assert open_frame(BlockOpener(stream_secret=secret, ctx=make_ctx()), frame) == block(0)
+
+
+def test_block_from_another_stream_secret_is_an_auth_error() -> None:
+    master = os.urandom(32)
+    s2, s3 = (ks.derive_stream_secret(master=master, stream=n) for n in (2, 3))
+    frame = seal(BlockSealer(stream_secret=s2, ctx=make_ctx()), 0)
+    with pytest.raises(AuthError):
+        open_frame(BlockOpener(stream_secret=s3, ctx=make_ctx()), frame)
+
+
+def test_block_from_an_earlier_session_of_the_same_file() -> None:
+    old_secret, new_secret = os.urandom(32), os.urandom(32)
+    frame = seal(BlockSealer(stream_secret=old_secret, ctx=make_ctx()), 0)
+    new_ctx = make_ctx(session_id=os.urandom(16))
+    with pytest.raises(AuthError):
+        open_frame(BlockOpener(stream_secret=new_secret, ctx=new_ctx), frame)
+
+
+# ---------------------------------------------------------------- headers
+
+
+@pytest.mark.parametrize(
+    ("seq", "size", "extra"),
+    [
+        (4, 100, 0),  # one past the last block
+        (4, BS, 0),
+        ((1 << 32) - 1, BS, 0),
+        (0, BS - 1, 0),  # a full block announced short
+        (0, 100, 0),
+        (3, BS, 0),  # the short last block announced full
+        (3, 99, 0),
+        (3, 101, 0),
+        (0, BS, 1),  # frame length disagrees with the size
+        (0, BS, -1),
+        (3, 100, 4),
+    ],
+)
+def test_bad_header_is_a_protocol_error(seq: int, size: int, extra: int) -> None:
+    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
+    frame_len = BLOCK_HEADER.size + size + BLOCK_SUFFIX + extra
+    with pytest.raises(ProtocolError):
+        opener.check_header(seq, size, frame_len)
+
+
+def test_good_headers_pass() -> None:
+    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
+    for seq, size in ((0, BS), (2, BS), (3, 100)):
+        opener.check_header(seq, size, BLOCK_HEADER.size + size + BLOCK_SUFFIX)
+
+
+def test_empty_file_accepts_no_block() -> None:
+    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx(file_size=0))
+    with pytest.raises(ProtocolError):
+        opener.check_header(0, 0, BLOCK_HEADER.size + BLOCK_SUFFIX)
+
+
+# ---------------------------------------------------------------- epochs and nonces
+
+
+def test_rekey_by_records_in_lockstep() -> None:
+    secret = os.urandom(32)
+    n = 40
+    ctx = make_ctx(file_size=n * BS, rekey_records=2)
+    sealer, opener = pair(secret, ctx)
+    for i in range(n):
+        frame = seal(sealer, i, block(i, n * BS))
+        assert sealer.epoch == i // 2
+        assert open_frame(opener, frame) == block(i, n * BS)
+        assert opener.epoch == sealer.epoch
+
+
+def test_rekey_by_bytes_in_lockstep() -> None:
+    secret = os.urandom(32)
+    n = 30
+    record = BS + TAG_LEN
+    ctx = make_ctx(file_size=n * BS, rekey_bytes=2 * record + 10)  # two full records per key
+    sealer, opener = pair(secret, ctx)
+    for i in range(n):
+        frame = seal(sealer, i, block(i, n * BS))
+        assert sealer.epoch == i // 2
+        assert open_frame(opener, frame) == block(i, n * BS)
+        assert opener.epoch == sealer.epoch
+
+
+def test_rekey_bytes_smaller_than_one_record() -> None:
+    # Every key still seals one record (never zero), then ratchets.
+    secret = os.urandom(32)
+    ctx = make_ctx(file_size=10 * BS, rekey_bytes=100)
+    sealer, opener = pair(secret, ctx)
+    for i in range(10):
+        frame = seal(sealer, i, block(i, 10 * BS))
+        assert sealer.epoch == i
+        assert open_frame(opener, frame) == block(i, 10 * BS)
+
+
+def test_epoch_keys_follow_the_ratchet() -> None:
+    # A frame sealed in epoch 2 opens with the epoch-2 key derived independently.
+    secret = os.urandom(32)
+    ctx = make_ctx(file_size=10 * BS, rekey_records=2)
+    sealer = BlockSealer(stream_secret=secret, ctx=ctx)
+    frames = [seal(sealer, i, block(i, 10 * BS)) for i in range(5)]
+    epoch2 = ks.ratchet(stream_secret=ks.ratchet(stream_secret=secret))
+    keys = ks.derive_stream_keys(stream_secret=epoch2)
+    frame = frames[4]  # record 4 = epoch 2, counter 0
+    aad = b"stx1 block" + struct.pack(">16sIIIIQ16s", SID, 2, 2, 4, BS, 10, FID)
+    ct = frame[BLOCK_PREFIX:-4]
+    assert AESGCM(keys.data_key).decrypt(keys.data_iv, ct, aad) == block(4, 10 * BS)
+
+
+class _RecordingAESGCM:
+    """Wraps the real AESGCM and logs every (key, nonce) it is asked to use."""
+
+    log: list[tuple[str, bytes, bytes]] = []
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+        self._real = AESGCM(key)
+
+    def encrypt_into(self, nonce: bytes, data: Any, aad: bytes, buf: Any) -> int:
+        self.log.append(("seal", self._key, bytes(nonce)))
+        return self._real.encrypt_into(nonce, data, aad, buf)
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: bytes, buf: Any) -> int:
+        self.log.append(("open", self._key, bytes(nonce)))
+        return self._real.decrypt_into(nonce, data, aad, buf)
+
+
+@pytest.mark.parametrize(("rekey_records", "rekey_bytes"), [(3, 1 << 36), (1 << 24, 3 * BS)])
+def test_no_key_nonce_pair_repeats(
+    monkeypatch: pytest.MonkeyPatch, rekey_records: int, rekey_bytes: int
+) -> None:
+    log: list[tuple[str, bytes, bytes]] = []
+    monkeypatch.setattr(_RecordingAESGCM, "log", log)
+    monkeypatch.setattr(records, "AESGCM", _RecordingAESGCM)
+    n = 50
+    master = os.urandom(32)
+    sealed = 0
+    for stream in (0, 1):  # two workers of one session
+        secret = ks.derive_stream_secret(master=master, stream=stream)
+        ctx = make_ctx(
+            stream=stream, file_size=n * BS, rekey_records=rekey_records, rekey_bytes=rekey_bytes
+        )
+        sealer, opener = pair(secret, ctx)
+        for i in range(n):
+            data = block(i, n * BS)
+            frame = seal(sealer, i, data)
+            sealed += 1
+            if i % 7 == 3:  # damaged in transit: the same block is sealed again
+                with pytest.raises(CrcMismatch):
+                    open_frame(opener, flip(frame, BLOCK_PREFIX))
+                frame = seal(sealer, i, data)
+                sealed += 1
+            assert open_frame(opener, frame) == data
+    seals = [(k, nonce) for op, k, nonce in log if op == "seal"]
+    opens = [(k, nonce) for op, k, nonce in log if op == "open"]
+    assert len(seals) == sealed > 100
+    assert len(set(seals)) == len(seals), "a (key, nonce) pair was used twice"
+    assert len({k for k, _ in seals}) > 10  # the limit really made both streams ratchet
+    # The receiver used exactly the sender's (key, nonce) for every record it decrypted.
+    assert set(opens) <= set(seals)
+    assert len(opens) == sealed - 2 * len(range(3, n, 7))  # CRC failures never reach the AEAD
+
+
+# ---------------------------------------------------------------- acks
+
+
+def _ack_pair(secret: bytes, ctx: BlockContext) -> tuple[AckChannel, AckChannel]:
+    return AckChannel(stream_secret=secret, ctx=ctx), AckChannel(stream_secret=secret, ctx=ctx)
+
+
+def _payload(frame: bytes) -> bytes:
+    raw_type, length = HEADER.unpack_from(frame)
+    assert raw_type == FrameType.ACK and length == len(frame) - HEADER.size
+    return frame[HEADER.size :]
+
+
+def test_ack_round_trip() -> None:
+    secret = os.urandom(32)
+    tx, rx = _ack_pair(secret, make_ctx())
+    bodies = [b"", b"ack one", os.urandom(300)]
+    for body in bodies:
+        assert rx.open(_payload(tx.seal(body))) == body
+
+
+def test_ack_mac_layout() -> None:
+    secret = os.urandom(32)
+    tx = AckChannel(stream_secret=secret, ctx=make_ctx())
+    tx.seal(b"first")
+    payload = _payload(tx.seal(b"second"))
+    ack_key = ks.derive_stream_keys(stream_secret=secret).ack_key
+    data = SID + struct.pack(">I", 2) + struct.pack(">Q", 1) + b"second"
+    expected = hmac.new(ack_key, b"stx1 ack\x00" + data, hashlib.sha256).digest()
+    assert payload == b"second" + expected
+
+
+def test_replayed_ack_is_an_auth_error() -> None:
+    tx, rx = _ack_pair(os.urandom(32), make_ctx())
+    p = _payload(tx.seal(b"durable 0"))
+    assert rx.open(p) == b"durable 0"
+    with pytest.raises(AuthError):
+        rx.open(p)
+
+
+def test_reordered_ack_is_an_auth_error() -> None:
+    tx, rx = _ack_pair(os.urandom(32), make_ctx())
+    _p1, p2 = _payload(tx.seal(b"1")), _payload(tx.seal(b"2"))
+    with pytest.raises(AuthError):
+        rx.open(p2)
+
+
+def test_forged_ack_is_an_auth_error() -> None:
+    secret = os.urandom(32)
+    p = _payload(AckChannel(stream_secret=secret, ctx=make_ctx()).seal(b"durable 0 1 2"))
+    forgeries = [
+        flip(p, 0),  # body changed
+        flip(p, len(p) - 1),  # tag changed
+        b"durable 0 1 2 3" + p[-32:],
+        os.urandom(64),
+        bytes(32),
+    ]
+    for forged in forgeries:
+        rx = AckChannel(stream_secret=secret, ctx=make_ctx())
+        with pytest.raises(AuthError):
+            rx.open(forged)
+    for other_ctx in (make_ctx(stream=3), make_ctx(session_id=bytes(16))):
+        with pytest.raises(AuthError):
+            AckChannel(stream_secret=secret, ctx=other_ctx).open(p)
+    with pytest.raises(AuthError):
+        AckChannel(stream_secret=os.urandom(32), ctx=make_ctx()).open(p)
+
+
+def test_short_ack_is_a_protocol_error() -> None:
+    rx = AckChannel(stream_secret=os.urandom(32), ctx=make_ctx())
+    with pytest.raises(ProtocolError):
+        rx.open(bytes(31))
+
+
+# ---------------------------------------------------------------- control channel
+
+
+def _control_pair() -> tuple[ks.SessionKeys, ControlChannel, ControlChannel]:
+    session = ks.derive_session_keys(master=os.urandom(32))
+    return (
+        session,
+        ControlChannel(session=session, client=True),
+        ControlChannel(session=session, client=False),
+    )
+
+
+def _split(frame: bytes) -> tuple[FrameType, bytes]:
+    raw_type, length = HEADER.unpack_from(frame)
+    assert length == len(frame) - HEADER.size
+    return FrameType(raw_type), frame[HEADER.size :]
+
+
+def test_control_round_trip_both_ways() -> None:
+    _, client, server = _control_pair()
+    for i in range(3):
+        ftype, payload = _split(client.seal(FrameType.METADATA, b"meta %d" % i))
+        assert ftype is FrameType.METADATA
+        assert server.open(ftype, payload) == b"meta %d" % i
+        ftype, payload = _split(server.seal(FrameType.METADATA_ACK, b"ack %d" % i))
+        assert client.open(ftype, payload) == b"ack %d" % i
+
+
+def test_control_layout_is_as_documented() -> None:
+    session, client, _ = _control_pair()
+    client.seal(FrameType.METADATA, b"first")
+    _, payload = _split(client.seal(FrameType.END, b"second"))
+    aad = b"stx1 control" + session.session_id + bytes([FrameType.END])
+    nonce = ks.nonce(iv=session.ctl_c2s_iv, counter=1)
+    assert AESGCM(session.ctl_c2s_key).decrypt(nonce, payload, aad) == b"second"
+
+
+def test_control_wrong_direction_is_an_auth_error() -> None:
+    _, client, server = _control_pair()
+    ftype, payload = _split(client.seal(FrameType.METADATA, b"meta"))
+    with pytest.raises(AuthError):
+        client.open(ftype, payload)  # reflected back to the client
+    ftype, payload = _split(server.seal(FrameType.RECEIPT, b"receipt"))
+    with pytest.raises(AuthError):
+        server.open(ftype, payload)
+
+
+def test_control_wrong_type_is_an_auth_error() -> None:
+    _, client, server = _control_pair()
+    _, payload = _split(client.seal(FrameType.END, b"end"))
+    with pytest.raises(AuthError):
+        server.open(FrameType.METADATA, payload)  # a sealed END presented as METADATA
+
+
+def test_control_replay_is_an_auth_error() -> None:
+    _, client, server = _control_pair()
+    _, payload = _split(client.seal(FrameType.END, b"end"))
+    assert server.open(FrameType.END, payload) == b"end"
+    with pytest.raises(AuthError):
+        server.open(FrameType.END, payload)
+
+
+def test_control_from_another_session_is_an_auth_error() -> None:
+    _, client, _ = _control_pair()
+    _, _, other_server = _control_pair()
+    _, payload = _split(client.seal(FrameType.END, b"end"))
+    with pytest.raises(AuthError):
+        other_server.open(FrameType.END, payload)
+
+
+def test_control_tampered_is_an_auth_error() -> None:
+    _, client, server = _control_pair()
+    _, payload = _split(client.seal(FrameType.METADATA, b"metadata body"))
+    for pos in (0, len(payload) // 2, len(payload) - 1):
+        with pytest.raises(AuthError):
+            server.open(FrameType.METADATA, flip(payload, pos))
+    for short in (b"", payload[:15], payload[:-1]):
+        with pytest.raises(AuthError):
+            server.open(FrameType.METADATA, short)
+    assert server.open(FrameType.METADATA, payload) == b"metadata body"
+
+
+# ---------------------------------------------------------------- joins
+
+
+def test_join_round_trip_and_refusals() -> None:
+    master = os.urandom(32)
+    secret = ks.derive_stream_secret(master=master, stream=5)
+    tag = join_mac(stream_secret=secret, session_id=SID, stream=5)
+    assert len(tag) == 32
+    verify_join(stream_secret=secret, session_id=SID, stream=5, tag=tag)
+    other = ks.derive_stream_secret(master=master, stream=6)
+    bad = [
+        dict(stream_secret=secret, session_id=SID, stream=6, tag=tag),
+        dict(stream_secret=secret, session_id=bytes(16), stream=5, tag=tag),
+        dict(stream_secret=other, session_id=SID, stream=5, tag=tag),
+        dict(stream_secret=secret, session_id=SID, stream=5, tag=flip(tag, 0)),
+        dict(stream_secret=secret, session_id=SID, stream=5, tag=tag[:16]),
+        dict(stream_secret=secret, session_id=SID, stream=5, tag=b""),
+    ]
+    for case in bad:
+        with pytest.raises(AuthError):
+            verify_join(**case)
+
+
+def test_join_mac_is_under_the_join_key() -> None:
+    secret = os.urandom(32)
+    key = ks.derive_join_key(stream_secret=secret)
+    expected = hmac.new(key, b"stx1 join\x00" + SID + struct.pack(">I", 9), hashlib.sha256)
+    assert join_mac(stream_secret=secret, session_id=SID, stream=9) == expected.digest()
+    # A worker's join proof is not a MAC under its data or ack keys.
+    keys = ks.derive_stream_keys(stream_secret=secret)
+    assert key not in (keys.data_key, keys.ack_key, secret)
