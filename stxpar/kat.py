@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -20,14 +21,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from . import keyschedule as ks
 from .handshake import ClientHandshake, ServerHandshake, State, keyring_for, x25519_shared
 from .records import BLOCK_PREFIX, BLOCK_SUFFIX, BlockContext, BlockSealer, join_mac
-from .wire import HEADER, SUITE, VERSION, FrameType
+from .wire import BLOCK_HEADER, HEADER, SUITE, VERSION, FrameType
 
 DESCRIPTION = (
     "STX v1 known-answer vectors: a complete in-memory handshake between ClientHandshake and "
     "ServerHandshake with fixed inputs (PSK, client and server nonces, X25519 ephemeral private "
     "keys, timestamps), every handshake frame as sent (5-byte header + msgpack payload) with the "
     "transcript hash (SHA-256 of all frames so far) after it, every derived key, and the first "
-    "sealed BLOCK frame of stream 0 (epoch 0, record counter 0). Byte strings are lowercase "
+    "sealed BLOCK frame of stream 0 (epoch 0, record counter 0; its CRC-32 covers the block "
+    "header, ciphertext and tag). Byte strings are lowercase "
     "hex. Test data only: never use these keys. Regenerate with "
     "'python -m stxpar.kat > docs/known-answers.json'; tests/unit/test_kat.py checks that the "
     "code still produces exactly this file."
@@ -145,6 +147,10 @@ def compute_known_answers() -> dict[str, Any]:
     block_nonce = ks.nonce(iv=stream_keys.data_iv, counter=0)
     if AESGCM(stream_keys.data_key).decrypt(block_nonce, sealed, aad) != PLAINTEXT:
         raise RuntimeError("first block does not match its documented nonce and AAD")
+    # The CRC-32 as documented: over the block header, ciphertext and tag (seq | size | ct | tag).
+    crc_input = BLOCK_HEADER.pack(BLOCK_SEQ, FILE_SIZE) + sealed
+    if struct.pack(">I", zlib.crc32(crc_input)) != frame[-4:]:
+        raise RuntimeError("first block's CRC does not cover its documented bytes")
 
     return {
         "description": DESCRIPTION,

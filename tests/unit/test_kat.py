@@ -243,7 +243,10 @@ def test_first_block_from_raw_aesgcm(published: dict[str, Any]) -> None:
     sealed = AESGCM(data_key).encrypt(nonce, plaintext, aad)
     assert _hex(published, "first_block.ciphertext") + _hex(published, "first_block.tag") == sealed
 
-    crc = struct.pack(">I", zlib.crc32(sealed))
+    # CRC-32 over everything in the BLOCK payload before it: seq | size | ct | tag.
+    block_header = struct.pack(">II", 0, 100)
+    crc = struct.pack(">I", zlib.crc32(block_header + sealed))
     assert _hex(published, "first_block.crc32") == crc
-    frame = struct.pack(">BI", 0x11, 8 + 100 + 16 + 4) + struct.pack(">II", 0, 100) + sealed + crc
+    assert crc != struct.pack(">I", zlib.crc32(sealed))  # not the old ct||tag-only CRC
+    frame = struct.pack(">BI", 0x11, 8 + 100 + 16 + 4) + block_header + sealed + crc
     assert _hex(published, "first_block.frame") == frame

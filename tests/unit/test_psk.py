@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,31 +144,82 @@ def test_load_missing_file(scratch: Path) -> None:
         pskmod.load_key_file(scratch / "missing")
 
 
-@pytest.mark.xfail(
-    raises=IsADirectoryError,
-    strict=True,
-    reason="BUG: psk.load_key_file on a directory leaks IsADirectoryError (an OSError) "
-    "from os.fdopen instead of a UsageError; the S_ISREG check comes after fdopen",
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+needs_proc_fd = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open descriptors"
 )
+
+
+@needs_proc_fd
 def test_load_refuses_a_directory(scratch: Path) -> None:
     directory = scratch / "keys"
     directory.mkdir(mode=0o700)
-    with pytest.raises(UsageError):
+    before = _open_fds()
+    with pytest.raises(UsageError, match="not a regular file") as info:
         pskmod.load_key_file(directory)
+    assert str(directory) in str(info.value)
+    assert info.value.__cause__ is None
+    assert _open_fds() == before, "load_key_file leaked a file descriptor"
 
 
+@needs_proc_fd
 def test_load_refuses_a_fifo(scratch: Path) -> None:
     fifo = scratch / "fifo"
     os.mkfifo(fifo, 0o600)
-    # Opening a FIFO for reading would block without a writer; keep one open (non-blocking).
+    # With a writer present (the open cannot block either way).
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     try:
+        before = _open_fds()
         with pytest.raises(UsageError, match="not a regular file"):
             pskmod.load_key_file(fifo)
+        assert _open_fds() == before, "load_key_file leaked a file descriptor"
     finally:
         os.close(wfd)
         os.close(fd)
+
+
+@needs_proc_fd
+def test_load_refuses_a_fifo_without_a_writer_without_blocking(scratch: Path) -> None:
+    fifo = scratch / "fifo"
+    os.mkfifo(fifo, 0o600)
+    before = _open_fds()
+    result: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            pskmod.load_key_file(fifo)
+            result.append(None)
+        except BaseException as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # blocked in open(): release it by becoming the writer, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=10)
+        pytest.fail("load_key_file blocked on a FIFO with no writer")
+    assert len(result) == 1 and isinstance(result[0], UsageError)
+    assert "not a regular file" in str(result[0])
+    assert _open_fds() == before, "load_key_file leaked a file descriptor"
+
+
+@needs_proc_fd
+def test_load_leaks_no_fd_on_success_or_mode_refusal(scratch: Path, psk: bytes) -> None:
+    good = _write(scratch / "good", pskmod.format_key(psk))
+    loose = _write(scratch / "loose", pskmod.format_key(psk), mode=0o644)
+    garbage = _write(scratch / "garbage", "not a key")
+    before = _open_fds()
+    for _ in range(3):
+        assert pskmod.load_key_file(good) == psk
+        for bad in (loose, garbage, scratch / "missing"):
+            with pytest.raises(UsageError):
+                pskmod.load_key_file(bad)
+    assert _open_fds() == before, "load_key_file leaked a file descriptor"
 
 
 def test_parse_key_messages_never_hold_the_key(psk: bytes) -> None:

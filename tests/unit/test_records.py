@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stxpar import keyschedule as ks
 from stxpar import records
@@ -58,22 +60,42 @@ def seal(sealer: BlockSealer, seq: int, data: bytes | None = None) -> bytes:
 
 
 def open_frame(opener: BlockOpener, frame: bytes) -> bytes:
-    """What a receiver worker does with one BLOCK frame; returns a copy of the plaintext."""
+    """What a receiver worker does with one BLOCK frame; returns a copy of the plaintext.
+
+    The opener gets the whole BLOCK payload (``seq | size | ct | tag | crc``) and reports the
+    index it found in the (CRC-checked) header, which must be the one the frame carries.
+    """
     raw_type, length = HEADER.unpack_from(frame)
     assert raw_type == FrameType.BLOCK and length == len(frame) - HEADER.size
-    seq, size = BLOCK_HEADER.unpack_from(frame, HEADER.size)
-    opener.check_header(seq, size, length)
-    return bytes(opener.open(seq, memoryview(frame)[BLOCK_PREFIX:]))
+    header_seq, header_size = BLOCK_HEADER.unpack_from(frame, HEADER.size)
+    seq, plain = opener.open(memoryview(frame)[HEADER.size :])
+    assert seq == header_seq
+    assert len(plain) == header_size
+    return bytes(plain)
 
 
 def flip(frame: bytes, pos: int, mask: int = 0x01) -> bytes:
     return frame[:pos] + bytes([frame[pos] ^ mask]) + frame[pos + 1 :]
 
 
+def crc_of(frame: bytes) -> int:
+    """The documented CRC-32 (zlib's, independent of the fast one): over ``seq | size | ct |
+    tag``, i.e. everything in the BLOCK payload before the CRC itself."""
+    return zlib.crc32(frame[HEADER.size : -4])
+
+
 def recrc(frame: bytes) -> bytes:
-    """What an attacker does after changing ciphertext or tag: make the CRC right again."""
-    body = frame[BLOCK_PREFIX:-4]
-    return frame[:-4] + struct.pack(">I", zlib.crc32(body))
+    """What an attacker does after changing the header, ciphertext or tag: fix the CRC."""
+    return frame[:-4] + struct.pack(">I", crc_of(frame))
+
+
+def body_frame(seq: int, size: int, ct_len: int, *, good_crc: bool = True) -> bytes:
+    """A BLOCK frame with an arbitrary header and ``ct_len`` random ciphertext bytes plus a
+    random tag; the CRC is right unless ``good_crc`` is false."""
+    payload = BLOCK_HEADER.pack(seq, size) + os.urandom(ct_len + TAG_LEN)
+    crc = zlib.crc32(payload) ^ (0 if good_crc else 0xFFFFFFFF)
+    payload += struct.pack(">I", crc)
+    return HEADER.pack(FrameType.BLOCK, len(payload)) + payload
 
 
 # ---------------------------------------------------------------- round trips
@@ -89,10 +111,20 @@ def test_round_trip_full_and_short_blocks() -> None:
         assert len(frame) == BLOCK_PREFIX + size + BLOCK_SUFFIX
         assert HEADER.unpack_from(frame) == (FrameType.BLOCK, 8 + size + TAG_LEN + 4)
         assert BLOCK_HEADER.unpack_from(frame, HEADER.size) == (seq, size)
-        # CRC-32 over ciphertext and tag (zlib, independent of the fast implementation).
-        assert struct.unpack(">I", frame[-4:])[0] == zlib.crc32(frame[BLOCK_PREFIX:-4])
+        # CRC-32 over the block header, ciphertext and tag (not the frame header).
+        assert struct.unpack(">I", frame[-4:])[0] == zlib.crc32(frame[HEADER.size : -4])
         assert block(seq)[:64] not in frame
         assert open_frame(opener, frame) == block(seq)
+
+
+def test_open_returns_the_index_and_a_plaintext_view() -> None:
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+    for seq in (2, 0, 3):  # any order of indices (one record counter)
+        seq_out, plain = opener.open(memoryview(seal(sealer, seq))[HEADER.size :])
+        assert seq_out == seq
+        assert isinstance(plain, memoryview)
+        assert bytes(plain) == block(seq)
 
 
 def test_same_plaintext_never_gives_the_same_ciphertext() -> None:
@@ -136,6 +168,49 @@ def test_bit_flip_is_a_crc_mismatch(seq: int, region: str) -> None:
             assert open_frame(opener, seal(sealer, seq)) == block(seq)
 
 
+#: Block index -> {bit of the index flipped: the index it becomes} for the flips that leave a
+#: header that is still plausible for SIZE (index in range, announced length right for that
+#: index, frame length right for the announced length). Every other single-bit flip of the
+#: 8-byte block header makes it implausible.
+PLAUSIBLE_INDEX_FLIPS = {
+    0: {0: 1, 1: 2},  # full block 0 -> full blocks 1 and 2 (3 is short, 4+ out of range)
+    1: {0: 0},  # 1 -> 0 (full); 1 -> 3 is short
+    2: {1: 0},  # 2 -> 0 (full); 2 -> 3 is short
+    3: {},  # the short last block: no other index has its length
+}
+
+
+@pytest.mark.parametrize("seq", sorted(PLAUSIBLE_INDEX_FLIPS))
+def test_header_bit_flip_is_a_crc_mismatch_or_a_protocol_error(seq: int) -> None:
+    # The CRC covers the block header too. Damage there that still names a plausible block is
+    # reported as a CRC mismatch on the index the damaged header names (the receiver cannot
+    # know the real one); damage that leaves an impossible header drops the stream instead.
+    secret = os.urandom(32)
+    outcomes: dict[str, int] = {"crc": 0, "protocol": 0}
+    for byte in range(BLOCK_HEADER.size):
+        for bit in range(8):
+            sealer, opener = pair(secret, make_ctx())
+            for i in range(seq):
+                open_frame(opener, seal(sealer, i))
+            damaged = flip(seal(sealer, seq), HEADER.size + byte, 1 << bit)
+            index_bit = (3 - byte) * 8 + bit if byte < 4 else None
+            if index_bit in PLAUSIBLE_INDEX_FLIPS[seq]:
+                with pytest.raises(CrcMismatch) as info:
+                    open_frame(opener, damaged)
+                assert info.value.seq == PLAUSIBLE_INDEX_FLIPS[seq][index_bit]
+                outcomes["crc"] += 1
+            else:
+                with pytest.raises(ProtocolError):
+                    open_frame(opener, damaged)
+                outcomes["protocol"] += 1
+            # Either way the record counter advanced: the next record opens.
+            assert open_frame(opener, seal(sealer, seq)) == block(seq)
+    assert outcomes == {
+        "crc": len(PLAUSIBLE_INDEX_FLIPS[seq]),
+        "protocol": 64 - len(PLAUSIBLE_INDEX_FLIPS[seq]),
+    }
+
+
 @pytest.mark.parametrize("region", ["ciphertext", "tag"])
 def test_bit_flip_with_crc_recomputed_is_an_auth_error(region: str) -> None:
     secret = os.urandom(32)
@@ -146,6 +221,7 @@ def test_bit_flip_with_crc_recomputed_is_an_auth_error(region: str) -> None:
             open_frame(opener, recrc(flip(frame, pos)))
     # Control: the untouched frame (CRC recomputed to the same value) opens.
     opener = BlockOpener(stream_secret=secret, ctx=make_ctx())
+    assert recrc(frame) == frame
     assert open_frame(opener, recrc(frame)) == block(0)
 
 
@@ -153,9 +229,13 @@ def test_index_changed_in_header_is_an_auth_error() -> None:
     secret = os.urandom(32)
     frame = seal(BlockSealer(stream_secret=secret, ctx=make_ctx()), 0)
     moved = frame[: HEADER.size] + struct.pack(">II", 1, BS) + frame[BLOCK_PREFIX:]
-    opener = BlockOpener(stream_secret=secret, ctx=make_ctx())
+    # Without fixing the CRC it is damage (to a plausible header: block 1)...
+    with pytest.raises(CrcMismatch) as info:
+        open_frame(BlockOpener(stream_secret=secret, ctx=make_ctx()), moved)
+    assert info.value.seq == 1
+    # ...with the CRC fixed, the header is consistent for block 1 but the AAD is not.
     with pytest.raises(AuthError):
-        open_frame(opener, moved)  # header is consistent for block 1; the AAD is not
+        open_frame(BlockOpener(stream_secret=secret, ctx=make_ctx()), recrc(moved))
 
 
 def test_replayed_block_is_an_auth_error() -> None:
@@ -219,6 +299,35 @@ def test_block_from_an_earlier_session_of_the_same_file() -> None:
         open_frame(BlockOpener(stream_secret=new_secret, ctx=new_ctx), frame)
 
 
+def test_every_rejection_advances_the_record_counter() -> None:
+    # The sender counted a record for every frame it sent, whatever happened to it on the way.
+    secret = os.urandom(32)
+    sealer, opener = pair(secret, make_ctx())
+
+    def damaged_body(frame: bytes) -> bytes:
+        return flip(frame, BLOCK_PREFIX + 5)
+
+    def damaged_header(frame: bytes) -> bytes:
+        return flip(frame, HEADER.size + 4)  # size field: implausible, CRC wrong
+
+    def bad_size_crc_right(frame: bytes) -> bytes:
+        return recrc(frame[: HEADER.size] + struct.pack(">II", 0, BS - 1) + frame[BLOCK_PREFIX:])
+
+    def forged(frame: bytes) -> bytes:
+        return recrc(flip(frame, BLOCK_PREFIX + 5))
+
+    cases: list[tuple[Any, type[Exception]]] = [
+        (damaged_body, CrcMismatch),
+        (damaged_header, ProtocolError),
+        (bad_size_crc_right, ProtocolError),
+        (forged, AuthError),
+    ]
+    for mutate, error in cases:
+        with pytest.raises(error):
+            open_frame(opener, mutate(seal(sealer, 0)))
+        assert open_frame(opener, seal(sealer, 0)) == block(0)
+
+
 # ---------------------------------------------------------------- headers
 
 
@@ -236,25 +345,65 @@ def test_block_from_an_earlier_session_of_the_same_file() -> None:
         (0, BS, 1),  # frame length disagrees with the size
         (0, BS, -1),
         (3, 100, 4),
+        (0, 0, 0),
     ],
 )
-def test_bad_header_is_a_protocol_error(seq: int, size: int, extra: int) -> None:
+@pytest.mark.parametrize("good_crc", [True, False], ids=["crc-right", "crc-wrong"])
+def test_bad_header_is_a_protocol_error(seq: int, size: int, extra: int, good_crc: bool) -> None:
+    # CRC right: a well-formed frame with an impossible header (a broken or hostile sender).
+    # CRC wrong: damage that left the header implausible, so it cannot be asked for again.
     opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
-    frame_len = BLOCK_HEADER.size + size + BLOCK_SUFFIX + extra
     with pytest.raises(ProtocolError):
-        opener.check_header(seq, size, frame_len)
+        open_frame(opener, body_frame(seq, size, size + extra, good_crc=good_crc))
 
 
-def test_good_headers_pass() -> None:
-    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
+def test_good_headers_reach_the_crc_and_tag_checks() -> None:
+    # A plausible header passes the header check: a wrong CRC is then damage to that block and
+    # a right CRC over random bytes fails the tag (not the header).
     for seq, size in ((0, BS), (2, BS), (3, 100)):
-        opener.check_header(seq, size, BLOCK_HEADER.size + size + BLOCK_SUFFIX)
+        opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
+        with pytest.raises(CrcMismatch) as info:
+            open_frame(opener, body_frame(seq, size, size, good_crc=False))
+        assert info.value.seq == seq
+        with pytest.raises(AuthError):
+            open_frame(opener, body_frame(seq, size, size))
 
 
 def test_empty_file_accepts_no_block() -> None:
-    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx(file_size=0))
+    for good_crc in (True, False):
+        opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx(file_size=0))
+        with pytest.raises(ProtocolError):
+            open_frame(opener, body_frame(0, 0, 0, good_crc=good_crc))
+
+
+@pytest.mark.parametrize("length", range(BLOCK_HEADER.size + BLOCK_SUFFIX))
+def test_short_block_payload_is_a_protocol_error(length: int) -> None:
+    frame = seal(BlockSealer(stream_secret=os.urandom(32), ctx=make_ctx()), 3)
+    opener = BlockOpener(stream_secret=os.urandom(32), ctx=make_ctx())
     with pytest.raises(ProtocolError):
-        opener.check_header(0, 0, BLOCK_HEADER.size + BLOCK_SUFFIX)
+        opener.open(memoryview(frame[HEADER.size : HEADER.size + length]))
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=BLOCK_HEADER.size + BS + BLOCK_SUFFIX + 8),
+    st.booleans(),
+    st.integers(0, 4),
+)
+def test_arbitrary_block_payloads_only_raise_the_three_errors(
+    body: bytes, fix_crc: bool, seq: int
+) -> None:
+    # Anything a peer or the network can put in a BLOCK payload (up to the frame cap and a
+    # little past it) ends in CrcMismatch, ProtocolError or AuthError, never anything else.
+    if len(body) >= BLOCK_HEADER.size and seq < 4:  # often give it a plausible header
+        size = min(BS, SIZE - seq * BS)
+        body = BLOCK_HEADER.pack(seq, size) + body[BLOCK_HEADER.size :]
+    if fix_crc and len(body) >= 4:
+        body = body[:-4] + struct.pack(">I", zlib.crc32(body[:-4]))
+    opener = BlockOpener(stream_secret=bytes(32), ctx=make_ctx())
+    with pytest.raises((CrcMismatch, ProtocolError, AuthError)):
+        opener.open(memoryview(body))
 
 
 # ---------------------------------------------------------------- epochs and nonces
@@ -394,6 +543,34 @@ def test_ack_mac_layout() -> None:
     data = SID + struct.pack(">I", 2) + struct.pack(">Q", 1) + b"second"
     expected = hmac.new(ack_key, b"stx1 ack\x00" + data, hashlib.sha256).digest()
     assert payload == b"second" + expected
+
+
+def test_acks_stay_under_the_epoch_0_ack_key_while_data_ratchets() -> None:
+    # Data keys are per epoch; the ack key is per stream (from stream[s,0]) and does not move
+    # when the data records ratchet.
+    secret = os.urandom(32)
+    n = 12
+    ctx = make_ctx(file_size=n * BS, rekey_records=2)
+    sealer, opener = pair(secret, ctx)
+    tx, rx = _ack_pair(secret, ctx)
+    ack_key = ks.derive_stream_keys(stream_secret=secret).ack_key
+    epoch1_ack_key = ks.derive_stream_keys(stream_secret=ks.ratchet(stream_secret=secret)).ack_key
+    assert ack_key != epoch1_ack_key
+    for i in range(n):
+        assert open_frame(opener, seal(sealer, i, block(i, n * BS))) == block(i, n * BS)
+        body = b"durable %d" % i
+        payload = _payload(tx.seal(body))
+        data = SID + struct.pack(">I", 2) + struct.pack(">Q", i) + body
+        assert payload[-32:] == hmac.new(ack_key, b"stx1 ack\x00" + data, hashlib.sha256).digest()
+        assert rx.open(payload) == body
+    assert sealer.epoch == opener.epoch == (n - 1) // 2 > 0
+    # An ack MAC'd under a later epoch's ack key is refused.
+    data = SID + struct.pack(">I", 2) + struct.pack(">Q", 0) + b"durable 0"
+    forged = (
+        b"durable 0" + hmac.new(epoch1_ack_key, b"stx1 ack\x00" + data, hashlib.sha256).digest()
+    )
+    with pytest.raises(AuthError):
+        AckChannel(stream_secret=secret, ctx=ctx).open(forged)
 
 
 def test_replayed_ack_is_an_auth_error() -> None:

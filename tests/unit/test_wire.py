@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,8 @@ from stxpar.wire import (
 )
 
 U64 = (1 << 64) - 1
+#: ErrorMsg.encode keeps at most this many bytes of UTF-8 text.
+ERROR_TEXT_BYTES = 300
 FUZZ = settings(max_examples=200, deadline=None)
 
 #: Every message class with a codec.
@@ -72,8 +75,9 @@ SAMPLES: dict[type[Any], Any] = {
         streams=4,
         rekey_records=100,
         rekey_bytes=1 << 20,
+        run_id=_b(16, 3),
     ),
-    MetadataAck: MetadataAck(have=b"\x01\x00"),
+    MetadataAck: MetadataAck(have=b"\x05\x00", digests=_b(64, 4)),  # blocks 0 and 2 of <= 16
     End: End(total_blocks=4, digest=_b(32)),
     Receipt: Receipt(digest=_b(32), size=12345),
     Join: Join(session_id=_b(16), stream=3, mac=_b(32)),
@@ -92,6 +96,26 @@ def _fields(msg: Any) -> list[Any]:
 
 names = st.text(max_size=200).filter(lambda s: len(s.encode()) <= wire.MAX_NAME_BYTES)
 block_ints = st.integers(0, wire.MAX_BLOCKS)
+#: ERROR texts that survive encoding unchanged (at most ERROR_TEXT_BYTES of UTF-8).
+error_texts = st.text(max_size=300).filter(lambda s: len(s.encode()) <= ERROR_TEXT_BYTES)
+
+
+@st.composite
+def metadata(draw: st.DrawFn) -> Metadata:
+    """Any valid Metadata: the size is bounded by MAX_BLOCKS blocks of the drawn block size."""
+    block_size = draw(st.integers(wire.MIN_BLOCK_SIZE, wire.MAX_BLOCK_SIZE))
+    return Metadata(
+        draw(names),
+        draw(st.integers(0, min(1 << 62, wire.MAX_BLOCKS * block_size))),
+        draw(st.integers(-(1 << 63), (1 << 63) - 1)),
+        block_size,
+        draw(st.binary(min_size=16, max_size=16)),
+        draw(st.integers(1, wire.MAX_STREAMS)),
+        draw(st.integers(1, 1 << 24)),
+        draw(st.integers(1, 1 << 36)),
+        draw(st.binary(min_size=16, max_size=16)),
+    )
+
 
 STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Init: st.just(Init()),
@@ -106,19 +130,9 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     KeyShare: st.builds(
         KeyShare, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32)
     ),
-    ErrorMsg: st.builds(ErrorMsg, st.integers(0, 255), st.text(max_size=200)),
-    Metadata: st.builds(
-        Metadata,
-        names,
-        st.integers(0, 1 << 43),
-        st.integers(-(1 << 63), (1 << 63) - 1),
-        st.integers(wire.MIN_BLOCK_SIZE, wire.MAX_BLOCK_SIZE),
-        st.binary(min_size=16, max_size=16),
-        st.integers(1, wire.MAX_STREAMS),
-        st.integers(1, 1 << 24),
-        st.integers(1, 1 << 36),
-    ),
-    MetadataAck: st.builds(MetadataAck, st.binary(max_size=1000)),
+    ErrorMsg: st.builds(ErrorMsg, st.integers(0, 255), error_texts),
+    Metadata: metadata(),
+    MetadataAck: st.builds(MetadataAck, st.binary(max_size=1000), st.binary(max_size=1000)),
     End: st.builds(End, block_ints, st.binary(min_size=32, max_size=32)),
     Receipt: st.builds(Receipt, st.binary(min_size=32, max_size=32), st.integers(0, 1 << 62)),
     Join: st.builds(
@@ -152,7 +166,8 @@ BOUNDARY_MESSAGES = [
     ServerHello(nonce=bytes(32), time_ms=0),
     ServerHello(nonce=bytes(32), time_ms=U64),
     ErrorMsg(code=255, message=""),
-    ErrorMsg(code=0, message="\U0001f600" * 200),
+    ErrorMsg(code=0, message="\U0001f600" * (ERROR_TEXT_BYTES // 4)),
+    ErrorMsg(code=0, message="x" * ERROR_TEXT_BYTES),
     Metadata(
         name="n" * wire.MAX_NAME_BYTES,
         size=wire.MAX_BLOCKS * wire.MIN_BLOCK_SIZE,
@@ -162,6 +177,17 @@ BOUNDARY_MESSAGES = [
         streams=wire.MAX_STREAMS,
         rekey_records=1 << 24,
         rekey_bytes=1 << 36,
+        run_id=b"\xff" * 16,
+    ),
+    Metadata(
+        name="big",
+        size=wire.MAX_BLOCKS * wire.MAX_BLOCK_SIZE,  # the largest file: 256 TiB
+        mtime_ns=0,
+        block_size=wire.MAX_BLOCK_SIZE,
+        file_id=bytes(16),
+        streams=1,
+        rekey_records=1,
+        rekey_bytes=1,
     ),
     Metadata(
         name="",
@@ -179,6 +205,8 @@ BOUNDARY_MESSAGES = [
     Ack(durable=(), resend=()),
     Ack(durable=(wire.MAX_BLOCKS,), resend=(0,)),
     MetadataAck(have=b""),
+    MetadataAck(have=b"\xff" * ((wire.MAX_BLOCKS + 7) // 8), digests=b""),
+    MetadataAck(have=b"", digests=bytes(wire.DIGEST_LEN * 1000)),
 ]
 
 
@@ -189,7 +217,234 @@ def test_round_trip_at_the_limits(msg: Any) -> None:
 
 def test_error_message_is_truncated_on_encode() -> None:
     decoded = ErrorMsg.decode(ErrorMsg(code=1, message="x" * 1000).encode())
-    assert decoded.message == "x" * 200
+    assert decoded.message == "x" * ERROR_TEXT_BYTES
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("\U0001f600" * 200, "\U0001f600" * 75),  # 4-byte characters: exactly 300 bytes
+        ("x" + "\U0001f600" * 100, "x" + "\U0001f600" * 74),  # the 75th would need 301 bytes
+        ("xy" + "\u00e9" * 200, "xy" + "\u00e9" * 149),  # 2-byte: 302 -> drop the split one
+        ("\u20ac" * 101, "\u20ac" * 100),  # 3-byte: exactly 300 bytes
+        ("x" + "\u20ac" * 100, "x" + "\u20ac" * 99),
+        ("\u20ac" * 100, "\u20ac" * 100),  # already fits: unchanged
+        ("", ""),
+    ],
+    ids=["emoji", "emoji-split", "2-byte-split", "3-byte", "3-byte-split", "fits", "empty"],
+)
+def test_error_message_is_truncated_by_bytes_on_a_character_boundary(
+    message: str, expected: str
+) -> None:
+    payload = ErrorMsg(code=255, message=message).encode()
+    assert ErrorMsg.decode(payload) == ErrorMsg(code=255, message=expected)
+    assert len(payload) <= wire.MAX_HANDSHAKE_PAYLOAD
+
+
+@pytest.mark.timeout(30)
+@FUZZ
+@given(st.integers(0, 255), st.text(max_size=1000))
+def test_error_message_truncation_property(code: int, message: str) -> None:
+    payload = ErrorMsg(code=code, message=message).encode()
+    # An ERROR frame is read under the handshake cap in every state: it always fits.
+    assert len(payload) <= wire.MAX_HANDSHAKE_PAYLOAD
+    frame = encode_frame(FrameType.ERROR, payload)
+    buf = FrameBuffer(cap=lambda t: wire.MAX_HANDSHAKE_PAYLOAD)
+    buf.feed(frame)
+    assert buf.next_frame() == (FrameType.ERROR, payload)
+    got = ErrorMsg.decode(payload).message
+    # The longest prefix (in whole characters) of the text that fits in 300 bytes of UTF-8.
+    assert message.startswith(got)
+    assert len(got.encode()) <= ERROR_TEXT_BYTES
+    if got != message:
+        assert len((got + message[len(got)]).encode()) > ERROR_TEXT_BYTES
+
+
+# ---------------------------------------------------------------- metadata: run id, block count
+
+
+def test_limits_are_as_documented() -> None:
+    assert wire.MAX_BLOCKS == 1 << 22
+    assert wire.MAX_CONTROL_PAYLOAD == 136 << 20
+    assert wire.MAX_HANDSHAKE_PAYLOAD == 512
+
+
+def test_run_id_round_trips_and_defaults_to_zero() -> None:
+    md = SAMPLES[Metadata]
+    assert md.run_id == _b(16, 3)
+    fields = _fields(md)
+    assert len(fields) == 9 and fields[8] == _b(16, 3)  # the run id is the last field
+    assert Metadata.decode(md.encode()).run_id == _b(16, 3)
+    for run_id in (bytes(16), b"\xff" * 16, bytes(range(16))):
+        again = Metadata.decode(dataclasses.replace(md, run_id=run_id).encode())
+        assert again.run_id == run_id
+        assert again == dataclasses.replace(md, run_id=run_id)
+    legacy = Metadata(*fields[:8])
+    assert legacy.run_id == bytes(16)
+    assert Metadata.decode(legacy.encode()).run_id == bytes(16)
+
+
+def test_metadata_without_a_run_id_is_refused() -> None:
+    # The eight-field layout from before the run id is not accepted as "run id zero".
+    with pytest.raises(ProtocolError):
+        Metadata.decode(msgpack.packb(_fields(SAMPLES[Metadata])[:8], use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    "block_size",
+    [wire.MIN_BLOCK_SIZE, 1 << 20, 4 << 20, wire.MAX_BLOCK_SIZE - 1, wire.MAX_BLOCK_SIZE],
+)
+def test_metadata_block_count_limit(block_size: int) -> None:
+    md = dataclasses.replace(SAMPLES[Metadata], block_size=block_size)
+    largest = dataclasses.replace(md, size=wire.MAX_BLOCKS * block_size)
+    assert largest.total_blocks == wire.MAX_BLOCKS
+    assert Metadata.decode(largest.encode()) == largest
+    for size in (wire.MAX_BLOCKS * block_size + 1, (wire.MAX_BLOCKS + 1) * block_size, 1 << 62):
+        too_big = dataclasses.replace(md, size=size)
+        assert too_big.total_blocks > wire.MAX_BLOCKS
+        with pytest.raises(ProtocolError, match="too many blocks"):
+            Metadata.decode(too_big.encode())
+
+
+# ---------------------------------------------------------------- METADATA_ACK: bitmap, digests
+
+
+def _digests(indices: list[int]) -> bytes:
+    return b"".join(bytes([i % 251]) * wire.DIGEST_LEN for i in indices)
+
+
+@pytest.mark.parametrize(
+    ("have", "expected"),
+    [
+        ([], b""),
+        ([0], b"\x00"),
+        ([1], b"\x01"),
+        ([0, 1], b"\x02"),
+        ([1, 0, 1], b"\x05"),
+        ([0] * 7 + [1], b"\x80"),  # bit 7 of byte 0
+        ([0] * 8 + [1], b"\x00\x01"),  # block 8: bit 0 of byte 1
+        ([1] * 8, b"\xff"),
+        ([1] * 9, b"\xff\x01"),
+        ([1, 0] * 8, b"\x55\x55"),
+        ([0, 1] * 8 + [0, 0, 1], b"\xaa\xaa\x04"),
+    ],
+)
+def test_bitmap_packs_least_significant_bit_first(have: list[int], expected: bytes) -> None:
+    assert wire.bitmap(bytes(have)) == expected
+    assert wire.bitmap(bytearray(have)) == expected
+    assert len(expected) == (len(have) + 7) // 8
+
+
+def test_bitmap_treats_any_nonzero_byte_as_held() -> None:
+    assert wire.bitmap(bytes([0, 2, 0xFF, 0])) == b"\x06"
+
+
+@pytest.mark.timeout(30)
+@FUZZ
+@given(st.lists(st.booleans(), max_size=300))
+def test_bitmap_and_held_agree(flags: list[bool]) -> None:
+    held = [i for i, v in enumerate(flags) if v]
+    ack = MetadataAck(have=wire.bitmap(bytes(flags)), digests=_digests(held))
+    assert ack.held(len(flags)) == held
+    decoded = MetadataAck.decode(ack.encode())
+    assert decoded == ack
+    assert decoded.held(len(flags)) == held
+
+
+@pytest.mark.parametrize(
+    ("have", "total", "expected"),
+    [
+        (b"", 0, []),
+        (b"\x00", 1, []),
+        (b"\x01", 1, [0]),
+        (b"\x05", 3, [0, 2]),
+        (b"\x80", 8, [7]),
+        (b"\xff\x01", 9, list(range(9))),
+        (b"\x00\x00\x80", 24, [23]),
+        (b"\x00\x00\x40", 23, [22]),  # last valid bit of a partial byte
+    ],
+)
+def test_held_returns_the_indices(have: bytes, total: int, expected: list[int]) -> None:
+    assert MetadataAck(have=have, digests=_digests(expected)).held(total) == expected
+
+
+@pytest.mark.parametrize(
+    ("have", "total"),
+    [
+        (b"", 1),  # too short
+        (b"\x00", 0),  # too long
+        (b"\x00", 9),
+        (b"\x00\x00", 8),
+        (b"\x00" * 3, 9),
+        (b"\x01" * 2, 1),
+    ],
+)
+def test_held_refuses_a_bitmap_of_the_wrong_length(have: bytes, total: int) -> None:
+    ack = MetadataAck(have=have, digests=b"")
+    with pytest.raises(ProtocolError, match="wrong length"):
+        ack.held(total)
+
+
+@pytest.mark.parametrize(
+    ("have", "total"),
+    [
+        (b"\x02", 1),  # block 1 of a one-block file
+        (b"\x80", 7),
+        (b"\x08", 3),
+        (b"\x01\x02", 9),  # block 9 of nine
+        (b"\xff", 5),
+        (b"\x00\x00\x80", 23),
+    ],
+)
+def test_held_refuses_bits_past_the_end(have: bytes, total: int) -> None:
+    # The digests match the set bits (past the end included), so only the range check refuses.
+    n = sum(bin(b).count("1") for b in have)
+    ack = MetadataAck(have=have, digests=bytes(wire.DIGEST_LEN * n))
+    with pytest.raises(ProtocolError, match="past the end"):
+        ack.held(total)
+
+
+@pytest.mark.parametrize(
+    ("have", "total", "n_digests"),
+    [
+        (b"\x00", 8, 1),  # digests but nothing held
+        (b"\x01", 1, 0),  # held but no digest
+        (b"\x05", 3, 1),
+        (b"\x05", 3, 3),
+        (b"\xff\x01", 9, 8),
+    ],
+)
+def test_held_refuses_a_digest_count_mismatch(have: bytes, total: int, n_digests: int) -> None:
+    ack = MetadataAck(have=have, digests=bytes(wire.DIGEST_LEN * n_digests))
+    with pytest.raises(ProtocolError, match="digests"):
+        ack.held(total)
+
+
+@pytest.mark.parametrize("extra", [1, -1, wire.DIGEST_LEN // 2])
+def test_held_refuses_digests_that_are_not_whole(extra: int) -> None:
+    ack = MetadataAck(have=b"\x05", digests=bytes(2 * wire.DIGEST_LEN + extra))
+    with pytest.raises(ProtocolError):
+        ack.held(3)
+
+
+@pytest.mark.timeout(60)
+def test_largest_metadata_ack_fits_the_control_cap() -> None:
+    # Every block of a MAX_BLOCKS file held: the bitmap plus a digest per block, sealed (+16
+    # bytes of tag), must fit MAX_CONTROL_PAYLOAD; and it decodes and validates.
+    total = wire.MAX_BLOCKS
+    ack = MetadataAck(have=b"\xff" * (total // 8), digests=bytes(wire.DIGEST_LEN * total))
+    payload = ack.encode()
+    assert len(payload) + wire.TAG_LEN <= wire.MAX_CONTROL_PAYLOAD
+    decoded = MetadataAck.decode(payload)
+    assert decoded == ack
+    held = decoded.held(total)
+    assert len(held) == total and held[0] == 0 and held[-1] == total - 1
+
+
+def test_metadata_ack_digests_longer_than_the_cap_are_refused() -> None:
+    fields = [b"", bytes(wire.MAX_CONTROL_PAYLOAD + 1)]
+    with pytest.raises(ProtocolError):
+        MetadataAck.decode(msgpack.packb(fields, use_bin_type=True))
 
 
 # ---------------------------------------------------------------- recorded frames
@@ -201,10 +456,13 @@ RECORDED_CLIENT_HELLO = bytes.fromhex(
     "020304050607c420202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3fcf000001"
     "8bcfe56800"
 )
+# Nine fields since the run id was added (array 0x99, run id last as bin8 of 16 bytes).
 RECORDED_METADATA = bytes.fromhex(
-    "070000004098aa7265706f72742e62696ece00989680cf17979cfe3d85cd15ce00400000c410a0a1a2a3a4a5"
-    "a6a7a8a9aaabacadaeaf04ce01000000cf0000001000000000"
+    "070000005299aa7265706f72742e62696ece00989680cf17979cfe3d85cd15ce00400000c410a0a1a2a3a4a5"
+    "a6a7a8a9aaabacadaeaf04ce01000000cf0000001000000000c410c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
 )
+# [bitmap 0x05 (blocks 0 and 2), digests: 64 bytes], written by hand from the layout.
+RECORDED_METADATA_ACK = bytes.fromhex("080000004692c40105c440" + bytes(range(64)).hex())
 RECORDED_ACK = bytes.fromhex("120000000d92930001cd012c91ce00011170")
 
 RECORDED = [
@@ -228,8 +486,15 @@ RECORDED = [
             streams=4,
             rekey_records=1 << 24,
             rekey_bytes=1 << 36,
+            run_id=bytes(range(0xC0, 0xD0)),
         ),
         id="metadata",
+    ),
+    pytest.param(
+        RECORDED_METADATA_ACK,
+        FrameType.METADATA_ACK,
+        MetadataAck(have=b"\x05", digests=bytes(range(64))),
+        id="metadata-ack",
     ),
     pytest.param(RECORDED_ACK, FrameType.ACK, Ack(durable=(0, 1, 300), resend=(70000,)), id="ack"),
 ]
@@ -452,6 +717,7 @@ FIXED_LENGTH_FIELDS = [
     (KeyShare, 0, 32),
     (KeyShare, 1, 32),
     (Metadata, 4, 16),
+    (Metadata, 8, 16),
     (End, 1, 32),
     (Receipt, 0, 32),
     (Join, 1, 16),
@@ -497,6 +763,7 @@ OUT_OF_RANGE = [
     (Metadata, 6, (1 << 24) + 1),
     (Metadata, 7, 0),
     (Metadata, 7, (1 << 36) + 1),
+    (MetadataAck, 0, bytes((wire.MAX_BLOCKS + 7) // 8 + 1)),  # a bitmap for too many blocks
     (End, 0, wire.MAX_BLOCKS + 1),
     (End, 0, -1),
     (Receipt, 1, (1 << 62) + 1),
