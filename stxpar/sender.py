@@ -446,7 +446,7 @@ def _session(
         session = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
         channel = ControlChannel(session=session, client=True)
         md = Metadata(
-            name=src.path.name,
+            name=os.fsencode(src.path.name).decode("utf-8", "replace"),
             size=src.size,
             mtime_ns=src.mtime_ns,
             block_size=opts.block_size,
