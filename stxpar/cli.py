@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .config import DEFAULT_BLOCK_SIZE, SendOptions, default_workers, parse_size
@@ -399,8 +399,15 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_recv)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Secure, parallel, resumable transfer of very large files (STX protocol).",
         epilog=EXIT_CODES,
@@ -492,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _alias(command: str, adder: Callable[[argparse.ArgumentParser], None], prog: str) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=f"Same as 'stx {command}'.",
         epilog=EXIT_CODES,

@@ -557,13 +557,13 @@ class Receiver:
             fs.send(channel.seal(FrameType.METADATA_ACK, ack.encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
+            self.completed.append(received)
             fs.send(
                 channel.seal(
                     FrameType.RECEIPT,
                     Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode(),
                 )
             )
-            self.completed.append(received)
             self._event("received", **received.as_json())
             inc = None
             if self.once:

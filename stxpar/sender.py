@@ -140,7 +140,8 @@ class _Run:
     retransmits: int = 0
     reconnects: int = 0
     streams_replaced: int = 0
-    workers_used: int = 0
+    streams_used: set[int] = field(default_factory=set)
+    width: int = 0
 
     @classmethod
     def new(cls, src: SourceFile, total: int) -> _Run:
@@ -211,7 +212,7 @@ class _Transfer:
             pull.bind(self._rep_ep)
             for _ in range(self.width):
                 self._spawn()
-            self.run_state.workers_used = max(self.run_state.workers_used, self.width)
+            self.run_state.width = max(self.run_state.width, self.width)
             self._loop(router, pull)
         finally:
             self._stop_workers(router)
@@ -297,6 +298,7 @@ class _Transfer:
             batch = self._take_batch()
             if batch:
                 st.assigned.update(batch)
+                self.run_state.streams_used.add(st.stream)
                 if identity in self.parked:
                     self.parked.remove(identity)
                 router.send_multipart([identity, ipc.pack("blocks", batch)])
@@ -383,6 +385,7 @@ class _Transfer:
                 self._replace(st, f"sender worker {st.slot} exited with status {rc}")
 
     def _stop_workers(self, router: zmq.Socket) -> None:
+        """Tell every worker it is done, including one whose ``hello`` arrives only now."""
         deadline = time.monotonic() + WORKER_EXIT_TIMEOUT
         for st in self.streams.values():
             if st.proc.poll() is None and st.identity and not st.done:
@@ -390,12 +393,19 @@ class _Transfer:
                     router.send_multipart([st.identity, ipc.pack("done")], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
+        while time.monotonic() < deadline and any(
+            st.proc.poll() is None for st in self.streams.values()
+        ):
+            if router.poll(50):
+                identity, _ = router.recv_multipart()
+                try:
+                    router.send_multipart([identity, ipc.pack("done")], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
         for st in self.streams.values():
-            try:
-                st.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if st.proc.poll() is None:
                 st.proc.kill()
-                st.proc.wait()
+            st.proc.wait()
 
 
 def _now_ms() -> int:
@@ -564,7 +574,7 @@ def send(
         file=os.fspath(src.path),
         bytes=src.size,
         seconds=time.monotonic() - started,
-        workers=max(1, run.workers_used),
+        workers=min(run.width, len(run.streams_used)),  # streams that carried data at once
         block_size=bs,
         blocks_total=run.total,
         blocks_sent=run.blocks_sent,
