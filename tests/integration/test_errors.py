@@ -158,6 +158,11 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
         return Case([*recv[:-2], scratch / "no-dir", "--once"], 2, "does not exist")
     if name == "recv-dest-not-dir":
         return Case([*recv[:-2], src, "--once"], 2, "not a directory")
+    if name == "recv-dest-not-writable":
+        locked = scratch / "locked"
+        locked.mkdir()
+        os.chmod(locked, 0o500)
+        return Case([*recv[:-2], locked, "--once"], 2, "not writable")
     if name == "recv-port-in-use":
         port = stack.enter_context(_listening_socket())
         return Case(["recv", "--listen", f"127.0.0.1:{port}", *recv[3:]], 2, "in use")
@@ -179,6 +184,7 @@ CASES = [
     "workers-0",
     "recv-dest-missing",
     "recv-dest-not-dir",
+    "recv-dest-not-writable",
     "recv-port-in-use",
     "nothing-listening",
 ]
@@ -189,6 +195,8 @@ ARGPARSE_CASES = {"no-port", "port-out-of-range", "workers-0"}
 def _run_case(name: str, scratch: Path, base_key: Path) -> CliRun:
     if name == "unreadable-file" and os.geteuid() == 0:
         pytest.skip("running as root: chmod 000 does not stop root from reading a file")
+    if name == "recv-dest-not-writable" and os.geteuid() == 0:
+        pytest.skip("running as root: chmod 500 does not stop root from writing")
     with contextlib.ExitStack() as stack:
         case = build_case(name, scratch, base_key, stack)
         run = run_stx(*case.args, timeout=30)
