@@ -85,11 +85,14 @@ def test_wrong_key_through_the_api_raises_auth_error(scratch: Path) -> None:
 # ---------------------------------------------------------------- bad input
 
 
+Arg = str | os.PathLike[str]
+
+
 @dataclass
 class Case:
     """One bad command: its argv (after ``stx``), the exit code it must give."""
 
-    args: list[str | os.PathLike[str]]
+    args: list[Arg]
     rc: int
     #: words the error line must contain (case-insensitive)
     hint: str
@@ -127,10 +130,11 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
     write_random(src, 10_000)
     # nothing listens there: a command that skipped its local check would end with 4, not 2
     nowhere = f"127.0.0.1:{free_port()}"
-    send = ["send", src, nowhere, "--psk-file", key, "--max-retries", "0"]
+    send: list[Arg] = ["send", src, nowhere, "--psk-file", key, "--max-retries", "0"]
     dest = scratch / "dst"
     dest.mkdir(exist_ok=True)
-    recv = ["recv", "--listen", "127.0.0.1:0", "--psk-file", key, "--dest", dest, "--once"]
+    recv: list[Arg] = ["recv", "--listen", "127.0.0.1:0", "--psk-file", key, "--dest", dest]
+    recv.append("--once")
     if name == "missing-file":
         return Case(["send", scratch / "nope.bin", *send[2:]], 2, "no such file")
     if name == "unreadable-file":
@@ -167,7 +171,7 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
         port = stack.enter_context(_listening_socket())
         return Case(["recv", "--listen", f"127.0.0.1:{port}", *recv[3:]], 2, "in use")
     if name == "nothing-listening":
-        args = ["send", src, nowhere, "--psk-file", key, "--max-retries", "1"]
+        args: list[Arg] = ["send", src, nowhere, "--psk-file", key, "--max-retries", "1"]
         return Case(args, 4, "cannot connect", max_seconds=5.0)
     raise AssertionError(name)
 
