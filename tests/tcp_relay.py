@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Self
 
 #: ``"up"``: client -> target; ``"down"``: target -> client.
 Direction = Literal["up", "down"]
@@ -131,7 +131,7 @@ class TcpRelay:
     def port(self) -> int:
         return self.address[1]
 
-    def start(self) -> TcpRelay:
+    def start(self) -> Self:
         if self._accept_thread is None:
             self._accept_thread = threading.Thread(
                 target=self._accept_loop, name="relay-accept", daemon=True
@@ -152,7 +152,7 @@ class TcpRelay:
         for t in list(self._threads):
             t.join(timeout=5)
 
-    def __enter__(self) -> TcpRelay:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

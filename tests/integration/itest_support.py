@@ -91,8 +91,11 @@ def run_stx(
     *args: str | os.PathLike[str],
     timeout: float = CLI_TIMEOUT,
     env: dict[str, str] | None = None,
+    program: Path = STX,
 ) -> CliRun:
-    argv = [str(STX), *(os.fspath(a) for a in args)]
+    """Run ``program *args`` (default ``stx``) with a timeout; no key may show in argv or
+    output."""
+    argv = [str(program), *(os.fspath(a) for a in args)]
     assert_no_secrets(argv)
     full_env = dict(os.environ)
     full_env.pop("STX_PSK_FILE", None)
@@ -154,10 +157,11 @@ class CliReceiver:
         once: bool = True,
         listen: str = "127.0.0.1:0",
         extra: Sequence[str] = (),
+        program: Path | None = None,
     ) -> None:
+        """``program`` replaces ``stx recv`` (e.g. the ``stx-recv`` alias)."""
         self.args = [
-            str(STX),
-            "recv",
+            *([str(STX), "recv"] if program is None else [str(program)]),
             "--listen",
             listen,
             "--psk-file",

@@ -85,11 +85,14 @@ def test_wrong_key_through_the_api_raises_auth_error(scratch: Path) -> None:
 # ---------------------------------------------------------------- bad input
 
 
+Arg = str | os.PathLike[str]
+
+
 @dataclass
 class Case:
     """One bad command: its argv (after ``stx``), the exit code it must give."""
 
-    args: list[str | os.PathLike[str]]
+    args: list[Arg]
     rc: int
     #: words the error line must contain (case-insensitive)
     hint: str
@@ -127,10 +130,11 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
     write_random(src, 10_000)
     # nothing listens there: a command that skipped its local check would end with 4, not 2
     nowhere = f"127.0.0.1:{free_port()}"
-    send = ["send", src, nowhere, "--psk-file", key, "--max-retries", "0"]
+    send: list[Arg] = ["send", src, nowhere, "--psk-file", key, "--max-retries", "0"]
     dest = scratch / "dst"
     dest.mkdir(exist_ok=True)
-    recv = ["recv", "--listen", "127.0.0.1:0", "--psk-file", key, "--dest", dest, "--once"]
+    recv: list[Arg] = ["recv", "--listen", "127.0.0.1:0", "--psk-file", key, "--dest", dest]
+    recv.append("--once")
     if name == "missing-file":
         return Case(["send", scratch / "nope.bin", *send[2:]], 2, "no such file")
     if name == "unreadable-file":
@@ -158,11 +162,16 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
         return Case([*recv[:-2], scratch / "no-dir", "--once"], 2, "does not exist")
     if name == "recv-dest-not-dir":
         return Case([*recv[:-2], src, "--once"], 2, "not a directory")
+    if name == "recv-dest-not-writable":
+        locked = scratch / "locked"
+        locked.mkdir()
+        os.chmod(locked, 0o500)
+        return Case([*recv[:-2], locked, "--once"], 2, "not writable")
     if name == "recv-port-in-use":
         port = stack.enter_context(_listening_socket())
         return Case(["recv", "--listen", f"127.0.0.1:{port}", *recv[3:]], 2, "in use")
     if name == "nothing-listening":
-        args = ["send", src, nowhere, "--psk-file", key, "--max-retries", "1"]
+        args: list[Arg] = ["send", src, nowhere, "--psk-file", key, "--max-retries", "1"]
         return Case(args, 4, "cannot connect", max_seconds=5.0)
     raise AssertionError(name)
 
@@ -179,6 +188,7 @@ CASES = [
     "workers-0",
     "recv-dest-missing",
     "recv-dest-not-dir",
+    "recv-dest-not-writable",
     "recv-port-in-use",
     "nothing-listening",
 ]
@@ -189,6 +199,8 @@ ARGPARSE_CASES = {"no-port", "port-out-of-range", "workers-0"}
 def _run_case(name: str, scratch: Path, base_key: Path) -> CliRun:
     if name == "unreadable-file" and os.geteuid() == 0:
         pytest.skip("running as root: chmod 000 does not stop root from reading a file")
+    if name == "recv-dest-not-writable" and os.geteuid() == 0:
+        pytest.skip("running as root: chmod 500 does not stop root from writing")
     with contextlib.ExitStack() as stack:
         case = build_case(name, scratch, base_key, stack)
         run = run_stx(*case.args, timeout=30)

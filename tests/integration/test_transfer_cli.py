@@ -10,6 +10,7 @@ import pytest
 from itest_support import (
     BLOCK,
     SEND_JSON_FIELDS,
+    STX,
     CliReceiver,
     assert_dest_exactly,
     blocks_for,
@@ -90,3 +91,34 @@ def test_cli_transfer_arrives_identical(
     assert line["digest"] == summary["digest"]
     assert line["blocks_total"] == nblocks
     assert Path(line["file"]).name == src.name
+
+
+@pytest.mark.timeout(60)
+def test_stx_send_and_stx_recv_aliases(
+    cli_receiver: Callable[..., CliReceiver], module_keyfile: Path, scratch: Path
+) -> None:
+    """``stx-recv`` and ``stx-send`` are ``stx recv`` and ``stx send``."""
+    dest = scratch / "dst"
+    dest.mkdir()
+    src = scratch / "alias.bin"
+    want = write_random(src, 3 * BLOCK + 5)
+    receiver = cli_receiver(module_keyfile, dest, workers=1, program=STX.parent / "stx-recv")
+
+    run = run_stx(
+        src,
+        receiver.address,
+        "--psk-file",
+        module_keyfile,
+        "--block-size",
+        "64K",
+        "--workers",
+        "1",
+        "--json",
+        program=STX.parent / "stx-send",
+    )
+
+    assert run.rc == 0, run.stderr
+    assert run.json()["blocks_total"] == 4
+    assert receiver.wait(timeout=20) == 0
+    assert sha256_file(dest / src.name) == want
+    assert_dest_exactly(dest, {src.name})
