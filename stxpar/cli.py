@@ -156,9 +156,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
 
     def on_event(kind: str, fields: dict[str, Any]) -> None:
-        if args.quiet:
+        if progress is None:  # notes go with the progress line: a terminal, not --quiet
             return
-        if progress is not None and progress.shown:
+        if progress.shown:
             sys.stderr.write("\n")
         if kind == "resuming":
             print(

@@ -76,7 +76,9 @@ def _run_handshake() -> tuple[list[bytes], ks.SessionKeys]:
         ephemeral=SERVER_EPHEMERAL,
     )
     frames: list[bytes] = []
-    pending = [(server, frame) for frame in client.start()]
+    pending: list[tuple[ClientHandshake | ServerHandshake, bytes]] = [
+        (server, f) for f in client.start()
+    ]
     while pending:
         receiver, frame = pending.pop(0)
         frames.append(frame)

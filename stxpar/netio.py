@@ -79,7 +79,8 @@ def connect(
         if on_retry is not None:
             on_retry(attempt + 1, delay, last)
         time.sleep(delay)
-    raise ConnectError(f"cannot connect to {host}:{port} after {attempt + 1} attempts: {last}")
+    tries = f" after {attempt + 1} attempts" if attempt else ""
+    raise ConnectError(f"cannot connect to {host}:{port}{tries}: {last}")
 
 
 class FramedSocket:

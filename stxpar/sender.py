@@ -140,7 +140,6 @@ class _Run:
     retransmits: int = 0
     reconnects: int = 0
     streams_replaced: int = 0
-    streams_used: set[int] = field(default_factory=set)
     width: int = 0
 
     @classmethod
@@ -298,7 +297,6 @@ class _Transfer:
             batch = self._take_batch()
             if batch:
                 st.assigned.update(batch)
-                self.run_state.streams_used.add(st.stream)
                 if identity in self.parked:
                     self.parked.remove(identity)
                 router.send_multipart([identity, ipc.pack("blocks", batch)])
@@ -574,7 +572,7 @@ def send(
         file=os.fspath(src.path),
         bytes=src.size,
         seconds=time.monotonic() - started,
-        workers=min(run.width, len(run.streams_used)),  # streams that carried data at once
+        workers=max(1, run.width),
         block_size=bs,
         blocks_total=run.total,
         blocks_sent=run.blocks_sent,

@@ -193,7 +193,6 @@ CASES = [
     "nothing-listening",
 ]
 #: errors that argparse reports, with its usage block before the error line
-ARGPARSE_CASES = {"no-port", "port-out-of-range", "workers-0"}
 
 
 def _run_case(name: str, scratch: Path, base_key: Path) -> CliRun:
@@ -225,22 +224,7 @@ def test_bad_input_exit_code_without_traceback(name: str, scratch: Path, base_ke
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: argparse errors print the usage block before the error line; the "
-                "README promises one line on stderr",
-            ),
-        )
-        if n in ARGPARSE_CASES
-        else n
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", CASES)
 def test_bad_input_error_is_one_short_line(name: str, scratch: Path, base_key: Path) -> None:
     run = _run_case(name, scratch, base_key)
     lines = run.stderr_lines()

@@ -131,11 +131,6 @@ def test_cli_transfer_through_a_relay(
     assert sum(c.bytes_up for c in conns[1:]) >= size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sender workers that start after the last block was acknowledged never get an "
-    "answer to 'hello'; the coordinator waits WORKER_EXIT_TIMEOUT (10 s) and kills them",
-)
 @pytest.mark.timeout(60)
 def test_more_workers_than_needed_do_not_stall_the_sender(
     receiver: stxpar.Receiver, scratch: Path, psk: bytes
