@@ -83,16 +83,20 @@ class Progress:
         self.stream = stream
         self.label = label
         self.start = time.monotonic()
+        self.base: int | None = None
         self.shown = False
 
     def __call__(self, done: int, total: int) -> None:
+        if self.base is None:  # what a resume found already there does not count as speed
+            self.base = done
+            self.start = time.monotonic()
         elapsed = max(1e-6, time.monotonic() - self.start)
-        rate = done / elapsed
+        rate = (done - self.base) / elapsed
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
         line = (
             f"\r{self.label}: {_human(done)} / {_human(total)}  {pct:5.1f}%  "
-            f"{rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d} "
+            f"{rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
         )
         self.stream.write(line)
         self.stream.flush()
@@ -255,7 +259,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(fields)
             if not args.quiet:
-                mbps = fields["bytes"] / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
+                moved = fields["bytes"] - fields.get("bytes_resumed", 0)
+                mbps = moved / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
                 print(
                     f"received {fields['file']}: {_human(fields['bytes'])} in {fields['seconds']:.2f} s"
                     f" ({mbps:.1f} MB/s)",
@@ -267,9 +272,16 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 f" writing to {args.dest}",
                 file=sys.stderr,
             )
-        elif kind in ("rejected", "failed") and not args.quiet:
-            who = fields.get("peer") or fields.get("file")
-            print(f"{kind} {who}: {fields['error']}", file=sys.stderr)
+        elif kind == "rejected" and not args.quiet:
+            print(f"rejected {fields['peer']}: {fields['error']}", file=sys.stderr)
+        elif kind == "failed" and not args.quiet:
+            kept = (
+                f"; partial kept for a resume ({_human(fields['have_bytes'])} of"
+                f" {_human(fields['bytes'])})"
+                if fields.get("kept")
+                else "; partial discarded"
+            )
+            print(f"failed {fields['file']}: {fields['error']}{kept}", file=sys.stderr)
         elif kind == "accepted" and not args.quiet:
             resumed = fields.get("resumed_blocks") or 0
             note = f", resuming with {resumed} blocks already there" if resumed else ""

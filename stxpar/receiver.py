@@ -96,9 +96,11 @@ class ReceivedFile:
     seconds: float
     blocks_total: int
     streams: int
+    bytes_resumed: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "bytes_resumed": self.bytes_resumed,
             "file": self.path,
             "bytes": self.size,
             "seconds": round(self.seconds, 3),
@@ -121,6 +123,7 @@ class _Incoming:
     digests: bytearray
     control: FramedSocket
     count: int = 0
+    resumed_bytes: int = 0
     streams: set[int] = field(default_factory=set)
     failure: StxError | None = None
     superseded: bool = False
@@ -260,6 +263,8 @@ class Receiver:
         self._zctx: zmq.Context | None = None
         self._workdir = ""
         self.completed: list[ReceivedFile] = []
+        self._umask = os.umask(0o077)  # read once, here, not racing other threads later
+        os.umask(self._umask)
         self.dropped_streams = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -569,17 +574,32 @@ class Receiver:
             if self.once:
                 self._done.set()
         except StxError as exc:
-            if inc is not None and inc.superseded:
-                raise ConnectError("superseded by a reconnect of the same sender") from None
+            if inc is None:
+                _send_error(fs, exc, generic=False)
+                raise  # refused before admission: reported as "rejected"
+            if inc.superseded:
+                self._event("superseded", file=inc.md.name)
+                inc = None
+                return
             _send_error(fs, exc, generic=False)
-            if inc is not None:
-                self._event("failed", file=inc.md.name, error=str(exc))
             # A forged block or a wrong whole-file digest: nothing of this partial is trusted.
             discard = isinstance(exc, AuthError | IntegrityError)
-            if inc is not None:
-                self._abort(inc, discard=discard)
-                inc = None
-            raise
+            with inc.cond:
+                have = sum(
+                    min(inc.md.block_size, inc.md.size - i * inc.md.block_size)
+                    for i, v in enumerate(inc.received)
+                    if v
+                )
+            self._event(
+                "failed",
+                file=inc.md.name,
+                error=str(exc),
+                kept=not discard,
+                have_bytes=0 if discard else have,
+                bytes=inc.md.size,
+            )
+            self._abort(inc, discard=discard)
+            inc = None
         finally:
             if inc is not None:
                 self._abort(inc, discard=False)
@@ -663,6 +683,9 @@ class Receiver:
             digests=digests,
             count=sum(received),
             control=fs,
+            resumed_bytes=sum(
+                min(md.block_size, md.size - i * md.block_size) for i, v in enumerate(received) if v
+            ),
         )
 
     def _await_end(self, fs: FramedSocket, channel: ControlChannel, inc: _Incoming) -> End:
@@ -705,6 +728,8 @@ class Receiver:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            os.chmod(inc.part, 0o666 & ~self._umask)  # the partial was private until now
+            os.utime(inc.part, ns=(time.time_ns(), md.mtime_ns))  # keep the source's mtime
             os.replace(inc.part, inc.final)
             _fsync_dir(self.dest)
             inc.log.close()
@@ -720,6 +745,7 @@ class Receiver:
             seconds=time.monotonic() - inc.started,
             blocks_total=md.total_blocks,
             streams=len(inc.streams),
+            bytes_resumed=inc.resumed_bytes,
         )
 
     def _forget(self, inc: _Incoming, *, release_name: bool = True) -> None:
