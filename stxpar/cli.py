@@ -346,11 +346,11 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-retries",
         type=_nonneg_int,
-        default=5,
+        default=6,
         metavar="N",
         help="consecutive failed connection attempts (or reconnects without progress) after the"
         " first before giving up with exit 4; backoff starts at 0.2 s, doubles, caps at 10 s,"
-        " with full jitter (default 5)",
+        " with full jitter (default 6)",
     )
     p.add_argument(
         "--stall-timeout",

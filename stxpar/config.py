@@ -66,11 +66,12 @@ class SendOptions:
     workers: int | None = None
     #: Bytes per block: the unit of encryption, acknowledgement and resume.
     block_size: int | None = None
-    #: Connection attempts after the first one before giving up (exit 4).
-    max_retries: int = 5
+    #: Failed attempts in a row (connects, or sessions that made no progress) tolerated after
+    #: the first before giving up (exit 4); progress resets the count.
+    max_retries: int = 6
     #: Seconds for one TCP connect attempt.
     connect_timeout: float = 10.0
-    #: Seconds the whole handshake may take.
+    #: Seconds to wait for each handshake message from the receiver.
     handshake_timeout: float = 30.0
     #: Seconds without any acknowledged progress before the transfer counts as stalled.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT

@@ -72,7 +72,9 @@ PART_SUFFIX = ".stxpart"
 STATE_SUFFIX = ".stxstate"
 _RESERVED = object()
 DEFAULT_SYNC_BYTES = 64 << 20
-COMPLETE_TIMEOUT = 120.0
+#: After END, how long the receiver waits for workers' last reports before it asks the sender
+#: to reconnect and send what is still missing.
+COMPLETE_TIMEOUT = 10.0
 
 
 def safe_name(name: str) -> str:
@@ -508,7 +510,7 @@ class Receiver:
 
     def _handshake(self, fs: FramedSocket, init_payload: bytes) -> SessionKeys:
         if not self._rate.take():
-            raise RejectedError("too many handshakes; try again shortly")
+            raise ConnectError("receiver busy: too many handshakes; try again shortly")
         with self._replay_lock:
             hs = ServerHandshake(
                 keyring=self._keyring,
@@ -583,7 +585,7 @@ class Receiver:
                 return
             _send_error(fs, exc, generic=False)
             # A forged block or a wrong whole-file digest: nothing of this partial is trusted.
-            discard = isinstance(exc, AuthError | IntegrityError)
+            discard = isinstance(exc, AuthError | DigestMismatch)
             with inc.cond:
                 have = sum(
                     min(inc.md.block_size, inc.md.size - i * inc.md.block_size)
@@ -612,7 +614,9 @@ class Receiver:
         ident = Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
         with self._lock:
             old = self._active.get(final)
-            if old is not None and (old.md.run_id != md.run_id or old.md.file_id != md.file_id):
+            if old is _RESERVED or (
+                old is not None and (old.md.run_id != md.run_id or old.md.file_id != md.file_id)
+            ):
                 raise RejectedError(f"a transfer of {name} is already in progress")
             self._active[final] = _RESERVED
         if old is not None:  # the same sender run reconnected: its old session gives way
@@ -646,9 +650,12 @@ class Receiver:
         parsed = load_state(statep)
         resumable = parsed is not None and parsed.identity == ident and _size_of(part) == md.size
         if parsed is not None and not resumable:
-            self._event(
-                "restarting", file=ident.name, reason="the source changed since the partial copy"
+            reason = (
+                "the source changed since the partial copy was made"
+                if parsed.identity != ident
+                else "the partial file is missing or has the wrong size"
             )
+            self._event("restarting", file=ident.name, reason=reason)
         received = bytearray(md.total_blocks)
         digests = bytearray(md.total_blocks * DIGEST_LEN)
         try:
@@ -695,7 +702,7 @@ class Receiver:
                 if inc.failure is not None:
                     raise inc.failure
             if self._stopping.is_set():
-                raise RejectedError("receiver shutting down")
+                raise ConnectError("receiver shutting down")
             readable, _, _ = select.select([fs.sock], [], [], 0.2)
             if readable:
                 break
@@ -715,13 +722,16 @@ class Receiver:
             while inc.count < md.total_blocks and inc.failure is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise IntegrityError("sender ended the transfer before every block arrived")
+                    # Acknowledged but never recorded (a worker died between its ACK and its
+                    # report): a reconnect shows the sender the true bitmap.
+                    missing = md.total_blocks - inc.count
+                    raise ConnectError(f"{missing} blocks are missing at END; resend them")
                 inc.cond.wait(min(left, 0.5))
             if inc.failure is not None:
                 raise inc.failure
         digest = file_digest(block_digests=inc.digests, block_size=md.block_size, size=md.size)
         if digest != end.digest:
-            raise IntegrityError(f"whole-file digest mismatch for {md.name}")
+            raise DigestMismatch(f"whole-file digest mismatch for {md.name}")
         try:
             fd = os.open(inc.part, os.O_RDONLY)
             try:
@@ -732,7 +742,8 @@ class Receiver:
             os.utime(inc.part, ns=(time.time_ns(), md.mtime_ns))  # keep the source's mtime
             os.replace(inc.part, inc.final)
             _fsync_dir(self.dest)
-            inc.log.close()
+            with inc.cond:
+                inc.log.close()
             _unlink(inc.state)
         except OSError as exc:
             raise _disk_error(exc, f"cannot finish {md.name}") from None
@@ -766,6 +777,10 @@ class Receiver:
             _unlink(inc.state)
 
 
+class DigestMismatch(IntegrityError):
+    """The whole-file digest did not match: no block of the partial can be trusted."""
+
+
 class _TokenBucket:
     def __init__(self, *, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
@@ -797,8 +812,8 @@ def _end_cap(ftype: FrameType) -> int:
 
 
 def _send_error(fs: FramedSocket, exc: StxError, *, generic: bool) -> None:
-    if isinstance(exc, ConnectError):
-        return
+    """Tell the peer why, if the connection still works (ConnectError-coded errors make the
+    sender reconnect and retry; every other code ends the transfer)."""
     message = (
         "authentication failed"
         if generic and isinstance(exc, AuthError | ProtocolError)

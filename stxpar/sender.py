@@ -187,6 +187,7 @@ class _Transfer:
         needed: list[int],
         ctl: FramedSocket,
         progress: ProgressFn | None,
+        deadline: float | None,
     ) -> None:
         self.run_state, self.md, self.session, self.opts = run, md, session, opts
         self.host, self.port, self.ctl, self.progress = host, port, ctl, progress
@@ -198,6 +199,7 @@ class _Transfer:
         self.width = max(1, min(opts.workers or 1, len(needed)))
         self.replacements_left = 2 * self.width + 2
         self.last_progress = time.monotonic()
+        self.deadline = deadline
         self._ctl_ep = self._rep_ep = ""
 
     def run(self) -> None:
@@ -248,6 +250,8 @@ class _Transfer:
                 waiting, self.parked = self.parked, []
                 for identity in waiting:
                     self._on_request(router, identity, ["get", self._slot_of(identity)])
+            if self.deadline is not None and now > self.deadline:
+                raise ConnectError(f"deadline of {self.opts.deadline:.0f} s reached")
             if now - self.last_progress > self.opts.stall_timeout:
                 raise ConnectError(
                     f"transfer stalled: nothing acknowledged for {self.opts.stall_timeout:.0f} s"
@@ -443,6 +447,7 @@ def _session(
     opts: SendOptions,
     progress: ProgressFn | None,
     on_event: EventFn | None,
+    deadline: float | None,
 ) -> None:
     """One connection: handshake, metadata, the data phase, END and RECEIPT."""
     assert opts.block_size is not None
@@ -496,6 +501,7 @@ def _session(
                 needed=needed,
                 ctl=ctl,
                 progress=progress,
+                deadline=deadline,
             ).run()
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
@@ -555,7 +561,16 @@ def send(
     while True:
         before = run.complete
         try:
-            _session(run, host, port, psk=psk, opts=opts, progress=progress, on_event=on_event)
+            _session(
+                run,
+                host,
+                port,
+                psk=psk,
+                opts=opts,
+                progress=progress,
+                on_event=on_event,
+                deadline=deadline,
+            )
             break
         except ConnectError as exc:
             failures = 1 if run.complete > before else failures + 1

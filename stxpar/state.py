@@ -92,12 +92,17 @@ def parse(data: bytes) -> Parsed:
         raise ProtocolError("damaged state header")
     try:
         fields = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        name, size, mtime, bs, fid = fields
-        ident = Identity(str(name), int(size), int(mtime), int(bs), bytes(fid))
-    except (ValueError, TypeError, msgpack.UnpackException):
+    except (ValueError, msgpack.UnpackException):
         raise ProtocolError("damaged state header") from None
-    if not isinstance(fid, bytes) or len(fid) != 16 or bs <= 0 or size < 0:
+    if not (isinstance(fields, list) and len(fields) == 5):
         raise ProtocolError("damaged state header")
+    name, size, mtime, bs, fid = fields
+    ints_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime, bs))
+    if not (isinstance(name, str) and ints_ok and isinstance(fid, bytes)):
+        raise ProtocolError("damaged state header")
+    if len(fid) != 16 or bs <= 0 or size < 0:
+        raise ProtocolError("damaged state header")
+    ident = Identity(name, size, mtime, bs, fid)
     total = ident.total_blocks
     if total > MAX_BLOCKS:
         raise ProtocolError("damaged state header")
