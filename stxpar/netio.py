@@ -111,7 +111,9 @@ class FramedSocket:
                     left = self.deadline - time.monotonic()
                     if left <= 0:
                         raise TimeoutError
-                    self.sock.settimeout(left)
+                    current = self.sock.gettimeout()
+                    if current is None or current > left:
+                        self.sock.settimeout(left)
                 k = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
                 if k == 0:
                     raise ConnectError(f"connection closed by {self.peer}")

@@ -726,7 +726,16 @@ class Receiver:
             readable, _, _ = select.select([fs.sock], [], [], 0.2)
             if readable:
                 break
-        ftype, payload = fs.recv_frame(cap=_end_cap)
+        try:
+            ftype, payload = fs.recv_frame(cap=_end_cap)
+        except ConnectError:
+            # A sender that hung up may have done so because a worker of ours just refused a
+            # forged block: give that report a moment, so the forgery is what gets judged.
+            with inc.cond:
+                inc.cond.wait_for(lambda: inc.failure is not None, timeout=1.0)
+                if inc.failure is not None:
+                    raise inc.failure from None
+            raise
         if ftype is FrameType.ERROR:
             raise ConnectError("sender aborted the transfer")
         if ftype is not FrameType.END:
