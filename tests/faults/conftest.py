@@ -670,9 +670,11 @@ class Rig:
         except psutil.NoSuchProcess:
             return None
         if kp.target == "sender-coordinator":
-            self.sender.proc.wait(timeout=10)  # type: ignore[union-attr]
+            assert self.sender.proc is not None
+            self.sender.proc.wait(timeout=10)
         elif kp.target == "receiver-coordinator":
-            self.receiver.proc.wait(timeout=10)  # type: ignore[union-attr]
+            assert self.receiver.proc is not None
+            self.receiver.proc.wait(timeout=10)
         else:
             assert wait_dead(victim), f"{kp.target} {victim.pid} survived SIGKILL"
         state = check_state_claims(self.dest, self.src, self.block_size)

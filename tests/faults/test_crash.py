@@ -117,8 +117,11 @@ def test_sigkill_then_resume(
             assert counts and max(counts) >= kill.state.claimed, ctx
     elif target == "sender-worker":
         assert len(rig.senders) == 1, ctx  # the same run survived its worker's death
+        # ... within its session: the dead worker's blocks went back to the queue and a
+        # replacement took over (no stall, no reconnect)
+        assert result["reconnects"] == 0, (result, ctx)
         if kill.count_before < total:
-            assert result["streams_replaced"] + result["reconnects"] >= 1, (result, ctx)
+            assert result["streams_replaced"] >= 1, (result, ctx)
     elif target == "receiver-coordinator":
         assert len(rig.receivers) == 2, ctx
         if len(rig.senders) == 1 and kill.sender_connected:
@@ -134,8 +137,9 @@ def test_sigkill_then_resume(
     else:  # receiver-worker
         assert len(rig.receivers) == 1 and len(rig.senders) == 1, ctx
         assert rig.receiver.proc.poll() is None, ctx
+        assert result["reconnects"] == 0, (result, ctx)  # the streams were replaced in-session
         if kill.had_stream and kill.count_before < total:
-            assert result["streams_replaced"] + result["reconnects"] >= 1, (result, ctx)
+            assert result["streams_replaced"] >= 1, (result, ctx)
 
         # the receiver started a replacement worker
         def replaced() -> bool:
