@@ -90,6 +90,9 @@ class FramedSocket:
     def __init__(self, sock: socket.socket, *, peer: str = "peer") -> None:
         self.sock = sock
         self.peer = peer
+        #: time.monotonic() by which every read must be done (None: only the socket timeout).
+        #: A peer trickling one byte at a time cannot stretch a bounded phase past it.
+        self.deadline: float | None = None
         self._hdr = bytearray(HEADER.size)
 
     def send(self, data: bytes | memoryview) -> None:
@@ -104,6 +107,13 @@ class FramedSocket:
         n = len(view)
         try:
             while got < n:
+                if self.deadline is not None:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    current = self.sock.gettimeout()
+                    if current is None or current > left:
+                        self.sock.settimeout(left)
                 k = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
                 if k == 0:
                     raise ConnectError(f"connection closed by {self.peer}")

@@ -233,6 +233,7 @@ class Receiver:
         window_ms: int = DEFAULT_WINDOW_MS,
         max_handshakes_per_s: float = 50.0,
         max_pending: int = 256,
+        max_pending_per_ip: int = 32,
         sync_bytes: int = DEFAULT_SYNC_BYTES,
         on_event: EventFn | None = None,
     ) -> None:
@@ -252,6 +253,8 @@ class Receiver:
             rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s)
         )
         self._pending = threading.BoundedSemaphore(max_pending)
+        self._max_pending_per_ip = max_pending_per_ip
+        self._preauth_by_ip: dict[str, int] = {}
         self._replay = ReplayCache(ttl_ms=2 * window_ms)
         self._replay_lock = threading.Lock()
         self._sessions: dict[bytes, _Incoming] = {}
@@ -381,11 +384,21 @@ class Receiver:
                     return
                 time.sleep(0.05)
                 continue
-            if not self._pending.acquire(blocking=False):
+            if not self._admit_preauth(peer[0]):
                 conn.close()
                 self._event("dropped", peer=peer[0], reason="too many unauthenticated connections")
                 continue
             threading.Thread(target=self._serve_conn, args=(conn, peer), daemon=True).start()
+
+    def _admit_preauth(self, ip: str) -> bool:
+        """Bound connections that have not authenticated yet, overall and per address."""
+        with self._lock:
+            if self._preauth_by_ip.get(ip, 0) >= self._max_pending_per_ip:
+                return False
+            if not self._pending.acquire(blocking=False):
+                return False
+            self._preauth_by_ip[ip] = self._preauth_by_ip.get(ip, 0) + 1
+        return True
 
     def _serve_conn(self, conn: socket.socket, peer: tuple) -> None:
         released = False
@@ -394,9 +407,17 @@ class Receiver:
             nonlocal released
             if not released:
                 released = True
+                with self._lock:
+                    left = self._preauth_by_ip.get(peer[0], 1) - 1
+                    if left:
+                        self._preauth_by_ip[peer[0]] = left
+                    else:
+                        self._preauth_by_ip.pop(peer[0], None)
                 self._pending.release()
 
         fs = FramedSocket(conn, peer=str(peer[0]))
+        # One deadline for everything before authentication: first frame, handshake, metadata.
+        fs.deadline = time.monotonic() + self.handshake_timeout
         try:
             conn.settimeout(self.handshake_timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -518,14 +539,12 @@ class Receiver:
                 replay_cache=self._replay,
                 window_ms=self.window_ms,
             )
-        deadline = time.monotonic() + self.handshake_timeout
         frames = hs.receive(FrameType.INIT, init_payload, now_ms=_now_ms())
         while True:
             for frame in frames:
                 fs.send(frame)
             if hs.established:
                 break
-            fs.sock.settimeout(max(0.01, deadline - time.monotonic()))
             ftype, payload = fs.recv_frame(cap=handshake_cap)
             with self._replay_lock:
                 frames = hs.receive(ftype, payload, now_ms=_now_ms())
@@ -546,8 +565,9 @@ class Receiver:
         channel = ControlChannel(session=session, client=False)
         inc: _Incoming | None = None
         try:
-            fs.sock.settimeout(self.handshake_timeout)
+            fs.deadline = time.monotonic() + self.handshake_timeout
             ftype, payload = fs.recv_frame(cap=_metadata_cap)
+            fs.deadline = None
             if ftype is not FrameType.METADATA:
                 raise ProtocolError(f"expected METADATA, got {ftype.name}")
             md = Metadata.decode(channel.open(ftype, payload))
@@ -706,7 +726,16 @@ class Receiver:
             readable, _, _ = select.select([fs.sock], [], [], 0.2)
             if readable:
                 break
-        ftype, payload = fs.recv_frame(cap=_end_cap)
+        try:
+            ftype, payload = fs.recv_frame(cap=_end_cap)
+        except ConnectError:
+            # A sender that hung up may have done so because a worker of ours just refused a
+            # forged block: give that report a moment, so the forgery is what gets judged.
+            with inc.cond:
+                inc.cond.wait_for(lambda: inc.failure is not None, timeout=1.0)
+                if inc.failure is not None:
+                    raise inc.failure from None
+            raise
         if ftype is FrameType.ERROR:
             raise ConnectError("sender aborted the transfer")
         if ftype is not FrameType.END:

@@ -34,6 +34,7 @@ from .errors import (
     ConnectError,
     IntegrityError,
     ProtocolError,
+    StxError,
     UsageError,
     error_from_code,
     error_from_wire,
@@ -61,7 +62,6 @@ ProgressFn = Callable[[int, int], None]
 #: on_event(kind, fields): "resuming" {have_bytes, bytes}; "reconnecting" {attempt, delay, reason}.
 EventFn = Callable[[str, dict[str, Any]], None]
 POLL_MS = 100
-RECEIPT_TIMEOUT = 300.0
 WORKER_EXIT_TIMEOUT = 10.0
 
 
@@ -108,6 +108,10 @@ class SourceFile:
             raise UsageError(f"{self.path}: {exc.strerror}") from None
         if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
             raise IntegrityError(f"{self.path} changed during the transfer")
+
+
+class DeadlineReached(ConnectError):
+    """``--deadline`` passed: give up now, no more retries."""
 
 
 @dataclass
@@ -215,10 +219,31 @@ class _Transfer:
                 self._spawn()
             self.run_state.width = max(self.run_state.width, self.width)
             self._loop(router, pull)
-        finally:
             self._stop_workers(router)
+        except BaseException:
+            self._kill_workers()  # a failed session must not wait for stuck streams
+            raise
+        finally:
+            self._drain(pull)
             zctx.destroy(linger=0)
             ipc.remove_dir(workdir)
+
+    def _kill_workers(self) -> None:
+        for st in self.streams.values():
+            if st.proc.poll() is None:
+                st.proc.kill()
+        for st in self.streams.values():
+            st.proc.wait()
+
+    def _drain(self, pull: zmq.Socket) -> None:
+        """Count the reports already here (a failed session's last 'sent' reports)."""
+        try:
+            while pull.poll(0):
+                msg = ipc.unpack(pull.recv())
+                if msg[0] in ("sent", "retransmit"):
+                    self._on_report(msg)
+        except (zmq.ZMQError, StxError, ValueError):
+            pass
 
     def _spawn(self) -> None:
         slot = self.next_slot
@@ -251,7 +276,7 @@ class _Transfer:
                 for identity in waiting:
                     self._on_request(router, identity, ["get", self._slot_of(identity)])
             if self.deadline is not None and now > self.deadline:
-                raise ConnectError(f"deadline of {self.opts.deadline:.0f} s reached")
+                raise DeadlineReached(f"deadline of {self.opts.deadline:.0f} s reached")
             if now - self.last_progress > self.opts.stall_timeout:
                 raise ConnectError(
                     f"transfer stalled: nothing acknowledged for {self.opts.stall_timeout:.0f} s"
@@ -453,8 +478,12 @@ def _session(
     assert opts.block_size is not None
     src = run.src
     src.check_unchanged()
-    sock = connect(host, port, max_retries=0, timeout=opts.connect_timeout)
+    timeout = opts.connect_timeout
+    if deadline is not None:
+        timeout = min(timeout, max(0.01, deadline - time.monotonic()))
+    sock = connect(host, port, max_retries=0, timeout=timeout)
     ctl = FramedSocket(sock, peer=f"{host}:{port}")
+    ctl.deadline = deadline  # no read of this session may outlive --deadline
     try:
         session = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
         channel = ControlChannel(session=session, client=True)
@@ -505,7 +534,9 @@ def _session(
             ).run()
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
-        ctl.sock.settimeout(RECEIPT_TIMEOUT)
+        # The receiver fsyncs and renames before it answers; no answer for stall_timeout is a
+        # stall like any other (the reconnect finds the file complete or resumes it).
+        ctl.sock.settimeout(opts.stall_timeout)
         receipt = Receipt.decode(_expect_sealed(ctl, channel, FrameType.RECEIPT))
         if receipt.digest != digest or receipt.size != src.size:
             raise IntegrityError("the receiver's receipt does not match the file sent")
@@ -572,7 +603,13 @@ def send(
                 deadline=deadline,
             )
             break
+        except DeadlineReached:
+            raise
         except ConnectError as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineReached(
+                    f"{exc} (deadline of {opts.deadline:.0f} s reached)"
+                ) from None
             failures = 1 if run.complete > before else failures + 1
             delay = opts.backoff.delay(failures - 1)
             if failures > opts.max_retries:

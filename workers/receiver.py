@@ -16,6 +16,7 @@ import collections
 import errno
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -222,6 +223,7 @@ class Worker:
 def main(argv: list[str]) -> int:
     channel_fd, report_endpoint = argv
     ipc.harden_process()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     worker = Worker(int(channel_fd), report_endpoint)
     try:
         worker.run()

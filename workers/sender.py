@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -182,16 +183,23 @@ class Worker:
                 for seq in ack.resend:
                     self.resend.put(seq)
         except BaseException as exc:  # report every failure, then stop the worker
-            if not self.finishing.is_set():
-                self.fail(report, exc)
+            try:
+                if not self.finishing.is_set():
+                    self.fail(report, exc)
+            except zmq.ZMQError:
+                pass  # the main thread is already tearing the process down
             self.failed.set()
         finally:
-            report.close()
+            try:
+                report.close()
+            except zmq.ZMQError:
+                pass
 
 
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot = argv
     ipc.harden_process()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     worker = Worker(ctl_endpoint, report_endpoint, int(slot))
     try:
         worker.run()
