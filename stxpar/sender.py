@@ -248,7 +248,9 @@ class _Transfer:
     def _spawn(self) -> None:
         slot = self.next_slot
         self.next_slot += 1
-        proc = ipc.spawn_worker("stxpar.workers.sender", self._ctl_ep, self._rep_ep, str(slot))
+        proc = ipc.spawn_worker(
+            "stxpar.workers.sender", self._ctl_ep, self._rep_ep, str(slot), str(os.getpid())
+        )
         self.streams[slot] = _Stream(slot=slot, proc=proc)
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:

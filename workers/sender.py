@@ -47,7 +47,9 @@ def _ack_cap(ftype: FrameType) -> int:
 
 
 class Worker:
-    def __init__(self, ctl_endpoint: str, report_endpoint: str, slot: int) -> None:
+    def __init__(self, ctl_endpoint: str, report_endpoint: str, slot: int, parent: int) -> None:
+        """``parent``: the coordinator's pid, passed in argv so that a coordinator killed before
+        this process got going is noticed too (getppid() would already name the reaper)."""
         self.ctx = zmq.Context()
         self.dealer = ipc.configure(self.ctx.socket(zmq.DEALER))
         self.dealer.connect(ctl_endpoint)
@@ -55,7 +57,7 @@ class Worker:
         self.report.connect(report_endpoint)
         self.report_endpoint = report_endpoint
         self.slot = slot
-        self.parent = os.getppid()
+        self.parent = parent
         self.resend: queue.Queue[int] = queue.Queue()
         self.failed = threading.Event()
         self.finishing = threading.Event()
@@ -197,10 +199,10 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
-    ctl_endpoint, report_endpoint, slot = argv
+    ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
-    worker = Worker(ctl_endpoint, report_endpoint, int(slot))
+    worker = Worker(ctl_endpoint, report_endpoint, int(slot), int(parent))
     try:
         worker.run()
         return 0
