@@ -238,7 +238,7 @@ class _Transfer:
     def _drain(self, pull: zmq.Socket) -> None:
         """Count the reports already here (a failed session's last 'sent' reports)."""
         try:
-            while pull.poll(0):
+            while pull.poll(100):  # until quiet: reports may still be in the kernel's buffers
                 msg = ipc.unpack(pull.recv())
                 if msg[0] in ("sent", "retransmit"):
                     self._on_report(msg)
