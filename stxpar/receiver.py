@@ -732,7 +732,7 @@ class Receiver:
             # A sender that hung up may have done so because a worker of ours just refused a
             # forged block: give that report a moment, so the forgery is what gets judged.
             with inc.cond:
-                inc.cond.wait_for(lambda: inc.failure is not None, timeout=1.0)
+                inc.cond.wait_for(lambda: inc.failure is not None, timeout=0.1)
                 if inc.failure is not None:
                     raise inc.failure from None
             raise

@@ -69,12 +69,14 @@ class StreamJob(threading.Thread):
                 exc = ConnectError(f"data stream dropped: {exc}")
             code = exc.wire_code if isinstance(exc, StxError) else 1
             message = str(exc) if isinstance(exc, StxError) else f"receiver worker error: {exc!r}"
+            # The coordinator hears first: by the time the sender reacts to the ERROR and hangs
+            # up, the coordinator already knows why.
+            report.send(ipc.pack("fail", self.sid, self.stream, code, message))
             if tell_sender:
                 try:
                     conn.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
                 except StxError:
                     pass
-            report.send(ipc.pack("fail", self.sid, self.stream, code, message))
         finally:
             conn.close()
             report.close()
