@@ -256,13 +256,6 @@ def test_coordinator_killed_at_the_very_end(
     assert rig.receiver.stop() == 0
 
 
-@pytest.mark.xfail(
-    reason="a sender worker records its parent (os.getppid() in Worker.__init__) only after "
-    "Python start-up; if the coordinator is SIGKILLed before that, the recorded parent is "
-    "already the reaper, the liveness check never fires and the worker waits for 'setup' "
-    "from a dead coordinator forever (orphaned processes)",
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_sender_workers_exit_when_the_coordinator_dies_during_their_startup(
     rig_factory: Any, big_source: Any, kit: Any

@@ -187,13 +187,6 @@ def test_reset_once_then_completes(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: blocks_sent undercounts after a reconnect: the 'sent' reports of blocks the "
-    "old session's workers still send after the coordinator stopped listening are lost (seen: "
-    "16 reported while 20 whole BLOCK frames crossed the proxy), although docs/resume.md says "
-    "every block a worker sent, in every connection, is counted; about every other run",
-)
 def test_blocks_sent_counts_every_block_on_the_wire(
     receiver: stxpar.Receiver,
     dest: Path,
@@ -257,12 +250,6 @@ def test_stall_counts_as_failure_and_reconnects(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a stall the sender coordinator waits WORKER_EXIT_TIMEOUT (10 s) for its "
-    "workers, which are blocked on the frozen streams, before it reconnects; the reconnect "
-    "comes ~10 s after --stall-timeout instead of right away",
-)
 def test_stall_reconnect_is_prompt(
     receiver: stxpar.Receiver,
     dest: Path,
@@ -302,12 +289,6 @@ class _EndStallRelay(FaultRelay):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: once every block is acknowledged the sender waits for the RECEIPT with a fixed "
-    "300 s timeout (RECEIPT_TIMEOUT); --stall-timeout does not apply, so a stall at the END of "
-    "a transfer is not detected for 5 minutes",
-)
 def test_stall_after_the_last_block_is_detected(
     receiver: stxpar.Receiver,
     dest: Path,
@@ -437,13 +418,6 @@ def test_forged_block_is_an_auth_failure(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: race in Receiver._await_end: when the sender hangs up (it exits 3 as soon as "
-    "its worker reads the receiver's ERROR) before the coordinator has processed the worker's "
-    "AuthError report, the session ends as a plain ConnectError ('connection closed') and the "
-    "partial + state of the forged session are kept (seen in about 6 of 10 runs)",
-)
 def test_forged_session_leaves_nothing_behind(
     receiver: stxpar.Receiver,
     dest: Path,
@@ -517,12 +491,6 @@ def test_backoff_is_exponential_with_jitter(scratch: Path, source: tuple[Path, s
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --deadline does not bound the handshake: a peer that accepts and never answers "
-    "holds the sender until the handshake timeout (30 s per message; ~10 s here, when the "
-    "receiver behind the proxy gives up), so --deadline 1 exits 4 only after ~10 s",
-)
 def test_deadline_stops_a_transfer_that_stalls_in_the_handshake(
     receiver: stxpar.Receiver,
     stx_key: tuple[Path, bytes],
@@ -540,12 +508,6 @@ def test_deadline_stops_a_transfer_that_stalls_in_the_handshake(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the deadline is noticed in the data phase, but the sender coordinator then "
-    "waits WORKER_EXIT_TIMEOUT (10 s) for its workers, blocked on the frozen streams: "
-    "--deadline 2 exits 4 only after ~12 s",
-)
 def test_deadline_stops_a_transfer_that_stalls_in_the_data_phase(
     receiver: stxpar.Receiver,
     stx_key: tuple[Path, bytes],
