@@ -95,9 +95,9 @@ def error_from_code(code: int, message: str) -> StxError:
     return _BY_WIRE_CODE.get(code, StxError)(message)
 
 
-def error_from_wire(code: int, message: str) -> StxError:
+def error_from_wire(code: int, message: str, *, peer: str = "receiver") -> StxError:
     """Build the exception a peer's ERROR frame stands for (a local usage error becomes a rejection)."""
     cls = _BY_WIRE_CODE.get(code, ProtocolError)
     if cls is UsageError:
         cls = RejectedError
-    return cls(f"receiver: {message}" if message else "receiver reported an error")
+    return cls(f"{peer}: {message}" if message else f"{peer} reported an error")

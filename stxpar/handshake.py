@@ -115,6 +115,8 @@ class ReplayCache:
 
 
 class _Handshake:
+    #: How an ERROR from the other side is labelled in the exception message.
+    peer_label = "peer"
     _table: Mapping[tuple[State, FrameType], Callable[[Any, bytes, bytes], list[bytes]]] = {}
 
     def __init__(self) -> None:
@@ -138,7 +140,7 @@ class _Handshake:
         if ftype is FrameType.ERROR:
             self.state = State.FAILED
             err = ErrorMsg.decode(payload)
-            raise error_from_wire(err.code, err.message)
+            raise error_from_wire(err.code, err.message, peer=self.peer_label)
         handler = self._table.get((self.state, ftype))
         if handler is None:
             failed_in = self.state
@@ -159,6 +161,8 @@ class _Handshake:
 
 class ClientHandshake(_Handshake):
     """The sender's side. Feed it the server's frames; it returns what to send."""
+
+    peer_label = "receiver"
 
     def __init__(
         self,
@@ -237,6 +241,8 @@ class ServerHandshake(_Handshake):
 
     ``keyring`` maps key ids to PSKs; an unknown key id fails exactly like a wrong MAC.
     """
+
+    peer_label = "sender"
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ PART_SUFFIX = ".stxpart"
 STATE_SUFFIX = ".stxstate"
 _RESERVED = object()
 DEFAULT_SYNC_BYTES = 64 << 20
+#: Seconds one send on a control connection may block (the peer is authenticated by then).
+SEND_TIMEOUT = 120.0
 #: After END, how long the receiver waits for workers' last reports before it asks the sender
 #: to reconnect and send what is still missing.
 COMPLETE_TIMEOUT = 10.0
@@ -119,7 +122,8 @@ class _Incoming:
     final: Path
     part: Path
     state: Path
-    log: StateLog
+    log: StateLog | NullLog
+    identity: Identity
     started: float
     received: bytearray
     digests: bytearray
@@ -129,6 +133,11 @@ class _Incoming:
     streams: set[int] = field(default_factory=set)
     failure: StxError | None = None
     superseded: bool = False
+    closed: bool = False
+    #: The blocks held at admission, as (index, digest): what a forged session reverts to.
+    initial: list[tuple[int, bytes]] = field(default_factory=list)
+    #: The file was completed moments ago and only the receipt got lost.
+    already_complete: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def held_digests(self) -> bytes:
@@ -137,6 +146,30 @@ class _Incoming:
             for i, v in enumerate(self.received)
             if v
         )
+
+
+class NullLog:
+    """The state log of a transfer that is already complete: nothing to record."""
+
+    def append(self, records: list[tuple[int, bytes]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Recent:
+    """A transfer completed moments ago, kept in memory in case its receipt was lost."""
+
+    identity: Identity
+    digests: bytes
+
+
+#: Completed transfers remembered (in memory only) so that a sender that missed the receipt
+#: gets it again instead of sending the whole file once more.
+RECENT_KEEP = 16
+RECENT_MAX_BLOCKS = 1 << 18
 
 
 class _Pool:
@@ -177,15 +210,22 @@ class _Pool:
                 self.replaced += 1
 
     def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
+        """Give a verified data stream to the least busy live worker; ConnectError if none
+        takes it (the sender then replaces the stream)."""
         with self.lock:
-            i = min(
+            order = sorted(
                 range(len(self.members)),
                 key=lambda k: (self.members[k][1].poll() is not None, self.load[k]),
             )
-            self.load[i] += 1
-            self.where[(job["session_id"], job["stream"])] = i
-            chan = self.members[i][0]
-            socket.send_fds(chan, [ipc.pack("stream", job)], [conn.fileno()])
+            for i in order:
+                try:
+                    socket.send_fds(self.members[i][0], [ipc.pack("stream", job)], [conn.fileno()])
+                except OSError:
+                    continue  # that worker just died; replace_dead() starts a new one
+                self.load[i] += 1
+                self.where[(job["session_id"], job["stream"])] = i
+                return
+        raise ConnectError("no receiver worker could take the data stream")
 
     def released(self, session_id: bytes, stream: int) -> None:
         with self.lock:
@@ -259,6 +299,7 @@ class Receiver:
         self._replay_lock = threading.Lock()
         self._sessions: dict[bytes, _Incoming] = {}
         self._active: dict[Path, Any] = {}  # final path -> _Incoming (or _RESERVED)
+        self._recent: OrderedDict[Path, _Recent] = OrderedDict()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -416,7 +457,8 @@ class Receiver:
                 self._pending.release()
 
         fs = FramedSocket(conn, peer=str(peer[0]))
-        # One deadline for everything before authentication: first frame, handshake, metadata.
+        # One deadline for everything before authentication: the first frame and the handshake
+        # (METADATA, after the key is proven, gets a fresh one).
         fs.deadline = time.monotonic() + self.handshake_timeout
         try:
             conn.settimeout(self.handshake_timeout)
@@ -512,7 +554,7 @@ class Receiver:
             if isinstance(seq, int) and 0 <= seq < len(inc.received) and len(d) == DIGEST_LEN
         ]
         with inc.cond:
-            if inc.failure is not None or inc.superseded:
+            if inc.failure is not None or inc.closed or inc.superseded:
                 return
             try:
                 inc.log.append(fresh)  # the blocks are durable; now say so, durably
@@ -568,6 +610,7 @@ class Receiver:
             fs.deadline = time.monotonic() + self.handshake_timeout
             ftype, payload = fs.recv_frame(cap=_metadata_cap)
             fs.deadline = None
+            fs.sock.settimeout(SEND_TIMEOUT)  # a large resume bitmap may take a while to send
             if ftype is not FrameType.METADATA:
                 raise ProtocolError(f"expected METADATA, got {ftype.name}")
             md = Metadata.decode(channel.open(ftype, payload))
@@ -575,7 +618,7 @@ class Receiver:
             self._event(
                 "accepted",
                 peer=peer[0],
-                file=md.name,
+                file=inc.final.name,
                 bytes=md.size,
                 streams=md.streams,
                 resumed_blocks=inc.count,
@@ -597,30 +640,34 @@ class Receiver:
                 self._done.set()
         except StxError as exc:
             if inc is None:
-                _send_error(fs, exc, generic=False)
+                _send_error(fs, exc, generic=False, channel=channel)
                 raise  # refused before admission: reported as "rejected"
             if inc.superseded:
-                self._event("superseded", file=inc.md.name)
+                self._event("superseded", file=inc.final.name)
                 inc = None
                 return
-            _send_error(fs, exc, generic=False)
-            # A forged block or a wrong whole-file digest: nothing of this partial is trusted.
-            discard = isinstance(exc, AuthError | DigestMismatch)
+            _send_error(fs, exc, generic=False, channel=channel)
+            # A wrong whole-file digest: no block of the partial can be trusted. A forged block:
+            # nothing this session recorded is trusted (the state goes back to its admission).
+            forged = isinstance(exc, AuthError)
+            discard = isinstance(exc, DigestMismatch) or (forged and not inc.initial)
             with inc.cond:
                 have = sum(
                     min(inc.md.block_size, inc.md.size - i * inc.md.block_size)
                     for i, v in enumerate(inc.received)
                     if v
                 )
+            if forged:
+                have = inc.resumed_bytes
             self._event(
                 "failed",
-                file=inc.md.name,
+                file=inc.final.name,
                 error=str(exc),
                 kept=not discard,
                 have_bytes=0 if discard else have,
                 bytes=inc.md.size,
             )
-            self._abort(inc, discard=discard)
+            self._abort(inc, discard=discard, revert=forged)
             inc = None
         finally:
             if inc is not None:
@@ -634,12 +681,13 @@ class Receiver:
         ident = Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
         with self._lock:
             old = self._active.get(final)
-            if old is _RESERVED or (
-                old is not None and (old.md.run_id != md.run_id or old.md.file_id != md.file_id)
-            ):
+            if old is _RESERVED or (old is not None and old.md.file_id != md.file_id):
                 raise RejectedError(f"a transfer of {name} is already in progress")
             self._active[final] = _RESERVED
-        if old is not None:  # the same sender run reconnected: its old session gives way
+        if old is not None:
+            # The same source again: a reconnect of the same run, or a sender restarted after a
+            # crash before this receiver noticed the old connection die. The old session gives
+            # way (both would write the very same bytes).
             old.superseded = True
             self._abort(old, discard=False, release_name=False)
             try:
@@ -678,8 +726,15 @@ class Receiver:
             self._event("restarting", file=ident.name, reason=reason)
         received = bytearray(md.total_blocks)
         digests = bytearray(md.total_blocks * DIGEST_LEN)
+        recent = None if resumable else self._just_completed(final, ident)
+        complete = recent is not None
+        log: StateLog | NullLog
         try:
-            if resumable:
+            if recent is not None:
+                received = bytearray(b"\x01" * md.total_blocks)
+                digests = bytearray(recent.digests)
+                log = NullLog()
+            elif resumable:
                 assert parsed is not None
                 log = StateLog.reopen(statep, parsed)
                 received, digests = parsed.have, parsed.digests
@@ -705,6 +760,7 @@ class Receiver:
             part=part,
             state=statep,
             log=log,
+            identity=ident,
             started=time.monotonic(),
             received=received,
             digests=digests,
@@ -713,7 +769,36 @@ class Receiver:
             resumed_bytes=sum(
                 min(md.block_size, md.size - i * md.block_size) for i, v in enumerate(received) if v
             ),
+            initial=[
+                (i, bytes(digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN]))
+                for i, v in enumerate(received)
+                if v
+            ],
+            already_complete=complete,
         )
+
+    def _remember(self, inc: _Incoming, digest: bytes) -> None:
+        if inc.md.total_blocks > RECENT_MAX_BLOCKS:
+            return
+        with self._lock:
+            self._recent[inc.final] = _Recent(inc.identity, bytes(inc.digests))
+            self._recent.move_to_end(inc.final)
+            while len(self._recent) > RECENT_KEEP:
+                self._recent.popitem(last=False)
+
+    def _just_completed(self, final: Path, ident: Identity) -> _Recent | None:
+        """The remembered completion of this very transfer, if the file is still as we left it."""
+        with self._lock:
+            recent = self._recent.get(final)
+        if recent is None or recent.identity != ident:
+            return None
+        try:
+            st = os.stat(final, follow_symlinks=False)
+        except OSError:
+            return None
+        if st.st_size != ident.size or st.st_mtime_ns != ident.mtime_ns:
+            return None
+        return recent
 
     def _await_end(self, fs: FramedSocket, channel: ControlChannel, inc: _Incoming) -> End:
         fs.sock.settimeout(None)
@@ -760,22 +845,24 @@ class Receiver:
                 raise inc.failure
         digest = file_digest(block_digests=inc.digests, block_size=md.block_size, size=md.size)
         if digest != end.digest:
-            raise DigestMismatch(f"whole-file digest mismatch for {md.name}")
+            raise DigestMismatch(f"whole-file digest mismatch for {inc.final.name}")
         try:
-            fd = os.open(inc.part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(inc.part, 0o666 & ~self._umask)  # the partial was private until now
-            os.utime(inc.part, ns=(time.time_ns(), md.mtime_ns))  # keep the source's mtime
-            os.replace(inc.part, inc.final)
-            _fsync_dir(self.dest)
+            if not inc.already_complete:
+                fd = os.open(inc.part, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                    os.fchmod(fd, 0o666 & ~self._umask)  # the partial was private until now
+                    os.utime(fd, ns=(time.time_ns(), md.mtime_ns))  # keep the source's mtime
+                finally:
+                    os.close(fd)
+                os.replace(inc.part, inc.final)
+                _fsync_dir(self.dest)
             with inc.cond:
                 inc.log.close()
             _unlink(inc.state)
         except OSError as exc:
-            raise _disk_error(exc, f"cannot finish {md.name}") from None
+            raise _disk_error(exc, f"cannot finish {inc.final.name}") from None
+        self._remember(inc, digest)
         self._forget(inc)
         return ReceivedFile(
             path=os.fspath(inc.final),
@@ -794,16 +881,25 @@ class Receiver:
             if release_name and self._active.get(inc.final) is inc:
                 del self._active[inc.final]
 
-    def _abort(self, inc: _Incoming, *, discard: bool, release_name: bool = True) -> None:
-        """End a session. Its partial file and state stay for a resume unless ``discard``."""
+    def _abort(
+        self, inc: _Incoming, *, discard: bool, revert: bool = False, release_name: bool = True
+    ) -> None:
+        """End a session. Its partial file and state stay for a resume unless ``discard``;
+        ``revert`` forgets what this session recorded (the state it was admitted with)."""
         if self._pool is not None:
             self._pool.cancel(inc.session.session_id)
         self._forget(inc, release_name=release_name)
         with inc.cond:
             inc.log.close()
+            inc.closed = True  # late reports of this session are ignored from now on
         if discard:
             _unlink(inc.part)
             _unlink(inc.state)
+        elif revert:
+            try:
+                StateLog.rewrite(inc.state, inc.identity, inc.initial).close()
+            except OSError:
+                _unlink(inc.state)  # no state at all is safe: the next run starts over
 
 
 class DigestMismatch(IntegrityError):
@@ -840,17 +936,24 @@ def _end_cap(ftype: FrameType) -> int:
     return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.END, FrameType.ERROR) else -1
 
 
-def _send_error(fs: FramedSocket, exc: StxError, *, generic: bool) -> None:
+def _send_error(
+    fs: FramedSocket, exc: StxError, *, generic: bool, channel: ControlChannel | None = None
+) -> None:
     """Tell the peer why, if the connection still works (ConnectError-coded errors make the
-    sender reconnect and retry; every other code ends the transfer)."""
+    sender reconnect and retry; every other code ends the transfer). Once a session exists the
+    ERROR is sealed: its text may name the file."""
     message = (
         "authentication failed"
         if generic and isinstance(exc, AuthError | ProtocolError)
         else str(exc)
     )
     code = exc.wire_code
+    body = ErrorMsg(code, message).encode()
     try:
-        fs.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
+        if channel is not None:
+            fs.send(channel.seal(FrameType.ERROR, body))
+        else:
+            fs.send(encode_frame(FrameType.ERROR, body))
     except StxError:
         pass
 

@@ -192,7 +192,9 @@ class _Transfer:
         ctl: FramedSocket,
         progress: ProgressFn | None,
         deadline: float | None,
+        channel: ControlChannel,
     ) -> None:
+        self.channel = channel
         self.run_state, self.md, self.session, self.opts = run, md, session, opts
         self.host, self.port, self.ctl, self.progress = host, port, ctl, progress
         self.queue: collections.deque[int] = collections.deque(needed)
@@ -229,11 +231,18 @@ class _Transfer:
             ipc.remove_dir(workdir)
 
     def _kill_workers(self) -> None:
+        """Stop every worker now: SIGTERM (a worker then flushes its last reports and exits,
+        even from a send blocked on a frozen stream), SIGKILL for any still there shortly."""
         for st in self.streams.values():
             if st.proc.poll() is None:
-                st.proc.kill()
+                st.proc.terminate()
+        deadline = time.monotonic() + 0.5
         for st in self.streams.values():
-            st.proc.wait()
+            try:
+                st.proc.wait(timeout=max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                st.proc.kill()
+                st.proc.wait()
 
     def _drain(self, pull: zmq.Socket) -> None:
         """Count the reports already here (a failed session's last 'sent' reports)."""
@@ -278,7 +287,7 @@ class _Transfer:
                 for identity in waiting:
                     self._on_request(router, identity, ["get", self._slot_of(identity)])
             if self.deadline is not None and now > self.deadline:
-                raise DeadlineReached(f"deadline of {self.opts.deadline:.0f} s reached")
+                raise DeadlineReached(f"deadline of {self.opts.deadline:g} s reached")
             if now - self.last_progress > self.opts.stall_timeout:
                 raise ConnectError(
                     f"transfer stalled: nothing acknowledged for {self.opts.stall_timeout:.0f} s"
@@ -396,8 +405,7 @@ class _Transfer:
     def _on_control(self) -> None:
         ftype, payload = self.ctl.recv_frame(cap=_control_cap)
         if ftype is FrameType.ERROR:
-            err = ErrorMsg.decode(payload)
-            raise error_from_wire(err.code, err.message)
+            raise sealed_error(self.channel, payload)
         raise ProtocolError(f"unexpected {ftype.name} on the control connection")
 
     def _check_workers(self, pull: zmq.Socket) -> None:
@@ -455,11 +463,21 @@ def handshake(ctl: FramedSocket, *, psk: bytes, timeout: float) -> SessionKeys:
     return hs.session
 
 
+def sealed_error(channel: ControlChannel, payload: bytes) -> StxError:
+    """The error a sealed ERROR frame stands for. After the handshake the receiver seals its
+    errors (they may name the file); an ERROR that does not open was injected by someone
+    without the key: it can only cost a reconnect."""
+    try:
+        err = ErrorMsg.decode(channel.open(FrameType.ERROR, payload))
+    except StxError:
+        return ConnectError("the control connection carried an unauthenticated ERROR")
+    return error_from_wire(err.code, err.message)
+
+
 def _expect_sealed(ctl: FramedSocket, channel: ControlChannel, want: FrameType) -> bytes:
     ftype, payload = ctl.recv_frame(cap=_control_cap)
     if ftype is FrameType.ERROR:
-        err = ErrorMsg.decode(payload)
-        raise error_from_wire(err.code, err.message)
+        raise sealed_error(channel, payload)
     if ftype is not want:
         raise ProtocolError(f"expected {want.name}, got {ftype.name}")
     return channel.open(ftype, payload)
@@ -533,6 +551,7 @@ def _session(
                 ctl=ctl,
                 progress=progress,
                 deadline=deadline,
+                channel=channel,
             ).run()
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
@@ -609,15 +628,13 @@ def send(
             raise
         except ConnectError as exc:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineReached(
-                    f"{exc} (deadline of {opts.deadline:.0f} s reached)"
-                ) from None
+                raise DeadlineReached(f"{exc} (deadline of {opts.deadline:g} s reached)") from None
             failures = 1 if run.complete > before else failures + 1
             delay = opts.backoff.delay(failures - 1)
             if failures > opts.max_retries:
                 raise ConnectError(f"{exc} (gave up after {failures} attempts)") from None
             if deadline is not None and time.monotonic() + delay > deadline:
-                raise ConnectError(f"{exc} (deadline of {opts.deadline:.0f} s reached)") from None
+                raise ConnectError(f"{exc} (deadline of {opts.deadline:g} s reached)") from None
             run.reconnects += 1
             if on_event is not None:
                 on_event("reconnecting", {"attempt": failures, "delay": delay, "reason": str(exc)})

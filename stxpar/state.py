@@ -142,6 +142,14 @@ class StateLog:
         return cls(path, fd)
 
     @classmethod
+    def rewrite(cls, path: Path, identity: Identity, records: list[tuple[int, bytes]]) -> StateLog:
+        """Replace the log atomically by one that holds exactly ``records``."""
+        log = cls.create(path, identity)
+        if records:
+            log.append(records)
+        return log
+
+    @classmethod
     def reopen(cls, path: Path, parsed: Parsed) -> StateLog:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
         os.ftruncate(fd, parsed.valid_len)  # drop a torn tail before appending after it

@@ -264,7 +264,8 @@ class ErrorMsg:
     @classmethod
     def decode(cls, payload: bytes) -> ErrorMsg:
         code, message = _unpack(payload, 2, "Error")
-        return cls(_int(code, "code", hi=255), _str(message, "message", max_len=800))
+        text = printable(_str(message, "message", max_len=800))
+        return cls(_int(code, "code", hi=255), text)
 
 
 # ---------------------------------------------------------------- control messages (sealed)
@@ -437,6 +438,11 @@ class Ack:
             tuple(_int(x, "block", hi=MAX_BLOCKS) for x in durable),
             tuple(_int(x, "block", hi=MAX_BLOCKS) for x in resend),
         )
+
+
+def printable(text: str) -> str:
+    """Peer-supplied text made safe for a terminal or a log line (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def blocks_for(size: int, block_size: int) -> int:

@@ -102,7 +102,7 @@ class StreamJob(threading.Thread):
         body = bytearray(BLOCK_HEADER.size + block_size + BLOCK_SUFFIX)
         body_view = memoryview(body)
         try:
-            fd = os.open(job["path"], os.O_WRONLY)
+            fd = os.open(job["path"], os.O_WRONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
         pending: list[tuple[int, bytes]] = []

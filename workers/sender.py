@@ -198,10 +198,15 @@ class Worker:
                 pass
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(1)  # unwinds through main()'s finally: the last reports are flushed
+
+
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGTERM, _stop)  # ...and says so with SIGTERM
     worker = Worker(ctl_endpoint, report_endpoint, int(slot), int(parent))
     try:
         worker.run()

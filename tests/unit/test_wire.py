@@ -97,7 +97,9 @@ def _fields(msg: Any) -> list[Any]:
 names = st.text(max_size=200).filter(lambda s: len(s.encode()) <= wire.MAX_NAME_BYTES)
 block_ints = st.integers(0, wire.MAX_BLOCKS)
 #: ERROR texts that survive encoding unchanged (at most ERROR_TEXT_BYTES of UTF-8).
-error_texts = st.text(max_size=300).filter(lambda s: len(s.encode()) <= ERROR_TEXT_BYTES)
+error_texts = st.text(max_size=300).filter(
+    lambda s: len(s.encode()) <= ERROR_TEXT_BYTES and s.isprintable()
+)
 
 
 @st.composite
@@ -243,7 +245,7 @@ def test_error_message_is_truncated_by_bytes_on_a_character_boundary(
 
 @pytest.mark.timeout(30)
 @FUZZ
-@given(st.integers(0, 255), st.text(max_size=1000))
+@given(st.integers(0, 255), st.text(max_size=1000).filter(str.isprintable))
 def test_error_message_truncation_property(code: int, message: str) -> None:
     payload = ErrorMsg(code=code, message=message).encode()
     # An ERROR frame is read under the handshake cap in every state: it always fits.
@@ -862,3 +864,23 @@ def test_fuzz_mutated_valid_payloads(cls: type[Any], data: st.DataObject) -> Non
         i = data.draw(st.integers(0, len(payload) - 1))
         payload[i] = data.draw(st.integers(0, 255))
     _decode_all(bytes(payload))
+
+
+@pytest.mark.timeout(30)
+@FUZZ
+@given(st.text(max_size=200))
+def test_error_text_from_a_peer_is_made_printable(message: str) -> None:
+    """An ERROR's text reaches terminals and logs: control characters (newlines, escape
+    sequences) become '?', everything printable stays."""
+    got = ErrorMsg.decode(ErrorMsg(code=1, message=message).encode()).message
+    assert got.isprintable()
+    assert len(got) == len(message)
+    for sent, shown in zip(message, got, strict=True):
+        assert shown == (sent if sent.isprintable() else "?")
+
+
+def test_error_text_with_escape_codes_cannot_forge_log_lines() -> None:
+    evil = "ok\nreceived /etc/passwd: 1 GiB\x1b[2K\r"
+    got = ErrorMsg.decode(ErrorMsg(code=1, message=evil).encode()).message
+    assert "\n" not in got and "\x1b" not in got and "\r" not in got
+    assert got == "ok?received /etc/passwd: 1 GiB?[2K?"
