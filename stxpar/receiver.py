@@ -65,6 +65,7 @@ from .wire import (
     Receipt,
     bitmap,
     encode_frame,
+    held_bytes,
 )
 
 #: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped".
@@ -652,11 +653,7 @@ class Receiver:
             forged = isinstance(exc, AuthError)
             discard = isinstance(exc, DigestMismatch) or (forged and not inc.initial)
             with inc.cond:
-                have = sum(
-                    min(inc.md.block_size, inc.md.size - i * inc.md.block_size)
-                    for i, v in enumerate(inc.received)
-                    if v
-                )
+                have = held_bytes(inc.received, size=inc.md.size, block_size=inc.md.block_size)
             if forged:
                 have = inc.resumed_bytes
             self._event(
@@ -766,9 +763,7 @@ class Receiver:
             digests=digests,
             count=sum(received),
             control=fs,
-            resumed_bytes=sum(
-                min(md.block_size, md.size - i * md.block_size) for i, v in enumerate(received) if v
-            ),
+            resumed_bytes=held_bytes(received, size=md.size, block_size=md.block_size),
             initial=[
                 (i, bytes(digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN]))
                 for i, v in enumerate(received)

@@ -54,7 +54,9 @@ from .wire import (
     Metadata,
     MetadataAck,
     Receipt,
+    block_len,
     blocks_for,
+    held_bytes,
 )
 
 #: progress(done_bytes, total_bytes): called from the coordinator's loop, a few times a second.
@@ -139,6 +141,7 @@ class _Run:
     acked: bytearray
     complete: int = 0
     blocks_sent: int = 0
+    done_bytes: int = 0
     blocks_resumed: int = -1
     bytes_resumed: int = 0
     retransmits: int = 0
@@ -157,14 +160,11 @@ class _Run:
             acked=bytearray(total),
         )
 
-    def done_bytes(self, block_size: int) -> int:
-        if self.complete == self.total:
-            return self.src.size
-        return sum(
-            min(block_size, self.src.size - i * block_size)
-            for i in range(self.total)
-            if self.acked[i] and self.have_digest[i]
-        )
+    def recount(self, block_size: int) -> None:
+        """Recompute what is complete (once per session; the data phase keeps it up to date)."""
+        done = bytes(a & d for a, d in zip(self.acked, self.have_digest, strict=True))
+        self.complete = len(done) - done.count(0)
+        self.done_bytes = held_bytes(done, size=self.src.size, block_size=block_size)
 
     def whole_digest(self, block_size: int) -> bytes:
         return file_digest(block_digests=self.digests, block_size=block_size, size=self.src.size)
@@ -294,7 +294,7 @@ class _Transfer:
                 )
             if self.progress is not None and now - last_report >= 0.2:
                 last_report = now
-                self.progress(r.done_bytes(self.md.block_size), r.src.size)
+                self.progress(r.done_bytes, r.src.size)
         if self.progress is not None:
             self.progress(r.src.size, r.src.size)
         for identity in self.parked:
@@ -383,6 +383,7 @@ class _Transfer:
         r = self.run_state
         if r.acked[seq] and r.have_digest[seq]:
             r.complete += 1
+            r.done_bytes += block_len(index=seq, size=r.src.size, block_size=self.md.block_size)
             self.last_progress = time.monotonic()
 
     def _replace(self, st: _Stream, why: str) -> None:
@@ -529,14 +530,12 @@ def _session(
             digest = ack.digests[k * DIGEST_LEN : (k + 1) * DIGEST_LEN]
             run.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
             run.have_digest[seq] = run.acked[seq] = 1
-        run.complete = sum(1 for i in range(run.total) if run.acked[i] and run.have_digest[i])
+        run.recount(md.block_size)
         if run.blocks_resumed < 0:
             run.blocks_resumed = len(held)
-            run.bytes_resumed = run.done_bytes(md.block_size)
+            run.bytes_resumed = run.done_bytes
             if held and on_event is not None:
-                on_event(
-                    "resuming", {"have_bytes": run.done_bytes(md.block_size), "bytes": src.size}
-                )
+                on_event("resuming", {"have_bytes": run.done_bytes, "bytes": src.size})
         needed = [i for i in range(run.total) if not (run.acked[i] and run.have_digest[i])]
         if needed:
             ctl.sock.settimeout(None)

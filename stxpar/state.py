@@ -27,7 +27,7 @@ import msgpack
 
 from .digest import DIGEST_LEN
 from .errors import ProtocolError
-from .wire import MAX_BLOCKS, MAX_NAME_BYTES, blocks_for
+from .wire import MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
 
 MAGIC = b"STXSTATE1\n"
 _U32 = struct.Struct(">I")
@@ -221,10 +221,6 @@ def find_partials(dest: Path, *, part_suffix: str, state_suffix: str, now: float
         else:
             ident = parsed.identity
             size, total, have = ident.size, ident.total_blocks, parsed.count
-            have_bytes = sum(
-                min(ident.block_size, ident.size - i * ident.block_size)
-                for i in range(total)
-                if parsed.have[i]
-            )
+            have_bytes = held_bytes(parsed.have, size=ident.size, block_size=ident.block_size)
         found.append(Partial(name, size, have_bytes, have, total, now - newest, tuple(files)))
     return found

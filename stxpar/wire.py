@@ -452,3 +452,13 @@ def blocks_for(size: int, block_size: int) -> int:
 
 def block_len(*, index: int, size: int, block_size: int) -> int:
     return min(block_size, size - index * block_size)
+
+
+def held_bytes(held: bytes | bytearray, *, size: int, block_size: int) -> int:
+    """Bytes covered by the blocks marked (non-zero) in a one-byte-per-block map."""
+    count = len(held) - bytes(held).count(0)
+    if count and held[-1]:  # the last block may be short
+        return (count - 1) * block_size + block_len(
+            index=len(held) - 1, size=size, block_size=block_size
+        )
+    return count * block_size
