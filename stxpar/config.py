@@ -71,7 +71,7 @@ class SendOptions:
     max_retries: int = 6
     #: Seconds for one TCP connect attempt.
     connect_timeout: float = 10.0
-    #: Seconds to wait for each handshake message from the receiver.
+    #: Seconds the whole handshake may take.
     handshake_timeout: float = 30.0
     #: Seconds without any acknowledged progress before the transfer counts as stalled.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT

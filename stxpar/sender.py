@@ -454,12 +454,21 @@ def handshake(ctl: FramedSocket, *, psk: bytes, timeout: float) -> SessionKeys:
     """Run the client side of the handshake over ``ctl``; return the session keys."""
     hs = ClientHandshake(psk=psk, now_ms=_now_ms())
     ctl.sock.settimeout(timeout)
-    for frame in hs.start():
-        ctl.send(frame)
-    while not hs.established:
-        ftype, payload = ctl.recv_frame(cap=handshake_cap)
-        for frame in hs.receive(ftype, payload, now_ms=_now_ms()):
+    outer = ctl.deadline
+    # The whole handshake, not each read, gets ``timeout``: a receiver that trickles bytes
+    # cannot hold the sender longer than that.
+    ctl.deadline = (
+        time.monotonic() + timeout if outer is None else min(outer, time.monotonic() + timeout)
+    )
+    try:
+        for frame in hs.start():
             ctl.send(frame)
+        while not hs.established:
+            ftype, payload = ctl.recv_frame(cap=handshake_cap)
+            for frame in hs.receive(ftype, payload, now_ms=_now_ms()):
+                ctl.send(frame)
+    finally:
+        ctl.deadline = outer
     assert hs.session is not None
     return hs.session
 

@@ -811,15 +811,6 @@ def test_no_receipt_after_end(
 # ---------------------------------------------------------------- (g) a trickling receiver
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the sender's handshake_timeout is a per-read socket timeout (sender.handshake), "
-    "not a deadline: a receiver WITHOUT the key that trickles SERVER_HELLO one byte at a time "
-    "holds send() for (frame bytes x handshake_timeout), about 44 min per frame at the defaults, "
-    "and can chain frames and code-4 ERRORs (reconnects) into hours; SendOptions documents it as "
-    "the time 'to wait for each handshake message'. The receiver bounds the same phase with "
-    "FramedSocket.deadline; the sender sets that only from --deadline.",
-)
 def test_trickled_server_hello_cannot_stretch_the_handshake(
     target: Target, fake_receiver: Callable[..., Fake]
 ) -> None:
