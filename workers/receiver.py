@@ -51,6 +51,12 @@ class StreamJob(threading.Thread):
         self.cancelled = False
 
     def run(self) -> None:
+        try:
+            self._run()
+        except zmq.ZMQError:
+            pass  # the worker is shutting down (its coordinator went away): nobody to tell
+
+    def _run(self) -> None:
         report = ipc.configure(self.owner.ctx.socket(zmq.PUSH), linger_ms=2000)
         report.connect(self.owner.report_endpoint)
         conn = FramedSocket(self.sock, peer="sender")
