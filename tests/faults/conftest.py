@@ -35,6 +35,7 @@ for _p in (str(_HERE.parent / "integration"), str(_HERE.parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from fault_relay import ProcGroup  # noqa: E402
 from itest_support import (  # noqa: E402
     STX,
     CliReceiver,
@@ -48,6 +49,7 @@ from itest_support import (  # noqa: E402
 )
 from tcp_relay import UP, Direction, RelayConnection, TcpRelay  # noqa: E402
 
+import stxpar  # noqa: E402
 from stxpar.digest import DIGEST_LEN, block_digest  # noqa: E402
 from stxpar.state import parse as parse_state  # noqa: E402
 
@@ -774,3 +776,34 @@ def kit() -> Any:
         workers_of = staticmethod(workers_of)
 
     return Kit
+
+
+# ---------------------------------------------------------------- shared by the relay tests
+
+
+@pytest.fixture
+def stx_key(scratch: Path) -> tuple[Path, bytes]:
+    path = scratch / "stx.key"
+    return path, make_keyfile(path)
+
+
+@pytest.fixture
+def dest(scratch: Path) -> Path:
+    path = scratch / "dst"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def receiver(dest: Path, stx_key: tuple[Path, bytes]) -> Iterator[stxpar.Receiver]:
+    with stxpar.Receiver(dest, psk=stx_key[1], host="127.0.0.1", port=0, workers=2) as r:
+        yield r
+
+
+@pytest.fixture
+def group(scratch: Path) -> Iterator[ProcGroup]:
+    g = ProcGroup(scratch / "logs")
+    try:
+        yield g
+    finally:
+        g.kill_all()

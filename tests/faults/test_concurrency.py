@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +37,6 @@ from itest_support import (
 import stxpar
 
 MB = 1 << 20
-
-
-@pytest.fixture
-def stx_key(scratch: Path) -> tuple[Path, bytes]:
-    path = scratch / "stx.key"
-    return path, make_keyfile(path)
-
-
-@pytest.fixture
-def group(scratch: Path) -> Iterator[ProcGroup]:
-    g = ProcGroup(scratch / "logs")
-    try:
-        yield g
-    finally:
-        g.kill_all()
 
 
 class Events:

@@ -27,7 +27,6 @@ from fault_relay import GateRelay, ProcGroup, send_args, start_receiver
 from itest_support import (
     assert_dest_exactly,
     assert_one_line_error,
-    make_keyfile,
     run_stx,
     sha256_file,
     wait_for,
@@ -40,21 +39,6 @@ PART_SUFFIX = ".stxpart"
 STATE_SUFFIX = ".stxstate"
 STATE_MAGIC = b"STXSTATE1\n"
 STATE_RECORD = struct.Struct(">I32sI")
-
-
-@pytest.fixture
-def stx_key(scratch: Path) -> tuple[Path, bytes]:
-    path = scratch / "stx.key"
-    return path, make_keyfile(path)
-
-
-@pytest.fixture
-def group(scratch: Path) -> Iterator[ProcGroup]:
-    g = ProcGroup(scratch / "logs")
-    try:
-        yield g
-    finally:
-        g.kill_all()
 
 
 @pytest.fixture

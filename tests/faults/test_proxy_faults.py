@@ -34,7 +34,6 @@ from itest_support import (
     assert_one_line_error,
     expected_digest,
     free_port,
-    make_keyfile,
     run_stx,
     sha256_file,
     wait_for,
@@ -53,25 +52,6 @@ TOTAL = SIZE // BLOCK
 
 
 @pytest.fixture
-def stx_key(scratch: Path) -> tuple[Path, bytes]:
-    path = scratch / "stx.key"
-    return path, make_keyfile(path)
-
-
-@pytest.fixture
-def dest(scratch: Path) -> Path:
-    path = scratch / "dst"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def receiver(dest: Path, stx_key: tuple[Path, bytes]) -> Iterator[stxpar.Receiver]:
-    with stxpar.Receiver(dest, psk=stx_key[1], host="127.0.0.1", port=0, workers=2) as r:
-        yield r
-
-
-@pytest.fixture
 def relays() -> Iterator[Callable[[FaultRelay], FaultRelay]]:
     """``relays(SomeRelay(...))`` starts it; every relay is stopped at teardown."""
     started: list[FaultRelay] = []
@@ -85,15 +65,6 @@ def relays() -> Iterator[Callable[[FaultRelay], FaultRelay]]:
     finally:
         for r in started:
             r.stop()
-
-
-@pytest.fixture
-def group(scratch: Path) -> Iterator[ProcGroup]:
-    g = ProcGroup(scratch / "logs")
-    try:
-        yield g
-    finally:
-        g.kill_all()
 
 
 @pytest.fixture

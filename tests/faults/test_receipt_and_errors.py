@@ -5,12 +5,12 @@ Real receiver (API, worker processes), real `stx send` processes, a fault relay 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fault_relay import FaultRelay, Frame, Truncate, damage_block
-from itest_support import BLOCK, make_keyfile, run_stx, sha256_file, write_random
+from itest_support import BLOCK, run_stx, sha256_file, wait_for, write_random
 from tcp_relay import RelayConnection
 
 import stxpar
@@ -22,33 +22,26 @@ TOTAL = SIZE // BLOCK
 T_END = 0x09
 
 
-@pytest.fixture
-def stx_key(scratch: Path) -> tuple[Path, bytes]:
-    path = scratch / "stx.key"
-    return path, make_keyfile(path)
-
-
-@pytest.fixture
-def dest(scratch: Path) -> Path:
-    path = scratch / "dst"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def receiver(dest: Path, stx_key: tuple[Path, bytes]) -> Iterator[stxpar.Receiver]:
-    with stxpar.Receiver(dest, psk=stx_key[1], host="127.0.0.1", port=0, workers=2) as r:
-        yield r
-
-
 def via(relay: FaultRelay) -> str:
     return f"127.0.0.1:{relay.port}"
 
 
 def send_args(src: Path, address: str, keyfile: Path, *extra: str) -> list[str]:
     return [
-        "send", str(src), address, "--psk-file", str(keyfile), "--workers", "2",
-        "--block-size", str(BLOCK), "--json", "--quiet", "--stall-timeout", "5", *extra,
+        "send",
+        str(src),
+        address,
+        "--psk-file",
+        str(keyfile),
+        "--workers",
+        "2",
+        "--block-size",
+        str(BLOCK),
+        "--json",
+        "--quiet",
+        "--stall-timeout",
+        "5",
+        *extra,
     ]
 
 
@@ -95,9 +88,10 @@ class ResetThenForge(FaultRelay):
     """Session 1: reset the control connection after ``after`` BLOCK frames (the sender
     reconnects and resumes). Session 2: forge the first BLOCK frame it carries."""
 
-    def __init__(self, target: tuple[str, int], *, after: int) -> None:
+    def __init__(self, target: tuple[str, int], *, after: int, recorded: Callable[[], int]) -> None:
         super().__init__(target)
         self.after = after
+        self.recorded = recorded
         self.blocks = 0
         self.controls = 0
         self.forged = 0
@@ -125,6 +119,9 @@ class ResetThenForge(FaultRelay):
                 self.forged += forge
         if session == 1:
             if cut_control:
+                # The premise: session 1 has recorded blocks (its workers acknowledge in
+                # batches, so give the receiver a moment to log what it already holds).
+                wait_for(lambda: self.recorded() > 0, timeout=10)
                 for c in self.snapshot():
                     if self.kind_of(c) == "control" and c.state.get("session") == 1:
                         c.close()
@@ -142,11 +139,17 @@ def test_a_forgery_in_a_resumed_session_forgets_only_that_session(
     src = scratch / "payload.bin"
     write_random(src, SIZE)
     data = src.read_bytes()
-    with ResetThenForge(receiver.address, after=TOTAL // 2) as relay:
+    statep = dest / f".{src.name}.stxstate"
+
+    def recorded() -> int:
+        state = load_state(statep)
+        return 0 if state is None else state.count
+
+    with ResetThenForge(receiver.address, after=TOTAL // 2, recorded=recorded) as relay:
         run = run_stx(*send_args(src, via(relay), stx_key[0]))
     assert relay.forged == 1, relay.log
     assert run.rc == 3, run.stderr
-    state = load_state(dest / f".{src.name}.stxstate")
+    state = load_state(statep)
     assert state is not None, "the earlier session's progress was thrown away"
     claimed = [i for i in range(TOTAL) if state.have[i]]
     assert claimed, "nothing of the first session is kept"
