@@ -86,7 +86,9 @@ def safe_name(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     if not base or base in (".", "..") or base.startswith("."):
         raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in base) or len(base.encode()) > 255:
+    # No control or format characters at all (C0, DEL, C1, bidi overrides...): the name ends up
+    # in log lines and terminals.
+    if not base.isprintable() or len(base.encode()) > 255:
         raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
     return base
 

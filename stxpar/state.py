@@ -143,7 +143,9 @@ class StateLog:
 
     @classmethod
     def rewrite(cls, path: Path, identity: Identity, records: list[tuple[int, bytes]]) -> StateLog:
-        """Replace the log atomically by one that holds exactly ``records``."""
+        """Replace the log by one that holds exactly ``records``. The new header replaces the
+        old file atomically and the records follow: a crash in between leaves a log that
+        claims fewer blocks, never more."""
         log = cls.create(path, identity)
         if records:
             log.append(records)

@@ -56,6 +56,8 @@ REFUSED = [
     "del\x7f",
     "x" * 256,
     "é" * 128,  # 256 bytes of UTF-8
+    "evil\u202etxt.exe",  # a bidi override would disguise the name in logs
+    "c1\x85control",
 ]
 
 STORED = {
@@ -69,7 +71,6 @@ STORED = {
     f"sub/dir/{TOKEN}": TOKEN,
     f"./{TOKEN}": TOKEN,
     "ünïcödé.bin": "ünïcödé.bin",
-    "evil\u202etxt.exe": "evil\u202etxt.exe",  # a bidi override is not a control character
     "x" * 200: "x" * 200,
 }
 
