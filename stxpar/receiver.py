@@ -184,7 +184,6 @@ class _Pool:
         self.load = [0] * n
         self.where: dict[tuple[bytes, int], int] = {}
         self.lock = threading.Lock()
-        self.replaced = 0
         for _ in range(n):
             self.members.append(self._spawn())
 
@@ -210,7 +209,6 @@ class _Pool:
                 self.members[i] = self._spawn()
                 self.load[i] = 0
                 self.where = {k: v for k, v in self.where.items() if v != i}
-                self.replaced += 1
 
     def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
         """Give a verified data stream to the least busy live worker; ConnectError if none

@@ -5,7 +5,7 @@ Theory of operation
 The coordinator owns the control connection and the session keys. It never sends file data.
 It binds two ZeroMQ sockets in a private directory: a ROUTER on which workers ask for work
 (``hello`` -> ``setup``, ``get`` -> ``blocks [...]`` | ``done``) and a PULL on which they report
-(``joined``, ``sent`` with block digests, ``acked`` with durable blocks, ``retransmit``,
+(``sent`` with block digests, ``acked`` with durable blocks, ``retransmit``,
 ``error``). Work is a shared pull queue of block indices handed out in small batches, so a slow
 stream never holds the tail. A block is complete when it is acknowledged as durable by the
 receiver and its digest is known; when every needed block is complete the coordinator sends

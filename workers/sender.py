@@ -126,7 +126,6 @@ class Worker:
         self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
         reader = threading.Thread(target=self.read_acks, name="acks", daemon=True)
         reader.start()
-        self.report.send(ipc.pack("joined", self.slot, self.stream))
         while True:
             msg = self.request("get", self.slot)
             if msg[0] == "blocks":
