@@ -35,7 +35,7 @@ import zmq
 
 from . import ipc
 from .config import check_workers
-from .digest import DIGEST_LEN, file_digest
+from .digest import BLOCK_DIGEST_LEN, file_digest
 from .errors import (
     AuthError,
     ConnectError,
@@ -145,7 +145,7 @@ class _Incoming:
 
     def held_digests(self) -> bytes:
         return b"".join(
-            self.digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN]
+            self.digests[i * BLOCK_DIGEST_LEN : (i + 1) * BLOCK_DIGEST_LEN]
             for i, v in enumerate(self.received)
             if v
         )
@@ -552,7 +552,7 @@ class Receiver:
         fresh = [
             (seq, bytes(d))
             for seq, d in blocks
-            if isinstance(seq, int) and 0 <= seq < len(inc.received) and len(d) == DIGEST_LEN
+            if isinstance(seq, int) and 0 <= seq < len(inc.received) and len(d) == BLOCK_DIGEST_LEN
         ]
         with inc.cond:
             if inc.failure is not None or inc.closed or inc.superseded:
@@ -564,7 +564,7 @@ class Receiver:
                 inc.cond.notify_all()
                 return
             for seq, digest in fresh:
-                inc.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+                inc.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
                 if not inc.received[seq]:
                     inc.received[seq] = 1
                     inc.count += 1
@@ -722,7 +722,7 @@ class Receiver:
             )
             self._event("restarting", file=ident.name, reason=reason)
         received = bytearray(md.total_blocks)
-        digests = bytearray(md.total_blocks * DIGEST_LEN)
+        digests = bytearray(md.total_blocks * BLOCK_DIGEST_LEN)
         recent = None if resumable else self._just_completed(final, ident)
         complete = recent is not None
         log: StateLog | NullLog
@@ -765,7 +765,7 @@ class Receiver:
             control=fs,
             resumed_bytes=held_bytes(received, size=md.size, block_size=md.block_size),
             initial=[
-                (i, bytes(digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN]))
+                (i, bytes(digests[i * BLOCK_DIGEST_LEN : (i + 1) * BLOCK_DIGEST_LEN]))
                 for i, v in enumerate(received)
                 if v
             ],

@@ -29,7 +29,7 @@ import zmq
 
 from . import ipc
 from .config import SendOptions, TransferResult
-from .digest import DIGEST_LEN, file_digest
+from .digest import BLOCK_DIGEST_LEN, file_digest
 from .errors import (
     ConnectError,
     IntegrityError,
@@ -155,7 +155,7 @@ class _Run:
             src=src,
             run_id=os.urandom(16),
             total=total,
-            digests=bytearray(total * DIGEST_LEN),
+            digests=bytearray(total * BLOCK_DIGEST_LEN),
             have_digest=bytearray(total),
             acked=bytearray(total),
         )
@@ -357,8 +357,8 @@ class _Transfer:
         r = self.run_state
         if verb == "sent":
             for seq, digest in msg[2]:
-                if 0 <= seq < r.total and len(digest) == DIGEST_LEN:
-                    r.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+                if 0 <= seq < r.total and len(digest) == BLOCK_DIGEST_LEN:
+                    r.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
                     r.blocks_sent += 1
                     if not r.have_digest[seq]:
                         r.have_digest[seq] = 1
@@ -536,8 +536,8 @@ def _session(
         # not in it now (the receiver died before recording it) is sent again.
         run.acked[:] = bytes(run.total)
         for k, seq in enumerate(held):
-            digest = ack.digests[k * DIGEST_LEN : (k + 1) * DIGEST_LEN]
-            run.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+            digest = ack.digests[k * BLOCK_DIGEST_LEN : (k + 1) * BLOCK_DIGEST_LEN]
+            run.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
             run.have_digest[seq] = run.acked[seq] = 1
         run.recount(md.block_size)
         if run.blocks_resumed < 0:

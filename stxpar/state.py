@@ -2,11 +2,11 @@
 
 Layout of ``.NAME.stxstate``::
 
-    magic      b"STXSTATE1\\n"                       10 bytes
+    magic      b"STXSTATE2\\n"                       10 bytes
     u32        header length H
     header     msgpack [name, size, mtime_ns, block_size, file_id]   H bytes
     u32        CRC-32 of the header
-    records    u32 seq | 32-byte block digest | u32 CRC-32(seq || digest)   40 bytes each
+    records    u32 seq | 16-byte block digest | u32 CRC-32(seq || digest)   24 bytes each
 
 The header is written to a temporary file, fsynced and renamed into place, so a state file
 either has a whole header or does not exist. A record is appended only after the block's bytes
@@ -25,13 +25,12 @@ from pathlib import Path
 
 import msgpack
 
-from .digest import DIGEST_LEN
 from .errors import ProtocolError
-from .wire import MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
+from .wire import BLOCK_DIGEST_LEN, MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
 
-MAGIC = b"STXSTATE1\n"
+MAGIC = b"STXSTATE2\n"  # 2: 16-byte XXH3-128 block digests (1 had 32-byte BLAKE3)
 _U32 = struct.Struct(">I")
-_RECORD = struct.Struct(f">I{DIGEST_LEN}sI")
+_RECORD = struct.Struct(f">I{BLOCK_DIGEST_LEN}sI")
 RECORD_LEN = _RECORD.size
 MAX_HEADER = MAX_NAME_BYTES + 256
 
@@ -60,7 +59,7 @@ class Identity:
 class Parsed:
     identity: Identity
     have: bytearray  # one byte per block: 1 = durable
-    digests: bytearray  # DIGEST_LEN bytes per block
+    digests: bytearray  # BLOCK_DIGEST_LEN bytes per block
     valid_len: int  # bytes of the file that parsed cleanly (where the next record goes)
 
     @property
@@ -107,14 +106,14 @@ def parse(data: bytes) -> Parsed:
     if total > MAX_BLOCKS:
         raise ProtocolError("damaged state header")
     have = bytearray(total)
-    digests = bytearray(total * DIGEST_LEN)
+    digests = bytearray(total * BLOCK_DIGEST_LEN)
     pos = start + hlen + 4
     while pos + RECORD_LEN <= len(data):
         seq, digest, rcrc = _RECORD.unpack_from(data, pos)
-        if zlib.crc32(data[pos : pos + 4 + DIGEST_LEN]) != rcrc or seq >= total:
+        if zlib.crc32(data[pos : pos + 4 + BLOCK_DIGEST_LEN]) != rcrc or seq >= total:
             break
         have[seq] = 1
-        digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN] = digest
+        digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
         pos += RECORD_LEN
     return Parsed(ident, have, digests, pos)
 

@@ -36,11 +36,12 @@ TAG_LEN = 16
 NONCE_LEN = 32
 PUBKEY_LEN = 32
 MAC_LEN = 32
-DIGEST_LEN = 32
+DIGEST_LEN = 32  # the whole-file digest (END, RECEIPT)
+BLOCK_DIGEST_LEN = 16  # one block's digest (METADATA_ACK, the state log)
 
 #: Caps on payload length, enforced before allocation.
 MAX_HANDSHAKE_PAYLOAD = 512
-MAX_CONTROL_PAYLOAD = 136 << 20  # METADATA_ACK: bitmap + 32 bytes per held block
+MAX_CONTROL_PAYLOAD = 72 << 20  # METADATA_ACK: bitmap + 16 bytes per held block
 MAX_ACK_PAYLOAD = 64 << 10
 MAX_NAME_BYTES = 1024
 MIN_BLOCK_SIZE = 4 << 10
@@ -348,7 +349,7 @@ class MetadataAck:
         held = [i for i in range(total_blocks) if self.have[i // 8] >> (i % 8) & 1]
         if total_blocks % 8 and self.have[-1] >> (total_blocks % 8):
             raise ProtocolError("resume bitmap marks blocks past the end")
-        if len(self.digests) != DIGEST_LEN * len(held):
+        if len(self.digests) != BLOCK_DIGEST_LEN * len(held):
             raise ProtocolError("resume digests do not match the bitmap")
         return held
 

@@ -38,7 +38,7 @@ from itest_support import CliRun, assert_no_secrets, assert_one_line_error, regi
 
 import stxpar
 from stxpar import keyschedule as ks
-from stxpar.digest import DIGEST_LEN, block_digest, file_digest
+from stxpar.digest import BLOCK_DIGEST_LEN, FILE_DIGEST_LEN, block_digest, file_digest
 from stxpar.errors import (
     AuthError,
     ConnectError,
@@ -570,13 +570,13 @@ def test_key_holder_claims_every_block_then_sends_a_wrong_receipt(
 
     def serve(fake: Fake, fs: FramedSocket, index: int) -> None:
         _, channel, md = admit(fake, fs)
-        bogus = os.urandom(DIGEST_LEN * md.total_blocks)
+        bogus = os.urandom(BLOCK_DIGEST_LEN * md.total_blocks)
         fs.send(claim_all(channel, md, bogus))
         end = read_end(fs, channel, md)
         # the sender folded the bogus digests in (threat model §7.3), nothing else
         assert end.digest == file_digest(block_digests=bogus, block_size=BLOCK, size=SIZE)
         if lie == "wrong-digest":
-            receipt = Receipt(digest=os.urandom(DIGEST_LEN), size=md.size)
+            receipt = Receipt(digest=os.urandom(FILE_DIGEST_LEN), size=md.size)
         else:
             receipt = Receipt(digest=end.digest, size=md.size + 1)
         fs.send(channel.seal(FrameType.RECEIPT, receipt.encode()))

@@ -50,7 +50,7 @@ from itest_support import (  # noqa: E402
 from tcp_relay import UP, Direction, RelayConnection, TcpRelay  # noqa: E402
 
 import stxpar  # noqa: E402
-from stxpar.digest import DIGEST_LEN, block_digest  # noqa: E402
+from stxpar.digest import BLOCK_DIGEST_LEN, block_digest  # noqa: E402
 from stxpar.state import parse as parse_state  # noqa: E402
 
 PART_SUFFIX = ".stxpart"
@@ -377,7 +377,7 @@ def check_state_claims(dest: Path, src: Source, block_size: int) -> StateCheck:
             f = open(dest / name, "rb")
         with f:
             for i in claimed:
-                recorded = bytes(parsed.digests[i * DIGEST_LEN : (i + 1) * DIGEST_LEN])
+                recorded = bytes(parsed.digests[i * BLOCK_DIGEST_LEN : (i + 1) * BLOCK_DIGEST_LEN])
                 assert recorded == digests[i], f"state records a wrong digest for block {i}"
                 f.seek(i * block_size)
                 got = f.read(block_size)

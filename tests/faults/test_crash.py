@@ -12,7 +12,7 @@ slows the bytes down).
 
 Right after every SIGKILL, before anything is restarted, the receiver's state file must be
 readable and every block it claims must be in the partial file, byte for byte, with the
-source's BLAKE3 digest. Then: a dead sender is run again (it resumes); a dead receiver
+source's block digest. Then: a dead sender is run again (it resumes); a dead receiver
 coordinator is restarted on the same port and the running sender reconnects by itself (or, if
 it already gave up with exit 4, is run again); a dead worker of either side is replaced and the
 same sender run succeeds. Every scenario ends with the destination equal to the source (sha256)

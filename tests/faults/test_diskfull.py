@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blake3 import blake3
 from fault_relay import GateRelay, ProcGroup, send_args, start_receiver
 from itest_support import (
     assert_dest_exactly,
@@ -32,13 +31,14 @@ from itest_support import (
     wait_for,
     write_random,
 )
+from xxhash import xxh3_128_digest
 
 import stxpar
 
 PART_SUFFIX = ".stxpart"
 STATE_SUFFIX = ".stxstate"
-STATE_MAGIC = b"STXSTATE1\n"
-STATE_RECORD = struct.Struct(">I32sI")
+STATE_MAGIC = b"STXSTATE2\n"
+STATE_RECORD = struct.Struct(">I16sI")
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def small_fs(scratch: Path) -> Iterator[Path]:
 
 def read_state(path: Path) -> dict[int, bytes]:
     """The blocks a ``.NAME.stxstate`` claims, read from the documented layout (not with
-    stxpar): magic, u32 header length, header, u32 CRC, then 40-byte records ``u32 seq |
-    digest[32] | u32 CRC-32(seq || digest)``; a torn or damaged record ends the log."""
+    stxpar): magic, u32 header length, header, u32 CRC, then 24-byte records ``u32 seq |
+    digest[16] | u32 CRC-32(seq || digest)``; a torn or damaged record ends the log."""
     data = path.read_bytes()
     assert data.startswith(STATE_MAGIC), "the state file lost its header"
     (hlen,) = struct.unpack_from(">I", data, len(STATE_MAGIC))
@@ -79,7 +79,7 @@ def read_state(path: Path) -> dict[int, bytes]:
     claims: dict[int, bytes] = {}
     while pos + STATE_RECORD.size <= len(data):
         seq, digest, crc = STATE_RECORD.unpack_from(data, pos)
-        if zlib.crc32(data[pos : pos + 36]) != crc:
+        if zlib.crc32(data[pos : pos + 20]) != crc:
             break
         claims[seq] = digest
         pos += STATE_RECORD.size
@@ -88,14 +88,14 @@ def read_state(path: Path) -> dict[int, bytes]:
 
 def assert_state_consistent(dest: Path, src: Path, block_size: int) -> dict[int, bytes]:
     """Every block the state claims is, in the partial file, exactly the source's block, and
-    the claimed digest is that block's BLAKE3."""
+    the claimed digest is that block's XXH3-128."""
     claims = read_state(dest / f".{src.name}{STATE_SUFFIX}")
     part = (dest / f".{src.name}{PART_SUFFIX}").read_bytes()
     data = src.read_bytes()
     assert len(part) == len(data), "the partial file changed size"
     for seq, digest in claims.items():
         want = data[seq * block_size : (seq + 1) * block_size]
-        assert blake3(want).digest() == digest, f"state has a wrong digest for block {seq}"
+        assert xxh3_128_digest(want) == digest, f"state has a wrong digest for block {seq}"
         assert part[seq * block_size : seq * block_size + len(want)] == want, (
             f"state claims block {seq}, but the partial file does not hold it"
         )

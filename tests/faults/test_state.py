@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stxpar.digest import DIGEST_LEN, block_digest
+from stxpar.digest import BLOCK_DIGEST_LEN, block_digest
 from stxpar.errors import ProtocolError
 from stxpar.state import (
     MAGIC,
@@ -60,7 +60,7 @@ def claimed(p: Parsed) -> set[int]:
 
 
 def digest_at(p: Parsed, seq: int) -> bytes:
-    return bytes(p.digests[seq * DIGEST_LEN : (seq + 1) * DIGEST_LEN])
+    return bytes(p.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN])
 
 
 def header_with_body(body: bytes) -> bytes:
@@ -72,12 +72,12 @@ def header_with_body(body: bytes) -> bytes:
 
 
 def test_constants_match_the_documented_layout() -> None:
-    assert MAGIC == b"STXSTATE1\n"
-    assert RECORD_LEN == 4 + DIGEST_LEN + 4 == 40
+    assert MAGIC == b"STXSTATE2\n"
+    assert RECORD_LEN == 4 + BLOCK_DIGEST_LEN + 4 == 24
     rec = encode_record(7, digest_of(7))
     assert rec[:4] == struct.pack(">I", 7)
-    assert rec[4:36] == digest_of(7)
-    assert rec[36:] == struct.pack(">I", zlib.crc32(rec[:36]))
+    assert rec[4:20] == digest_of(7)
+    assert rec[20:] == struct.pack(">I", zlib.crc32(rec[:20]))
     hdr = encode_header(IDENT)
     (hlen,) = struct.unpack_from(">I", hdr, len(MAGIC))
     body = hdr[len(MAGIC) + 4 : len(MAGIC) + 4 + hlen]
@@ -97,7 +97,7 @@ def test_header_only_round_trip() -> None:
     assert p.identity == IDENT
     assert p.identity.total_blocks == TOTAL
     assert len(p.have) == TOTAL and p.count == 0
-    assert bytes(p.digests) == bytes(TOTAL * DIGEST_LEN)
+    assert bytes(p.digests) == bytes(TOTAL * BLOCK_DIGEST_LEN)
     assert p.valid_len == len(data)
 
 
@@ -111,7 +111,7 @@ def test_header_and_records_round_trip(seqs: list[int]) -> None:
     for s in seqs:
         assert digest_at(p, s) == digest_of(s)
     for s in set(range(TOTAL)) - set(seqs):
-        assert digest_at(p, s) == bytes(DIGEST_LEN)
+        assert digest_at(p, s) == bytes(BLOCK_DIGEST_LEN)
     assert p.valid_len == len(data)
 
 
@@ -243,7 +243,7 @@ def test_flipped_byte_in_a_record_stops_parsing_there(pos: int, flip: int) -> No
     assert claimed(p) == set(before), "a damaged record (or one after it) was claimed"
     assert p.valid_len == len(head)
     for s in [bad, *after]:
-        assert digest_at(p, s) == bytes(DIGEST_LEN)
+        assert digest_at(p, s) == bytes(BLOCK_DIGEST_LEN)
 
 
 def test_damaged_record_then_reopen_drops_it_and_what_follows(scratch: Path) -> None:
@@ -365,10 +365,10 @@ def oracle(tail: bytes, total: int) -> dict[int, bytes]:
     while pos + RECORD_LEN <= len(tail):
         rec = tail[pos : pos + RECORD_LEN]
         (seq,) = struct.unpack_from(">I", rec)
-        (crc,) = struct.unpack_from(">I", rec, 4 + DIGEST_LEN)
-        if zlib.crc32(rec[: 4 + DIGEST_LEN]) != crc or seq >= total:
+        (crc,) = struct.unpack_from(">I", rec, 4 + BLOCK_DIGEST_LEN)
+        if zlib.crc32(rec[: 4 + BLOCK_DIGEST_LEN]) != crc or seq >= total:
             break
-        out[seq] = rec[4 : 4 + DIGEST_LEN]
+        out[seq] = rec[4 : 4 + BLOCK_DIGEST_LEN]
         pos += RECORD_LEN
     return out
 
@@ -376,7 +376,7 @@ def oracle(tail: bytes, total: int) -> dict[int, bytes]:
 def check_parsed(p: Parsed, tail: bytes) -> None:
     total = p.identity.total_blocks
     assert len(p.have) == total
-    assert len(p.digests) == total * DIGEST_LEN
+    assert len(p.digests) == total * BLOCK_DIGEST_LEN
     want = oracle(tail, total)
     assert claimed(p) == set(want), "claimed a block no well-formed record names"
     for seq, digest in want.items():
@@ -417,7 +417,7 @@ def record_soup(draw: st.DrawFn, total: int) -> bytes:
     for _ in range(draw(st.integers(0, 12))):
         kind = draw(st.sampled_from(["good", "good", "good", "flip", "range", "junk", "short"]))
         seq = draw(st.integers(0, max(0, total - 1)))
-        digest = draw(st.binary(min_size=DIGEST_LEN, max_size=DIGEST_LEN))
+        digest = draw(st.binary(min_size=BLOCK_DIGEST_LEN, max_size=BLOCK_DIGEST_LEN))
         rec = bytearray(encode_record(seq, digest))
         if kind == "flip":
             pos = draw(st.integers(0, RECORD_LEN - 1))
@@ -455,8 +455,8 @@ def test_fuzz_valid_header_then_arbitrary_tail(ident: Identity, data: st.DataObj
     while (n + 1) * RECORD_LEN <= len(body):
         rec = body[n * RECORD_LEN : (n + 1) * RECORD_LEN]
         (seq,) = struct.unpack_from(">I", rec)
-        (crc,) = struct.unpack_from(">I", rec, 4 + DIGEST_LEN)
-        if zlib.crc32(rec[: 4 + DIGEST_LEN]) != crc or seq >= ident.total_blocks:
+        (crc,) = struct.unpack_from(">I", rec, 4 + BLOCK_DIGEST_LEN)
+        if zlib.crc32(rec[: 4 + BLOCK_DIGEST_LEN]) != crc or seq >= ident.total_blocks:
             break
         n += 1
     assert p.valid_len == len(encode_header(ident)) + n * RECORD_LEN

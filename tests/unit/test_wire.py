@@ -208,7 +208,7 @@ BOUNDARY_MESSAGES = [
     Ack(durable=(wire.MAX_BLOCKS,), resend=(0,)),
     MetadataAck(have=b""),
     MetadataAck(have=b"\xff" * ((wire.MAX_BLOCKS + 7) // 8), digests=b""),
-    MetadataAck(have=b"", digests=bytes(wire.DIGEST_LEN * 1000)),
+    MetadataAck(have=b"", digests=bytes(wire.BLOCK_DIGEST_LEN * 1000)),
 ]
 
 
@@ -267,7 +267,7 @@ def test_error_message_truncation_property(code: int, message: str) -> None:
 
 def test_limits_are_as_documented() -> None:
     assert wire.MAX_BLOCKS == 1 << 22
-    assert wire.MAX_CONTROL_PAYLOAD == 136 << 20
+    assert wire.MAX_CONTROL_PAYLOAD == 72 << 20
     assert wire.MAX_HANDSHAKE_PAYLOAD == 512
 
 
@@ -312,7 +312,7 @@ def test_metadata_block_count_limit(block_size: int) -> None:
 
 
 def _digests(indices: list[int]) -> bytes:
-    return b"".join(bytes([i % 251]) * wire.DIGEST_LEN for i in indices)
+    return b"".join(bytes([i % 251]) * wire.BLOCK_DIGEST_LEN for i in indices)
 
 
 @pytest.mark.parametrize(
@@ -401,7 +401,7 @@ def test_held_refuses_a_bitmap_of_the_wrong_length(have: bytes, total: int) -> N
 def test_held_refuses_bits_past_the_end(have: bytes, total: int) -> None:
     # The digests match the set bits (past the end included), so only the range check refuses.
     n = sum(bin(b).count("1") for b in have)
-    ack = MetadataAck(have=have, digests=bytes(wire.DIGEST_LEN * n))
+    ack = MetadataAck(have=have, digests=bytes(wire.BLOCK_DIGEST_LEN * n))
     with pytest.raises(ProtocolError, match="past the end"):
         ack.held(total)
 
@@ -417,14 +417,14 @@ def test_held_refuses_bits_past_the_end(have: bytes, total: int) -> None:
     ],
 )
 def test_held_refuses_a_digest_count_mismatch(have: bytes, total: int, n_digests: int) -> None:
-    ack = MetadataAck(have=have, digests=bytes(wire.DIGEST_LEN * n_digests))
+    ack = MetadataAck(have=have, digests=bytes(wire.BLOCK_DIGEST_LEN * n_digests))
     with pytest.raises(ProtocolError, match="digests"):
         ack.held(total)
 
 
-@pytest.mark.parametrize("extra", [1, -1, wire.DIGEST_LEN // 2])
+@pytest.mark.parametrize("extra", [1, -1, wire.BLOCK_DIGEST_LEN // 2])
 def test_held_refuses_digests_that_are_not_whole(extra: int) -> None:
-    ack = MetadataAck(have=b"\x05", digests=bytes(2 * wire.DIGEST_LEN + extra))
+    ack = MetadataAck(have=b"\x05", digests=bytes(2 * wire.BLOCK_DIGEST_LEN + extra))
     with pytest.raises(ProtocolError):
         ack.held(3)
 
@@ -434,7 +434,7 @@ def test_largest_metadata_ack_fits_the_control_cap() -> None:
     # Every block of a MAX_BLOCKS file held: the bitmap plus a digest per block, sealed (+16
     # bytes of tag), must fit MAX_CONTROL_PAYLOAD; and it decodes and validates.
     total = wire.MAX_BLOCKS
-    ack = MetadataAck(have=b"\xff" * (total // 8), digests=bytes(wire.DIGEST_LEN * total))
+    ack = MetadataAck(have=b"\xff" * (total // 8), digests=bytes(wire.BLOCK_DIGEST_LEN * total))
     payload = ack.encode()
     assert len(payload) + wire.TAG_LEN <= wire.MAX_CONTROL_PAYLOAD
     decoded = MetadataAck.decode(payload)
