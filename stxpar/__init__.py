@@ -5,7 +5,8 @@ Programs use :func:`send` and :class:`Receiver`; the ``stx`` command wraps both.
 
 from __future__ import annotations
 
-from .config import SendOptions, TransferResult
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthError,
     ConnectError,
@@ -15,10 +16,39 @@ from .errors import (
     StxError,
     UsageError,
 )
-from .psk import generate as generate_key
-from .psk import load_key_file
-from .receiver import ReceivedFile, Receiver
-from .sender import send
+
+if TYPE_CHECKING:
+    from .config import SendOptions, TransferResult
+    from .psk import generate as generate_key
+    from .psk import load_key_file
+    from .receiver import ReceivedFile, Receiver
+    from .sender import send
+
+# The API is imported on first use, so that worker processes (``stxpar.workers.*``) start
+# without loading the coordinators, psutil and the handshake: start-up is on every transfer's
+# critical path.
+_LAZY = {
+    "SendOptions": ("config", "SendOptions"),
+    "TransferResult": ("config", "TransferResult"),
+    "generate_key": ("psk", "generate"),
+    "load_key_file": ("psk", "load_key_file"),
+    "ReceivedFile": ("receiver", "ReceivedFile"),
+    "Receiver": ("receiver", "Receiver"),
+    "send": ("sender", "send"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'stxpar' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

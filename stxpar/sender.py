@@ -127,6 +127,7 @@ class _Stream:
     assigned: set[int] = field(default_factory=set)
     done: bool = False
     dead: bool = False
+    sent: int = 0  # blocks this worker has sent, as of its latest report
 
 
 @dataclass
@@ -170,6 +171,62 @@ class _Run:
         return file_digest(block_digests=self.digests, block_size=block_size, size=self.src.size)
 
 
+class _Pool:
+    """One session's worker processes and the ZeroMQ sockets they talk to.
+
+    Started before the handshake, so that the workers' start-up (an interpreter and its
+    imports, about 0.1 s each) overlaps the connection and handshake round trips; a worker
+    says ``hello`` at once and waits for its ``setup`` until the data phase begins. ``close``
+    stops whatever is still running and removes the private directory.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.workdir = ipc.private_dir("stx-send-")
+        self.zctx = zmq.Context()
+        self.streams: dict[int, _Stream] = {}
+        self.next_slot = 0
+        try:
+            self.router = ipc.configure(self.zctx.socket(zmq.ROUTER))
+            self.pull = ipc.configure(self.zctx.socket(zmq.PULL))
+            self.ctl_ep = f"ipc://{self.workdir}/ctl"
+            self.rep_ep = f"ipc://{self.workdir}/report"
+            self.router.bind(self.ctl_ep)
+            self.pull.bind(self.rep_ep)
+            for _ in range(width):
+                self.spawn()
+        except BaseException:
+            self.close()
+            raise
+
+    def spawn(self) -> _Stream:
+        slot = self.next_slot
+        self.next_slot += 1
+        proc = ipc.spawn_worker(
+            "stxpar.workers.sender", self.ctl_ep, self.rep_ep, str(slot), str(os.getpid())
+        )
+        st = self.streams[slot] = _Stream(slot=slot, proc=proc)
+        return st
+
+    def kill(self) -> None:
+        """Stop every worker now: SIGTERM (a worker then flushes its last reports and exits,
+        even from a send blocked on a frozen stream), SIGKILL for any still there shortly."""
+        for st in self.streams.values():
+            if st.proc.poll() is None:
+                st.proc.terminate()
+        deadline = time.monotonic() + 0.5
+        for st in self.streams.values():
+            try:
+                st.proc.wait(timeout=max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                st.proc.kill()
+                st.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self.zctx.destroy(linger=0)
+        ipc.remove_dir(self.workdir)
+
+
 class _Transfer:
     """One session's data phase: the pool, the pull queue, the accounting.
 
@@ -193,74 +250,46 @@ class _Transfer:
         progress: ProgressFn | None,
         deadline: float | None,
         channel: ControlChannel,
+        pool: _Pool,
     ) -> None:
         self.channel = channel
+        self.pool = pool
+        self.streams = pool.streams
         self.run_state, self.md, self.session, self.opts = run, md, session, opts
         self.host, self.port, self.ctl, self.progress = host, port, ctl, progress
         self.queue: collections.deque[int] = collections.deque(needed)
-        self.streams: dict[int, _Stream] = {}
         self.parked: list[bytes] = []
         self.next_stream = 0
-        self.next_slot = 0
         self.width = max(1, min(opts.workers or 1, len(needed)))
+        for st in list(self.streams.values())[self.width :]:
+            st.dead = True  # more workers started than there are blocks left: sent home
         self.replacements_left = 2 * self.width + 2
         self.last_progress = time.monotonic()
         self.deadline = deadline
-        self._ctl_ep = self._rep_ep = ""
 
     def run(self) -> None:
-        workdir = ipc.private_dir("stx-send-")
-        zctx = zmq.Context()
-        router = ipc.configure(zctx.socket(zmq.ROUTER))
-        pull = ipc.configure(zctx.socket(zmq.PULL))
+        router, pull = self.pool.router, self.pool.pull
         try:
-            self._ctl_ep, self._rep_ep = f"ipc://{workdir}/ctl", f"ipc://{workdir}/report"
-            router.bind(self._ctl_ep)
-            pull.bind(self._rep_ep)
-            for _ in range(self.width):
-                self._spawn()
             self.run_state.width = max(self.run_state.width, self.width)
             self._loop(router, pull)
             self._stop_workers(router)
         except BaseException:
-            self._kill_workers()  # a failed session must not wait for stuck streams
+            self.pool.kill()  # a failed session must not wait for stuck streams
             raise
         finally:
             self._drain(pull)
-            zctx.destroy(linger=0)
-            ipc.remove_dir(workdir)
-
-    def _kill_workers(self) -> None:
-        """Stop every worker now: SIGTERM (a worker then flushes its last reports and exits,
-        even from a send blocked on a frozen stream), SIGKILL for any still there shortly."""
-        for st in self.streams.values():
-            if st.proc.poll() is None:
-                st.proc.terminate()
-        deadline = time.monotonic() + 0.5
-        for st in self.streams.values():
-            try:
-                st.proc.wait(timeout=max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                st.proc.kill()
-                st.proc.wait()
 
     def _drain(self, pull: zmq.Socket) -> None:
-        """Count the reports already here (a failed session's last 'sent' reports)."""
+        """Count the reports already here (a failed session's last sent counts)."""
         try:
             while pull.poll(100):  # until quiet: reports may still be in the kernel's buffers
                 msg = ipc.unpack(pull.recv())
-                if msg[0] in ("sent", "retransmit"):
+                if msg[0] in ("acked", "sent"):
+                    self._count_sent(msg)
+                elif msg[0] == "retransmit":
                     self._on_report(msg)
         except (zmq.ZMQError, StxError, ValueError):
             pass
-
-    def _spawn(self) -> None:
-        slot = self.next_slot
-        self.next_slot += 1
-        proc = ipc.spawn_worker(
-            "stxpar.workers.sender", self._ctl_ep, self._rep_ep, str(slot), str(os.getpid())
-        )
-        self.streams[slot] = _Stream(slot=slot, proc=proc)
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -355,21 +384,22 @@ class _Transfer:
         verb, slot = msg[0], msg[1]
         st = self.streams.get(slot)
         r = self.run_state
-        if verb == "sent":
+        if verb == "acked":
+            # [(seq, digest)]: the worker's digest of each block it sent, b"" for a block the
+            # receiver acknowledged that this worker never sent (counted, never complete).
+            self._count_sent(msg)
             for seq, digest in msg[2]:
-                if 0 <= seq < r.total and len(digest) == BLOCK_DIGEST_LEN:
+                if not (0 <= seq < r.total) or (r.acked[seq] and r.have_digest[seq]):
+                    continue
+                if len(digest) == BLOCK_DIGEST_LEN:
                     r.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
-                    r.blocks_sent += 1
-                    if not r.have_digest[seq]:
-                        r.have_digest[seq] = 1
-                        self._maybe_complete(seq)
-        elif verb == "acked":
-            for seq in msg[2]:
-                if 0 <= seq < r.total and not r.acked[seq]:
-                    r.acked[seq] = 1
-                    if st is not None:
-                        st.assigned.discard(seq)
-                    self._maybe_complete(seq)
+                    r.have_digest[seq] = 1
+                r.acked[seq] = 1
+                if st is not None:
+                    st.assigned.discard(seq)
+                self._maybe_complete(seq)
+        elif verb == "sent":
+            self._count_sent(msg)
         elif verb == "retransmit":
             r.retransmits += 1
         elif verb == "error" and st is not None:
@@ -378,6 +408,15 @@ class _Transfer:
                 raise error_from_code(code, message)
             if not st.dead:
                 self._replace(st, message)
+
+    def _count_sent(self, msg: list) -> None:
+        """``acked`` reports end with the worker's running count of blocks sent; ``sent``, the
+        worker's last words, is that count alone."""
+        st = self.streams.get(msg[1])
+        count = msg[-1]
+        if st is not None and isinstance(count, int) and count > st.sent:
+            self.run_state.blocks_sent += count - st.sent
+            st.sent = count
 
     def _maybe_complete(self, seq: int) -> None:
         r = self.run_state
@@ -390,7 +429,7 @@ class _Transfer:
         """Put a failed stream's unfinished blocks back on the queue; start a new stream."""
         st.dead = True
         if st.proc.poll() is None:
-            st.proc.kill()
+            st.proc.terminate()  # it reports its count of blocks sent and exits (close() waits)
         r = self.run_state
         back = sorted(seq for seq in st.assigned if not (r.acked[seq] and r.have_digest[seq]))
         self.queue.extendleft(reversed(back))
@@ -401,7 +440,7 @@ class _Transfer:
             raise ConnectError(f"data streams keep failing ({why})")
         self.replacements_left -= 1
         r.streams_replaced += 1
-        self._spawn()
+        self.pool.spawn()
 
     def _on_control(self) -> None:
         ftype, payload = self.ctl.recv_frame(cap=_control_cap)
@@ -511,7 +550,13 @@ def _session(
     timeout = opts.connect_timeout
     if deadline is not None:
         timeout = min(timeout, max(0.01, deadline - time.monotonic()))
-    sock = connect(host, port, max_retries=0, timeout=timeout)
+    pool = _Pool(min(opts.workers or 1, run.total)) if run.complete < run.total else None
+    try:
+        sock = connect(host, port, max_retries=0, timeout=timeout)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     ctl = FramedSocket(sock, peer=f"{host}:{port}")
     ctl.deadline = deadline  # no read of this session may outlive --deadline
     try:
@@ -546,7 +591,9 @@ def _session(
             if held and on_event is not None:
                 on_event("resuming", {"have_bytes": run.done_bytes, "bytes": src.size})
         needed = [i for i in range(run.total) if not (run.acked[i] and run.have_digest[i])]
-        if needed:
+        if needed and pool is None:  # the receiver lost blocks acknowledged earlier
+            pool = _Pool(min(opts.workers or 1, len(needed)))
+        if needed and pool is not None:
             ctl.sock.settimeout(None)
             _Transfer(
                 run=run,
@@ -560,7 +607,11 @@ def _session(
                 progress=progress,
                 deadline=deadline,
                 channel=channel,
+                pool=pool,
             ).run()
+        if pool is not None:
+            pool.close()  # before END: the workers are done, or were never needed
+            pool = None
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
         # The receiver fsyncs and renames before it answers; no answer for stall_timeout is a
@@ -570,6 +621,8 @@ def _session(
         if receipt.digest != digest or receipt.size != src.size:
             raise IntegrityError("the receiver's receipt does not match the file sent")
     finally:
+        if pool is not None:
+            pool.close()
         ctl.close()
 
 

@@ -1,10 +1,12 @@
 """Sender worker: one TCP stream, pulls block lists from the coordinator over ZeroMQ.
 
-Main thread: ``get`` -> ``blocks [..]`` -> for each block pread into a reused buffer, digest,
-seal into a reused frame buffer, send; report the digests (``sent``). Reader thread: reads the
-receiver's MAC'd acks, reports durable blocks (``acked``) straight to the coordinator and hands
-resend requests to the main thread. Any failure is reported (``error``) and ends the process.
-The worker never sees the PSK or any other stream's key.
+Main thread: ``get`` -> ``blocks [..]`` (the next ``get`` goes out at once, so the following
+batch is waiting by the time this one is sent) -> for each block pread into a reused buffer,
+digest, seal into a reused frame buffer, send. Reader thread: reads the receiver's MAC'd acks
+and reports durable blocks to the coordinator (``acked``) together with their digests, which
+the main thread recorded before the block went out; hands resend requests to the main thread.
+Any failure is reported (``error``) and ends the process. The worker never sees the PSK or any
+other stream's key.
 """
 
 from __future__ import annotations
@@ -59,12 +61,19 @@ class Worker:
         self.slot = slot
         self.parent = parent
         self.resend: queue.Queue[int] = queue.Queue()
+        #: Digests of blocks sent and not yet acknowledged (the main thread adds, the reader
+        #: thread takes; single dict operations are atomic under the GIL).
+        self.digests: dict[int, bytes] = {}
+        self.sent = 0
         self.failed = threading.Event()
         self.finishing = threading.Event()
 
     # -- coordinator link
     def request(self, *fields: Any) -> list[Any]:
         self.dealer.send(ipc.pack(*fields))
+        return self.reply()
+
+    def reply(self) -> list[Any]:
         while True:
             if self.dealer.poll(POLL_MS):
                 return ipc.unpack(self.dealer.recv())
@@ -126,13 +135,12 @@ class Worker:
         self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
         reader = threading.Thread(target=self.read_acks, name="acks", daemon=True)
         reader.start()
-        while True:
-            msg = self.request("get", self.slot)
-            if msg[0] == "blocks":
-                for seq in msg[1]:
-                    self.send_block(int(seq))
-            elif msg[0] == "done":
-                break
+        msg = self.request("get", self.slot)
+        while msg[0] == "blocks":
+            self.dealer.send(ipc.pack("get", self.slot))  # the next batch, while this one goes
+            for seq in msg[1]:
+                self.send_block(int(seq))
+            msg = self.reply()
         self.finishing.set()
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -141,15 +149,16 @@ class Worker:
         reader.join(timeout=30)
 
     def send_block(self, seq: int) -> None:
-        """Read, digest, seal and send one block. The digest is reported before the block goes
-        out, so the coordinator always knows it by the time the block is acknowledged."""
+        """Read, digest, seal and send one block. The digest is recorded before the block goes
+        out, so it is there when the block's acknowledgement arrives."""
         self.drain_resends()
         n = block_len(index=seq, size=self.size, block_size=self.block_size)
         plain = self.view[:n]
         got = os.preadv(self.fd, [plain], seq * self.block_size)
         if got != n:
             raise IntegrityError("the source file shrank during the transfer")
-        self.report.send(ipc.pack("sent", self.slot, [(seq, block_digest(plain))]))
+        self.digests[seq] = block_digest(plain)
+        self.sent += 1  # counted as it starts: a block cut short on the wire still went out
         self.conn.send(self.sealer.seal(seq, plain))
 
     def drain_resends(self) -> None:
@@ -180,7 +189,8 @@ class Worker:
                     raise ProtocolError(f"unexpected {ftype.name} on a data stream")
                 ack = Ack.decode(self.acks.open(payload))
                 if ack.durable:
-                    report.send(ipc.pack("acked", self.slot, list(ack.durable)))
+                    done = [(seq, self.digests.pop(seq, b"")) for seq in ack.durable]
+                    report.send(ipc.pack("acked", self.slot, done, self.sent))
                 for seq in ack.resend:
                     self.resend.put(seq)
         except BaseException as exc:  # report every failure, then stop the worker
@@ -216,6 +226,12 @@ def main(argv: list[str]) -> int:
         worker.fail(worker.report, exc)
         return 1
     finally:
+        # The final count of blocks sent (the ``acked`` reports carry it too, but blocks sent
+        # after the last ack -- a session that failed -- are only counted here).
+        try:
+            worker.report.send(ipc.pack("sent", worker.slot, worker.sent), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         worker.ctx.destroy(linger=200)
 
 
