@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -969,9 +970,19 @@ def _size_of(path: Path) -> int:
 
 
 def _create_preallocated(path: Path, size: int) -> None:
+    """Create the partial file at its full size, its blocks allocated (``posix_fallocate``):
+    no fragmentation, and a disk that cannot hold it says so now.
+
+    Not on tmpfs, where the file is only sized: preallocating there allocates every page up
+    front, serially, before the first block may arrive (0.2 s per 2 GiB on the 2-core test
+    machine), for nothing a RAM file system needs. The free-space check before this call still
+    refuses a file that cannot fit; a tmpfs that fills up later fails a write cleanly.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        if size:
+        if size and _is_tmpfs(fd):
+            os.ftruncate(fd, size)
+        elif size:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
@@ -997,6 +1008,25 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_TMPFS_MAGIC = 0x01021994
+
+
+def _is_tmpfs(fd: int) -> bool:
+    """Whether ``fd`` lives on tmpfs (Linux ``fstatfs``; False wherever that cannot be told)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux)
+        if libc.fstatfs(fd, buf) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return ctypes.c_long.from_buffer(buf).value == _TMPFS_MAGIC  # f_type is the first field
 
 
 def _free_bytes(path: Path) -> int:

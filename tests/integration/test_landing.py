@@ -1,0 +1,147 @@
+"""How a receiver worker puts verified blocks into the partial file (``workers/receiver.py``
+``Lander``) and how the partial file is made (``receiver._create_preallocated``), on real files:
+tmpfs and the disk under the system temporary directory, a small tmpfs mounted to fill up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stxpar.workers.receiver import Lander
+
+from stxpar.errors import RejectedError
+from stxpar.receiver import _create_preallocated, _is_tmpfs
+
+pytestmark = pytest.mark.timeout(60)
+
+BLOCK = 100_003  # not a multiple of the page size: every block but the first is unaligned
+
+
+def _on_tmpfs(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _is_tmpfs(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(params=["tmpfs", "disk"])
+def where(request: pytest.FixtureRequest) -> Iterator[Path]:
+    if request.param == "tmpfs":
+        if not os.path.isdir("/dev/shm") or not _on_tmpfs(Path("/dev/shm")):
+            pytest.skip("no tmpfs at /dev/shm")
+        base = "/dev/shm"
+    else:
+        base = os.environ.get("STX_DISK_TMP", "/var/tmp")
+        if not os.path.isdir(base) or _on_tmpfs(Path(base)):
+            pytest.skip(f"{base} is not a disk file system")
+    with tempfile.TemporaryDirectory(prefix="stx-land-", dir=base) as d:
+        yield Path(d)
+
+
+def _blocks(n: int, last: int) -> list[bytes]:
+    return [os.urandom(BLOCK) for _ in range(n - 1)] + [os.urandom(last)]
+
+
+def test_blocks_land_through_mappings_in_any_order(where: Path) -> None:
+    blocks = _blocks(5, 777)
+    size = sum(map(len, blocks))
+    part = where / ".f.stxpart"
+    _create_preallocated(part, size)
+    fd = os.open(part, os.O_RDWR)
+    try:
+        lander = Lander(fd)
+        for i in (3, 0, 4, 1, 2):
+            lander.write(memoryview(blocks[i]), i * BLOCK)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert lander.mapped and lander.mapped_blocks == 5, "the blocks did not go through mappings"
+    assert part.read_bytes() == b"".join(blocks)
+
+
+def test_a_file_that_cannot_be_mapped_there_falls_back_to_pwrite(where: Path) -> None:
+    """The partial file is shorter than the block's range (someone cut it): no mapping (which
+    would raise SIGBUS past the end), the block is written with pwrite, and later blocks too."""
+    part = where / ".f.stxpart"
+    part.write_bytes(b"")
+    fd = os.open(part, os.O_RDWR)
+    try:
+        lander = Lander(fd)
+        one, two = os.urandom(BLOCK), os.urandom(BLOCK)
+        lander.write(memoryview(one), 0)
+        lander.write(memoryview(two), BLOCK)
+    finally:
+        os.close(fd)
+    assert not lander.mapped and lander.mapped_blocks == 0
+    assert part.read_bytes() == one + two
+
+
+def test_partial_file_is_preallocated_on_disk_and_only_sized_on_tmpfs(where: Path) -> None:
+    size = 64 << 20
+    part = where / ".f.stxpart"
+    _create_preallocated(part, size)
+    st = part.stat()
+    assert st.st_size == size
+    assert st.st_mode & 0o777 == 0o600
+    if _on_tmpfs(where):
+        assert st.st_blocks == 0, "tmpfs pages were allocated up front"
+    else:
+        assert st.st_blocks * 512 >= size, "the disk blocks were not preallocated"
+
+
+_FILL = """
+import os, sys
+from stxpar.errors import RejectedError
+from stxpar.workers.receiver import Lander
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 4 << 20)  # sized, nothing allocated: the 1 MiB tmpfs cannot back it
+lander = Lander(fd)
+try:
+    lander.write(memoryview(os.urandom(4 << 20)), 0)
+except RejectedError as exc:
+    print("refused:", exc, "| mapped blocks:", lander.mapped_blocks)
+else:
+    print("written?")
+"""
+
+
+def test_full_tmpfs_is_a_clean_disk_error_not_sigbus(tmp_path: Path) -> None:
+    """Writing through a mapping into memory the file system cannot provide would be SIGBUS;
+    the populate call fails instead, and pwrite then reports the full disk as an error."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", os.fspath(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {proc.stderr.strip()}")
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", _FILL, os.fspath(mnt / ".f.stxpart")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True, timeout=10)
+    assert run.returncode == 0, f"the writer died (signal {-run.returncode}): {run.stderr}"
+    assert run.stdout.startswith("refused:") and "No space left" in run.stdout, run.stdout
+    assert "mapped blocks: 0" in run.stdout
+
+
+def test_rejected_error_is_what_a_write_failure_raises(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(RejectedError, match="write failed"):
+            Lander(fd).write(memoryview(b"x" * 10), 0)
+    finally:
+        os.close(fd)
