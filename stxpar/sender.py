@@ -268,16 +268,21 @@ class _Transfer:
         self.deadline = deadline
 
     def run(self) -> None:
-        router, pull = self.pool.router, self.pool.pull
+        """Until every needed block is complete. The workers are still winding down then:
+        ``finish`` waits for them, after END and RECEIPT have crossed."""
         try:
             self.run_state.width = max(self.run_state.width, self.width)
-            self._loop(router, pull)
-            self._stop_workers(router)
+            self._loop(self.pool.router, self.pool.pull)
         except BaseException:
             self.pool.kill()  # a failed session must not wait for stuck streams
+            self._drain(self.pool.pull)
             raise
+
+    def finish(self) -> None:
+        try:
+            self._stop_workers(self.pool.router)
         finally:
-            self._drain(pull)
+            self._drain(self.pool.pull)
 
     def _drain(self, pull: zmq.Socket) -> None:
         """Count the reports already here (a failed session's last sent counts)."""
@@ -593,9 +598,10 @@ def _session(
         needed = [i for i in range(run.total) if not (run.acked[i] and run.have_digest[i])]
         if needed and pool is None:  # the receiver lost blocks acknowledged earlier
             pool = _Pool(min(opts.workers or 1, len(needed)))
+        transfer: _Transfer | None = None
         if needed and pool is not None:
             ctl.sock.settimeout(None)
-            _Transfer(
+            transfer = _Transfer(
                 run=run,
                 md=md,
                 session=session,
@@ -608,9 +614,10 @@ def _session(
                 deadline=deadline,
                 channel=channel,
                 pool=pool,
-            ).run()
-        if pool is not None:
-            pool.close()  # before END: the workers are done, or were never needed
+            )
+            transfer.run()
+        elif pool is not None:
+            pool.close()  # never needed
             pool = None
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
@@ -620,6 +627,8 @@ def _session(
         receipt = Receipt.decode(_expect_sealed(ctl, channel, FrameType.RECEIPT))
         if receipt.digest != digest or receipt.size != src.size:
             raise IntegrityError("the receiver's receipt does not match the file sent")
+        if transfer is not None:
+            transfer.finish()  # the workers wound down while END and RECEIPT crossed
     finally:
         if pool is not None:
             pool.close()
