@@ -187,6 +187,24 @@ class _Pool:
         self.lock = threading.Lock()
         for _ in range(n):
             self.members.append(self._spawn())
+        self._await_ready()
+
+    def _await_ready(self, timeout: float = 10.0) -> None:
+        """Wait until every worker has started (its interpreter and imports take ~0.1 s each),
+        so that "listening" means a transfer can start at full speed. A worker that dies or
+        is slow is not waited for past ``timeout``: replace_dead() and hand_over() cope."""
+        deadline = time.monotonic() + timeout
+        for chan, _ in self.members:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            chan.settimeout(left)
+            try:
+                chan.recv(16)  # b"ready", or b"" from a worker that died
+            except OSError:
+                pass
+            finally:
+                chan.settimeout(None)
 
     def _spawn(self) -> tuple[socket.socket, subprocess.Popen[bytes]]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

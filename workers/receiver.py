@@ -289,6 +289,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     worker = Worker(int(channel_fd), report_endpoint)
     try:
+        worker.channel.send(b"ready")  # the coordinator waits for this before "listening"
+    except OSError:
+        return 0  # the coordinator is already gone
+    try:
         worker.run()
     finally:
         worker.ctx.destroy(linger=500)

@@ -102,3 +102,19 @@ def test_api_transfer_arrives_identical(
         assert seen, "progress was never called"
         assert seen[-1] == (size, size)
         assert all(0 <= d <= t == size for d, t in seen)
+
+
+@pytest.mark.timeout(60)
+def test_receiver_is_ready_when_start_returns(shm_dir: Path, module_key: bytes) -> None:
+    """"listening" means the worker processes are up, imports done, not merely spawned: a
+    sender that starts right away does not share the CPU with their start-up."""
+    dest = shm_dir / "ready"
+    dest.mkdir()
+    with stxpar.Receiver(dest, psk=module_key, host="127.0.0.1", port=0, workers=2) as r:
+        assert r._pool is not None
+        procs = [proc for _, proc in r._pool.members]
+        assert len(procs) == 2
+        for proc in procs:
+            assert proc.poll() is None, "a worker died at start"
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert "cryptography" in maps and "zmq" in maps, "worker still starting"
