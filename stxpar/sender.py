@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 The coordinator owns the control connection and the session keys. It never sends file data.
-It binds two ZeroMQ sockets in a private directory: a ROUTER on which workers ask for work
-(``hello`` -> ``setup``, ``get`` -> ``blocks [...]`` | ``done``) and a PULL on which they report
-(``sent`` with block digests, ``acked`` with durable blocks, ``retransmit``,
-``error``). Work is a shared pull queue of block indices handed out in small batches, so a slow
+It starts its workers (``_Pool``) before it connects, and binds two ZeroMQ sockets in a private
+directory: a ROUTER on which workers ask for work (``hello`` -> ``setup``, ``get`` ->
+``blocks [...]`` | ``done``) and a PULL on which they report (``acked`` with durable blocks and
+their digests, ``sent`` with a worker's final count, ``retransmit``, ``error``). Work is a shared pull queue of block indices handed out in small batches, so a slow
 stream never holds the tail. A block is complete when it is acknowledged as durable by the
 receiver and its digest is known; when every needed block is complete the coordinator sends
 END with the whole-file digest and succeeds only on a valid RECEIPT.

@@ -4,8 +4,9 @@ The coordinator accepts each TCP connection, checks its JOIN proof, and passes t
 socket here with SCM_RIGHTS over a SEQPACKET socketpair (a kernel socket cannot travel over
 ZeroMQ), together with that stream's secret and the file to write. One thread per stream:
 read a BLOCK frame into a reused buffer, check the CRC (damaged: ask again, bounded), decrypt
-into a reused buffer (tag fails: authentication failure, the stream ends), ``pwrite`` at the
-block's offset, digest. Blocks are acknowledged in batches after ``fdatasync``: the worker first
+into a reused buffer (tag fails: authentication failure, the stream ends), copy the verified
+plaintext into the partial file at the block's offset (``Lander``: a populated shared mapping,
+``pwrite`` where that is not possible), digest. Blocks are acknowledged in batches after ``fdatasync``: the worker first
 reports ``blocks`` (index and digest) to the coordinator over ZeroMQ, then sends the sender a
 MAC'd ACK, so nothing is acknowledged that is not durable and known to the coordinator.
 """
