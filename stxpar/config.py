@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-
-import psutil
 
 from . import keyschedule as ks
 from .errors import UsageError
@@ -19,8 +18,14 @@ DEFAULT_STALL_TIMEOUT = 60.0
 
 
 def default_workers() -> int:
-    """One worker per logical CPU, between 2 and 8 (see docs/tuning.md)."""
-    cpus = psutil.cpu_count(logical=True) or 1
+    """One worker per CPU this process may run on, between 2 and 8 (see docs/tuning.md).
+
+    ``sched_getaffinity`` counts the CPUs of a cpuset or ``taskset``, not all of the machine's.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
     return max(2, min(8, cpus))
 
 
