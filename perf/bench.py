@@ -501,6 +501,17 @@ class Bench:
     def run_rounds(self) -> None:
         self.configs = self.build_configs()
         n = len(self.configs)
+        # Untimed warm-up: one run of every tool (its first configuration). The first transfer
+        # after the source was written, whichever tool it is, runs on a colder machine (fresh
+        # memory from the hypervisor, cold caches) and would always penalise the same one.
+        seen: set[str] = set()
+        for cfg in self.configs[: n if self.args.warmup else 0]:
+            if cfg.tool in seen:
+                continue
+            seen.add(cfg.tool)
+            time.sleep(self.args.pause)
+            rec = self.run_once(cfg)
+            self.progress(f"[warm-up, not counted] {cfg.label}", rec, self.size)
         for r in range(self.args.rounds):
             order = self.configs if r % 2 == 0 else list(reversed(self.configs))
             for i, cfg in enumerate(order):
@@ -835,6 +846,7 @@ class Bench:
             "cwd": os.getcwd(),
             "size": self.size,
             "rounds": a.rounds,
+            "warmup": a.warmup,
             "source_dir": a.dir,
             "real_disk": a.real_disk,
             "machine": machine_info(),
@@ -873,7 +885,8 @@ class Bench:
             + "); loopback 127.0.0.1"
         )
         L.append(
-            f"- {m['rounds']} round(s), configurations round-robin in alternating order; load average"
+            f"- {m['rounds']} round(s){' after an untimed warm-up run of each tool' if m.get('warmup') else ''},"
+            " configurations round-robin in alternating order; load average"
             f" {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at the end; harness CPU"
             f" {m['harness_cpu_s']} s"
         )
@@ -1199,6 +1212,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--interval", type=float, default=0.05, help="RSS sampling interval, s (default 0.05)"
     )
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between runs (default 1)")
+    ap.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up run of each tool before the rounds",
+    )
     ap.add_argument(
         "--resume-gap",
         type=float,
