@@ -1,13 +1,15 @@
 """How a receiver worker puts verified blocks into the partial file (``workers/receiver.py``
 ``Lander``) and how the partial file is made (``receiver._create_preallocated``), on real files:
-tmpfs and the disk under the system temporary directory, a small tmpfs mounted to fill up."""
+tmpfs and a disk directory, a small tmpfs mounted to fill up."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,12 +50,12 @@ def _blocks(n: int, last: int) -> list[bytes]:
     return [os.urandom(BLOCK) for _ in range(n - 1)] + [os.urandom(last)]
 
 
-def test_blocks_land_through_mappings_in_any_order(where: Path) -> None:
+def test_blocks_land_in_any_order_at_unaligned_offsets(where: Path) -> None:
     blocks = _blocks(5, 777)
     size = sum(map(len, blocks))
     part = where / ".f.stxpart"
     _create_preallocated(part, size)
-    fd = os.open(part, os.O_RDWR)
+    fd = os.open(part, os.O_WRONLY)
     try:
         lander = Lander(fd)
         for i in (3, 0, 4, 1, 2):
@@ -61,25 +63,32 @@ def test_blocks_land_through_mappings_in_any_order(where: Path) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    assert lander.mapped and lander.mapped_blocks == 5, "the blocks did not go through mappings"
+    assert lander.locking
     assert part.read_bytes() == b"".join(blocks)
 
 
-def test_a_file_that_cannot_be_mapped_there_falls_back_to_pwrite(where: Path) -> None:
-    """The partial file is shorter than the block's range (someone cut it): no mapping (which
-    would raise SIGBUS past the end), the block is written with pwrite, and later blocks too."""
+def test_one_writer_at_a_time(where: Path) -> None:
+    """Each write holds an exclusive flock on its own descriptor: while another descriptor of
+    the file holds it (another stream), a write waits, then lands."""
     part = where / ".f.stxpart"
-    part.write_bytes(b"")
-    fd = os.open(part, os.O_RDWR)
+    _create_preallocated(part, 2 * BLOCK)
+    other = os.open(part, os.O_WRONLY)
+    fd = os.open(part, os.O_WRONLY)
+    data = os.urandom(BLOCK)
     try:
-        lander = Lander(fd)
-        one, two = os.urandom(BLOCK), os.urandom(BLOCK)
-        lander.write(memoryview(one), 0)
-        lander.write(memoryview(two), BLOCK)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        writer = threading.Thread(target=Lander(fd).write, args=(memoryview(data), BLOCK))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive(), "the write did not wait for the other writer"
+        assert part.read_bytes()[BLOCK:] == bytes(BLOCK)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        writer.join(10)
+        assert not writer.is_alive()
     finally:
         os.close(fd)
-    assert not lander.mapped and lander.mapped_blocks == 0
-    assert part.read_bytes() == one + two
+        os.close(other)
+    assert part.read_bytes()[BLOCK:] == data
 
 
 def test_partial_file_is_preallocated_on_disk_and_only_sized_on_tmpfs(where: Path) -> None:
@@ -99,21 +108,19 @@ _FILL = """
 import os, sys
 from stxpar.errors import RejectedError
 from stxpar.workers.receiver import Lander
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
-os.ftruncate(fd, 4 << 20)  # sized, nothing allocated: the 1 MiB tmpfs cannot back it
-lander = Lander(fd)
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+os.ftruncate(fd, 4 << 20)  # sized, nothing allocated: the 1 MiB tmpfs cannot hold it
 try:
-    lander.write(memoryview(os.urandom(4 << 20)), 0)
+    Lander(fd).write(memoryview(os.urandom(4 << 20)), 0)
 except RejectedError as exc:
-    print("refused:", exc, "| mapped blocks:", lander.mapped_blocks)
+    print("refused:", exc)
 else:
     print("written?")
 """
 
 
-def test_full_tmpfs_is_a_clean_disk_error_not_sigbus(tmp_path: Path) -> None:
-    """Writing through a mapping into memory the file system cannot provide would be SIGBUS;
-    the populate call fails instead, and pwrite then reports the full disk as an error."""
+def test_full_tmpfs_is_a_clean_disk_error(tmp_path: Path) -> None:
+    """A block that does not fit: the short write is an error naming the full disk."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     proc = subprocess.run(
@@ -135,7 +142,6 @@ def test_full_tmpfs_is_a_clean_disk_error_not_sigbus(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True, timeout=10)
     assert run.returncode == 0, f"the writer died (signal {-run.returncode}): {run.stderr}"
     assert run.stdout.startswith("refused:") and "No space left" in run.stdout, run.stdout
-    assert "mapped blocks: 0" in run.stdout
 
 
 def test_rejected_error_is_what_a_write_failure_raises(tmp_path: Path) -> None:
