@@ -63,7 +63,7 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
         ]
         send_argv = ["socat", "-u", "-b", "1048576", f"OPEN:{src}", f"TCP:127.0.0.1:{port}"]
     else:
-        py = str(Path(tree) / ".venv" / "bin" / "python")
+        py = str(Path(tree).resolve() / ".venv" / "bin" / "python")
         recv_argv = [
             py,
             "-m",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         key = work / "key"
         stx = next((c for c in args.candidates if c.partition("@")[0] != "socat"), None)
         if stx is not None:
-            py = str(Path(stx.partition("@")[0]) / ".venv" / "bin" / "python")
+            py = str(Path(stx.partition("@")[0]).resolve() / ".venv" / "bin" / "python")
             subprocess.run([py, "-m", "stxpar.cli", "keygen", "-o", str(key)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         runs: dict[str, list[tuple[float, dict, bool]]] = {c: [] for c in args.candidates}
