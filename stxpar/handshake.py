@@ -5,7 +5,7 @@ Theory of operation
 The seed's flow, with SECURITY.md's fixes::
 
     client (sender)                                server (receiver)
-    -- INIT("stx1") -->                              (the seed's "Init Connection")
+    -- INIT("stx2") -->                              (the seed's "Init Connection")
                      <-- SERVER_HELLO(nonce_s, t) --
     -- CLIENT_HELLO(key_id, nonce_c, t) -->
     -- CLIENT_AUTH(MAC_c(TH)) -->                   checks the cheap PSK MAC first

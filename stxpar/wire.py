@@ -25,8 +25,12 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = "stx1"
-#: The only cipher suite of protocol version 1 (no negotiation, nothing to downgrade).
+#: Protocol version string, first field of INIT and SERVER_HELLO. "stx2": version 1 with 16-byte
+#: XXH3-128 block digests (1 had 32-byte BLAKE3) and what depends on them (METADATA_ACK, the
+#: whole-file digest). The key-schedule labels keep their "stx1 " prefix (a namespace, not a
+#: version). A peer of the other version fails at INIT with "unsupported protocol version".
+VERSION = "stx2"
+#: The only cipher suite of this protocol version (no negotiation, nothing to downgrade).
 SUITE = "x25519-hkdf-sha256-aes256gcm"
 
 HEADER = struct.Struct(">BI")

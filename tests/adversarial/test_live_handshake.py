@@ -87,7 +87,7 @@ def _sample(ftype: FrameType, arena: Arena) -> bytes:
         return KeyShare(os.urandom(32), os.urandom(32)).encode()
     if ftype is T.SERVER_HELLO:
         return msgpack.packb(
-            ["stx1", "x25519-hkdf-sha256-aes256gcm", os.urandom(32), now_ms()], use_bin_type=True
+            ["stx2", "x25519-hkdf-sha256-aes256gcm", os.urandom(32), now_ms()], use_bin_type=True
         )
     return os.urandom(64)
 
@@ -354,7 +354,7 @@ def test_data_before_key_confirmation(arena: Arena, stage: str, data: FrameType)
     CLIENT_AUTH just the same)."""
     payload = os.urandom(60)
     if data is T.JOIN:
-        payload = msgpack.packb(["stx1", os.urandom(16), 0, os.urandom(32)], use_bin_type=True)
+        payload = msgpack.packb(["stx2", os.urandom(16), 0, os.urandom(32)], use_bin_type=True)
     with Peer(arena.addr) as peer:
         if stage == "after INIT":
             peer.send_frame(T.INIT, Init().encode())
@@ -615,7 +615,7 @@ def test_init_in_single_bytes_is_reassembled(arena: Arena) -> None:
     """Control for the length tests: INIT is fixed bytes, and sent one byte per write it is
     still reassembled (the receiver does not depend on write boundaries)."""
     init = encode_frame(T.INIT, Init().encode())
-    assert init == bytes.fromhex("0000000006") + b"\x91\xa4stx1"
+    assert init == bytes.fromhex("0000000006") + b"\x91\xa4stx2"
     with Peer(arena.addr) as peer:
         for byte in init:
             peer.send_bytes(bytes([byte]))

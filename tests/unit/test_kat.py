@@ -153,15 +153,15 @@ def test_handshake_frames_and_transcript_from_raw_primitives(published: dict[str
     s_auth = bytes.fromhex(keys["server_auth_key"])
     fin = bytes.fromhex(keys["server_finished_key"])
 
-    assert fields[0] == ["stx1"]
+    assert fields[0] == ["stx2"]
     assert fields[1] == [
-        "stx1",
+        "stx2",
         suite,
         bytes.fromhex(inputs["server_nonce"]),
         inputs["server_time_ms"],
     ]
     assert fields[2] == [
-        "stx1",
+        "stx2",
         suite,
         bytes.fromhex(keys["key_id"]),
         bytes.fromhex(inputs["client_nonce"]),
