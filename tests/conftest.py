@@ -25,3 +25,16 @@ def scratch() -> Iterator[Path]:
 @pytest.fixture
 def psk() -> bytes:
     return os.urandom(32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_ipc_dirs_of_killed_processes() -> Iterator[None]:
+    """Tests SIGKILL coordinators on purpose, and a killed process cannot remove its private
+    IPC directory (``stx-send-*``/``stx-recv-*`` in the temporary directory). Remove the ones
+    this test session made, once it is over."""
+    tmp = Path(tempfile.gettempdir())
+    before = {p.name for p in tmp.glob("stx-[rs][ec][cn][vd]-*")}
+    yield
+    for p in tmp.glob("stx-[rs][ec][cn][vd]-*"):
+        if p.name not in before and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
