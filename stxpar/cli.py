@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .config import DEFAULT_BLOCK_SIZE, SendOptions, default_workers, parse_size
+from .config import DEFAULT_BLOCK_SIZE, SendOptions, TransferResult, default_workers, parse_size
 from .errors import EXIT_OTHER, StxError, UsageError
 from .netio import parse_hostport
 from .psk import load_key_file, write_key_file
@@ -183,12 +183,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.as_json())
     elif not args.quiet:
-        print(
-            f"sent {result.file}: {_human(result.bytes)} in {result.seconds:.2f} s "
-            f"({result.mb_per_s:.1f} MB/s, {result.workers} streams, digest {result.digest[:16]}...)",
-            file=sys.stderr,
-        )
+        print(send_summary(result), file=sys.stderr)
     return 0
+
+
+def send_summary(result: TransferResult) -> str:
+    """The sender's last line. The rate is of what this run moved: a resumed transfer says how
+    much was already there, so that size, time and rate add up."""
+    resumed = (
+        f", {_human(result.bytes_resumed)} of it already there" if result.bytes_resumed else ""
+    )
+    return (
+        f"sent {result.file}: {_human(result.bytes)}{resumed} in {result.seconds:.2f} s "
+        f"({result.mb_per_s:.1f} MB/s, {result.workers} streams, digest {result.digest[:16]}...)"
+    )
 
 
 def _age(text: str) -> float:
