@@ -264,11 +264,14 @@ def cmd_recv(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(fields)
             if not args.quiet:
-                moved = fields["bytes"] - fields.get("bytes_resumed", 0)
-                mbps = moved / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
+                held = fields.get("bytes_resumed", 0)
+                mbps = (
+                    (fields["bytes"] - held) / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
+                )
+                note = f", {_human(held)} of it already there" if held else ""
                 print(
-                    f"received {fields['file']}: {_human(fields['bytes'])} in {fields['seconds']:.2f} s"
-                    f" ({mbps:.1f} MB/s)",
+                    f"received {fields['file']}: {_human(fields['bytes'])}{note} in"
+                    f" {fields['seconds']:.2f} s ({mbps:.1f} MB/s)",
                     file=sys.stderr,
                 )
         elif kind == "listening" and not args.quiet:

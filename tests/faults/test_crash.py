@@ -173,6 +173,10 @@ def test_sender_killed_after_half_resends_less_than_60_percent(
     counts = _resumed_counts(rig.receiver.stderr)
     assert counts and max(counts) >= kill.state.claimed, ctx
     assert rig.receiver.stop() == 0
+    # the receiver's summary says what was already there, so that its size, time and rate add up
+    assert re.search(
+        r"received \S+: [\d.]+ \w+, [\d.]+ \w+ of it already there in ", rig.receiver.stderr
+    )
 
 
 @pytest.mark.timeout(120)
