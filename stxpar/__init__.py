@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .sender import send
 
 # The API is imported on first use, so that worker processes (``stxpar.workers.*``) start
-# without loading the coordinators, psutil and the handshake: start-up is on every transfer's
+# without loading the coordinators and the handshake: start-up is on every transfer's
 # critical path.
 _LAZY = {
     "SendOptions": ("config", "SendOptions"),
