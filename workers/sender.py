@@ -226,6 +226,10 @@ def main(argv: list[str]) -> int:
         worker.fail(worker.report, exc)
         return 1
     finally:
+        # On the way out a SIGTERM has nothing left to unwind: ignore it, so that it cannot
+        # interrupt the last report or the interpreter's clean-up (zmq's __del__ would print
+        # the SystemExit as an ignored exception); the coordinator SIGKILLs a worker that hangs.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The final count of blocks sent (the ``acked`` reports carry it too, but blocks sent
         # after the last ack -- a session that failed -- are only counted here).
         try:
