@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 import psutil
+from bench import make_random_file, same_content
+
+from stxpar.config import parse_size
 
 ROLES = ("sc", "sw", "rc", "rw")
 
@@ -107,7 +110,7 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
             recv.kill()
         time.sleep(0.02)
     wall = time.perf_counter() - t0
-    ok = send.returncode == 0 and out.exists() and _same(src, out)
+    ok = send.returncode == 0 and out.exists() and same_content(src, out)
     by = dict.fromkeys(ROLES, 0.0)
     for r, c in cpu.values():
         if r in by:
@@ -116,31 +119,20 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
     return wall, by, ok
 
 
-def _same(a: Path, b: Path) -> bool:
-    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("candidates", nargs="+", help="stxpar checkouts (TREE or TREE@VALUE), or socat")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--size", default="2G", help="file size, K/M/G suffix (default 2G)")
+    ap.add_argument("--size", default="2G", help="file size, e.g. 512M, 2G (default 2G)")
     ap.add_argument("--dir", default="/dev/shm", help="where the file and copies go")
     args = ap.parse_args(argv)
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    size = (
-        int(args.size[:-1]) * units[args.size[-1].upper()]
-        if args.size[-1].isalpha()
-        else int(args.size)
-    )
+    size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="stx-ab-", dir=args.dir))
     try:
         src = work / "src.bin"
-        with open(src, "wb") as f:
-            for _ in range(0, size, 1 << 24):
-                f.write(os.urandom(min(1 << 24, size - f.tell())))
+        make_random_file(src, size)
         key = work / "key"
         stx = next((c for c in args.candidates if c.partition("@")[0] != "socat"), None)
         if stx is not None:
