@@ -187,14 +187,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _amount(size: int, held: int) -> str:
+    """A transfer's size in a summary line, and how much of it a resume found already there
+    (the rate beside it is of what this run moved)."""
+    return _human(size) + (f", {_human(held)} of it already there" if held else "")
+
+
 def send_summary(result: TransferResult) -> str:
     """The sender's last line. The rate is of what this run moved: a resumed transfer says how
     much was already there, so that size, time and rate add up."""
-    resumed = (
-        f", {_human(result.bytes_resumed)} of it already there" if result.bytes_resumed else ""
-    )
     return (
-        f"sent {result.file}: {_human(result.bytes)}{resumed} in {result.seconds:.2f} s "
+        f"sent {result.file}: {_amount(result.bytes, result.bytes_resumed)} in"
+        f" {result.seconds:.2f} s "
         f"({result.mb_per_s:.1f} MB/s, {result.workers} streams, digest {result.digest[:16]}...)"
     )
 
@@ -268,9 +272,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 mbps = (
                     (fields["bytes"] - held) / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
                 )
-                note = f", {_human(held)} of it already there" if held else ""
                 print(
-                    f"received {fields['file']}: {_human(fields['bytes'])}{note} in"
+                    f"received {fields['file']}: {_amount(fields['bytes'], held)} in"
                     f" {fields['seconds']:.2f} s ({mbps:.1f} MB/s)",
                     file=sys.stderr,
                 )
