@@ -33,8 +33,12 @@ def _remove_ipc_dirs_of_killed_processes() -> Iterator[None]:
     IPC directory (``stx-send-*``/``stx-recv-*`` in the temporary directory). Remove the ones
     this test session made, once it is over."""
     tmp = Path(tempfile.gettempdir())
-    before = {p.name for p in tmp.glob("stx-[rs][ec][cn][vd]-*")}
+
+    def ipc_dirs() -> set[Path]:
+        return {*tmp.glob("stx-send-*"), *tmp.glob("stx-recv-*")}
+
+    before = ipc_dirs()
     yield
-    for p in tmp.glob("stx-[rs][ec][cn][vd]-*"):
-        if p.name not in before and p.is_dir() and not p.is_symlink():
+    for p in ipc_dirs() - before:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
