@@ -22,7 +22,9 @@ from stxpar.config import parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="1G")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--block-sizes", default="4M")
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
-    grid = [(int(w), parse_size(b)) for w in args.workers.split(",") for b in args.block_sizes.split(",")]
+    grid = [
+        (int(w), parse_size(b))
+        for w in args.workers.split(",")
+        for b in args.block_sizes.split(",")
+    ]
     root = tempfile.mkdtemp(prefix="stx-sweep-", dir=args.dir)
     results: dict[str, list[float]] = {}
     try:
@@ -48,15 +54,20 @@ def main(argv: list[str] | None = None) -> int:
                     res = stxpar.send(src, host, port, psk=key, workers=workers, block_size=bs)
                 shutil.rmtree(dst)
                 results.setdefault(f"{workers}x{bs >> 10}K", []).append(res.mb_per_s)
-                print(f"round {r}: workers={workers} block={bs >> 10}K {res.mb_per_s:.0f} MB/s", file=sys.stderr)
+                print(
+                    f"round {r}: workers={workers} block={bs >> 10}K {res.mb_per_s:.0f} MB/s",
+                    file=sys.stderr,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.size} file, /dev/shm -> /dev/shm, loopback, {args.rounds} rounds\n")
     print("| workers | block | median MB/s | min-max |")
     print("| --- | --- | --- | --- |")
-    for (workers, bs) in grid:
+    for workers, bs in grid:
         v = results[f"{workers}x{bs >> 10}K"]
-        print(f"| {workers} | {bs >> 10} KiB | {statistics.median(v):.0f} | {min(v):.0f}-{max(v):.0f} |")
+        print(
+            f"| {workers} | {bs >> 10} KiB | {statistics.median(v):.0f} | {min(v):.0f}-{max(v):.0f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
