@@ -150,7 +150,18 @@ def machine_info() -> dict[str, Any]:
         "git": (rev or "?") + (" + uncommitted changes in stxpar/ or workers/" if dirty else ""),
         "stxpar_default_workers": default_workers(),
         "stxpar_default_block_size": DEFAULT_BLOCK_SIZE,
+        "free_page_reporting": page_reporting(),
     }
+
+
+def page_reporting() -> dict[str, str] | None:
+    """The guest kernel's free page reporting settings, when it has them: a VM that hands
+    freed memory back to its host makes writing into it again expensive (see release())."""
+    params = Path("/sys/module/page_reporting/parameters")
+    try:
+        return {p.name: p.read_text().strip() for p in sorted(params.iterdir()) if p.is_file()}
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- configurations and runs
@@ -238,6 +249,8 @@ class Bench:
         self.notes: list[str] = []
         self.skipped: dict[str, str] = {}
         self.configs: list[Config] = []
+        #: Copies already checked, freed only just before the next timed run (see release()).
+        self.stale: list[Path] = []
         self.resume: dict[str, Any] = {}
         self.handshake: dict[str, Any] = {}
         self.rss_sizes: dict[str, Any] = {}
@@ -363,6 +376,29 @@ class Bench:
             argv += ["--block-size", str(block_size)]
         return argv
 
+    def release(self) -> None:
+        """Free the previous runs' copies now, then wait ``--settle`` seconds.
+
+        Called just before each timed run starts its sender (its receiver is already up), so
+        that every tool's copy lands in memory freed the same moment before. On VMs whose guest
+        hands free memory back to the hypervisor (free page reporting), pages freed a second or
+        two earlier have been handed back and cost far more to write again; freeing the copy
+        right after each run let a tool that starts fast (socat) write into memory that a tool
+        that starts slower (stxpar's receiver and workers) found already handed back: 1250 vs
+        510 MB/s for the same stxpar transfer here (perf/README.md).
+        """
+        for path in self.stale:
+            shutil.rmtree(path, ignore_errors=True)
+        self.stale.clear()
+        if self.args.settle:
+            time.sleep(self.args.settle)
+
+    def measure(
+        self, launch: Callable[[], subprocess.Popen[bytes]], timeout: float, **kw: Any
+    ) -> proctree.Measured:
+        self.release()
+        return proctree.measure(launch, interval=self.args.interval, timeout=timeout, **kw)
+
     def run_once(self, cfg: Config, src: Path | None = None) -> dict[str, Any]:
         """One transfer of ``src`` for ``cfg``: measured, checked, cleaned up."""
         src = src or self.src
@@ -377,12 +413,7 @@ class Bench:
             if cfg.tool == "stxpar":
                 recv, port, _ = self.start_stx_recv(dest, cfg.workers)
                 argv = self.stx_send_argv(src, port, cfg.workers, cfg.block_size)
-                m = proctree.measure(
-                    lambda: self.spawn(argv, tag=tag),
-                    receiver=recv,
-                    interval=self.args.interval,
-                    timeout=timeout,
-                )
+                m = self.measure(lambda: self.spawn(argv, tag=tag), timeout, receiver=recv)
                 try:
                     js = json.loads(last_line(self.logs / f"{tag}.out"))
                     rec["stx"] = {
@@ -403,11 +434,10 @@ class Bench:
                 else:
                     argv = sshd.ssh_argv(f"cat > {shlex.quote(str(dst))}")
                     stdin = src
-                m = proctree.measure(
+                m = self.measure(
                     lambda: self.spawn(argv, tag=tag, stdin=stdin),
+                    timeout,
                     external_receiver=sshd.pid,
-                    interval=self.args.interval,
-                    timeout=timeout,
                 )
             elif cfg.tool == "socat":
                 port = peers.free_port()
@@ -419,18 +449,12 @@ class Bench:
                 )  # fmt: skip
                 peers.wait_for_text(self.logs / f"{rtag}.err", "listening on", recv, 30)
                 argv = ["socat", "-b", "1048576", "-u", f"OPEN:{src}", f"TCP:127.0.0.1:{port}"]
-                m = proctree.measure(
-                    lambda: self.spawn(argv, tag=tag),
-                    receiver=recv,
-                    done_when="both",
-                    interval=self.args.interval,
-                    timeout=timeout,
+                m = self.measure(
+                    lambda: self.spawn(argv, tag=tag), timeout, receiver=recv, done_when="both"
                 )
             elif cfg.tool == "cp":
                 argv = ["cp", str(src), str(dst)]
-                m = proctree.measure(
-                    lambda: self.spawn(argv, tag=tag), interval=self.args.interval, timeout=timeout
-                )
+                m = self.measure(lambda: self.spawn(argv, tag=tag), timeout)
             else:
                 raise ValueError(cfg.tool)
             rec.update(
@@ -464,7 +488,7 @@ class Bench:
             if recv is not None and recv.returncode is None:
                 proctree.kill_tree(recv)
                 proctree.reap(recv)
-            shutil.rmtree(dest, ignore_errors=True)
+            self.stale.append(dest)  # freed just before the next timed run
         return rec
 
     # ------------------------------------------------------------ phases
@@ -580,6 +604,7 @@ class Bench:
         self.resume = out
 
     def resume_once(self) -> dict[str, Any]:
+        self.release()  # room for this run's copy; its timed second run frees nothing more
         dest = self.dest_dir(False)
         statep = dest / f".{self.src.name}.stxstate"
         res: dict[str, Any] = {"ok": False}
@@ -615,11 +640,8 @@ class Bench:
             res["blocks_held"] = st.count
             res["blocks_total"] = st.identity.total_blocks
             tag = self.tag("resume-second")
-            m = proctree.measure(
-                lambda: self.spawn(argv, tag=tag),
-                receiver=recv,
-                interval=self.args.interval,
-                timeout=self.timeout_for(self.size),
+            m = self.measure(
+                lambda: self.spawn(argv, tag=tag), self.timeout_for(self.size), receiver=recv
             )
             res.update(
                 wall=round(m.wall, 4),
@@ -649,12 +671,13 @@ class Bench:
             if recv is not None and recv.returncode is None:
                 proctree.kill_tree(recv)
                 proctree.reap(recv)
-            shutil.rmtree(dest, ignore_errors=True)
+            self.stale.append(dest)
         return res
 
     def run_handshake(self) -> None:
         """Latency of tiny transfers: stxpar API (0 B, 1 B), stx CLI (0 B), ssh true, scp 0 B."""
         n = self.args.handshake
+        self.release()
         empty, one = self.root / "empty.bin", self.root / "one.bin"
         empty.write_bytes(b"")
         one.write_bytes(b"x")
@@ -735,6 +758,7 @@ class Bench:
         }
         self.src.unlink(missing_ok=True)
         for sz in self.args.rss_size_list:
+            self.release()
             need = 2 * sz + 512 * MiB
             free = shutil.disk_usage(self.root).free
             if free < need:
@@ -847,6 +871,8 @@ class Bench:
             "size": self.size,
             "rounds": a.rounds,
             "warmup": a.warmup,
+            "pause": a.pause,
+            "settle": a.settle,
             "source_dir": a.dir,
             "real_disk": a.real_disk,
             "machine": machine_info(),
@@ -871,6 +897,16 @@ class Bench:
             f"- machine: {mi['hostname']}, {mi['cores']} cores ({mi['cpu_model']}),"
             f" {mi['memory_gib']} GiB memory, Linux {mi['kernel']}, Python {mi['python']}"
         )
+        if mi.get("free_page_reporting"):
+            fpr = mi["free_page_reporting"]
+            L.append(
+                "- free page reporting on (the VM hands freed memory to its host): "
+                + ", ".join(
+                    f"{k}={fpr[k]}" for k in ("page_reporting_order", "min_free_ms") if k in fpr
+                )
+                + "; each timed run starts right after the previous copy is freed"
+                + (f", then {m['settle']} s of settling" if m.get("settle") else "")
+            )
         L.append(
             f"- stxpar {mi['stxpar']} (git {mi['git']}); defaults here: {mi['stxpar_default_workers']}"
             f" workers, {mi['stxpar_default_block_size'] >> 20} MiB blocks"
@@ -1212,6 +1248,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--interval", type=float, default=0.05, help="RSS sampling interval, s (default 0.05)"
     )
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between runs (default 1)")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds between freeing the previous copy and starting the next timed run, for"
+        " every tool (default 0; a few seconds measures writes into memory the VM has handed"
+        " back to its host: see perf/README.md)",
+    )
     ap.add_argument(
         "--no-warmup",
         dest="warmup",
