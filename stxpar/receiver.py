@@ -534,6 +534,7 @@ class Receiver:
             "rekey_records": md.rekey_records,
             "rekey_bytes": md.rekey_bytes,
             "sync_bytes": self.sync_bytes,
+            "streams": md.streams,  # the worker lands blocks by mapping when there are many
         }
         fs.sock.settimeout(None)
         assert self._pool is not None

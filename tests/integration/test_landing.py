@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stxpar.workers.receiver import Lander
+from stxpar.workers.receiver import Lander, use_mapped_landing
 
 from stxpar.errors import RejectedError
 from stxpar.receiver import _create_preallocated, _is_tmpfs
@@ -50,21 +50,56 @@ def _blocks(n: int, last: int) -> list[bytes]:
     return [os.urandom(BLOCK) for _ in range(n - 1)] + [os.urandom(last)]
 
 
-def test_blocks_land_in_any_order_at_unaligned_offsets(where: Path) -> None:
+@pytest.mark.parametrize("mapped", [False, True], ids=["pwrite", "mapped"])
+def test_blocks_land_in_any_order_at_unaligned_offsets(where: Path, mapped: bool) -> None:
     blocks = _blocks(5, 777)
     size = sum(map(len, blocks))
     part = where / ".f.stxpart"
     _create_preallocated(part, size)
-    fd = os.open(part, os.O_WRONLY)
+    fd = os.open(part, os.O_RDWR if mapped else os.O_WRONLY)
     try:
-        lander = Lander(fd)
+        lander = Lander(fd, mapped=mapped)
         for i in (3, 0, 4, 1, 2):
             lander.write(memoryview(blocks[i]), i * BLOCK)
         os.fdatasync(fd)
     finally:
         os.close(fd)
     assert lander.locking
+    assert lander.mapped_blocks == (5 if mapped else 0)
     assert part.read_bytes() == b"".join(blocks)
+
+
+def test_mapped_landing_falls_back_to_pwrite_on_a_write_only_descriptor(where: Path) -> None:
+    part = where / ".f.stxpart"
+    _create_preallocated(part, BLOCK)
+    data = os.urandom(BLOCK)
+    fd = os.open(part, os.O_WRONLY)  # cannot be mapped shared
+    try:
+        lander = Lander(fd, mapped=True)
+        lander.write(memoryview(data), 0)
+    finally:
+        os.close(fd)
+    assert not lander.mapped and lander.mapped_blocks == 0
+    assert part.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("streams", "override", "mapped"),
+    [
+        (1, None, False),
+        (3, None, False),
+        (4, None, True),
+        (16, None, True),
+        (16, "pwrite", False),
+        (1, "mmap", True),
+        (8, "bogus", True),
+        (2, "", False),
+    ],
+)
+def test_landing_is_chosen_by_stream_count(
+    streams: int, override: str | None, mapped: bool
+) -> None:
+    assert use_mapped_landing(streams, override) is mapped
 
 
 def test_one_writer_at_a_time(where: Path) -> None:
@@ -108,10 +143,10 @@ _FILL = """
 import os, sys
 from stxpar.errors import RejectedError
 from stxpar.workers.receiver import Lander
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
 os.ftruncate(fd, 4 << 20)  # sized, nothing allocated: the 1 MiB tmpfs cannot hold it
 try:
-    Lander(fd).write(memoryview(os.urandom(4 << 20)), 0)
+    Lander(fd, mapped=sys.argv[2] == "mapped").write(memoryview(os.urandom(4 << 20)), 0)
 except RejectedError as exc:
     print("refused:", exc)
 else:
@@ -119,8 +154,10 @@ else:
 """
 
 
-def test_full_tmpfs_is_a_clean_disk_error(tmp_path: Path) -> None:
-    """A block that does not fit: the short write is an error naming the full disk."""
+@pytest.mark.parametrize("how", ["pwrite", "mapped"])
+def test_full_tmpfs_is_a_clean_disk_error(tmp_path: Path, how: str) -> None:
+    """A block that does not fit: the short write is an error naming the full disk (mapped:
+    the populate call fails, no SIGBUS, and pwrite says why)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     proc = subprocess.run(
@@ -133,7 +170,7 @@ def test_full_tmpfs_is_a_clean_disk_error(tmp_path: Path) -> None:
         pytest.skip(f"cannot mount a small tmpfs: {proc.stderr.strip()}")
     try:
         run = subprocess.run(
-            [sys.executable, "-c", _FILL, os.fspath(mnt / ".f.stxpart")],
+            [sys.executable, "-c", _FILL, os.fspath(mnt / ".f.stxpart"), how],
             capture_output=True,
             text=True,
             timeout=30,
