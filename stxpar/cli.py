@@ -346,7 +346,10 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=_positive_int,
         metavar="N",
-        help=f"worker processes, one TCP stream each (default here: {default_workers()})",
+        help="worker processes, one TCP stream each (default here: "
+        f"{default_workers()}, one per CPU between 2 and 8; "
+        f"{default_workers(peer_on_this_machine=True)} when HOST is a loopback address, where"
+        " the receiver shares these CPUs)",
     )
     p.add_argument(
         "--block-size",

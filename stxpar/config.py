@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -17,16 +18,31 @@ DEFAULT_BLOCK_SIZE = 4 << 20
 DEFAULT_STALL_TIMEOUT = 60.0
 
 
-def default_workers() -> int:
+def default_workers(*, peer_on_this_machine: bool = False) -> int:
     """One worker per CPU this process may run on, between 2 and 8 (see docs/tuning.md).
 
     ``sched_getaffinity`` counts the CPUs of a cpuset or ``taskset``, not all of the machine's.
+    With ``peer_on_this_machine`` (a sender whose receiver listens on a loopback address) both
+    sides run on these CPUs: half of them each, between 1 and 8. Measured with both sides on
+    one machine: 1 worker beat 2 on 2 cores, 8 beat 4 and 16 on 16 cores (docs/tuning.md).
     """
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    if peer_on_this_machine:
+        return max(1, min(8, cpus // 2))
     return max(2, min(8, cpus))
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): the peer is this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_size(text: str) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from . import ipc
-from .config import SendOptions, TransferResult
+from .config import SendOptions, TransferResult, default_workers, is_loopback
 from .digest import BLOCK_DIGEST_LEN, file_digest
 from .errors import (
     ConnectError,
@@ -658,6 +658,8 @@ def send(
     ``exit_code`` is what the CLI exits with.
     """
     base = options or SendOptions()
+    if workers is None and base.workers is None:
+        workers = default_workers(peer_on_this_machine=is_loopback(host))
     opts = replace(
         base,
         workers=workers if workers is not None else base.workers,

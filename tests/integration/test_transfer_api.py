@@ -106,7 +106,7 @@ def test_api_transfer_arrives_identical(
 
 @pytest.mark.timeout(60)
 def test_receiver_is_ready_when_start_returns(shm_dir: Path, module_key: bytes) -> None:
-    """"listening" means the worker processes are up, imports done, not merely spawned: a
+    """ "listening" means the worker processes are up, imports done, not merely spawned: a
     sender that starts right away does not share the CPU with their start-up."""
     dest = shm_dir / "ready"
     dest.mkdir()
@@ -118,3 +118,19 @@ def test_receiver_is_ready_when_start_returns(shm_dir: Path, module_key: bytes) 
             assert proc.poll() is None, "a worker died at start"
             maps = Path(f"/proc/{proc.pid}/maps").read_text()
             assert "cryptography" in maps and "zmq" in maps, "worker still starting"
+
+
+def test_default_workers_to_a_receiver_on_this_machine(
+    receiver: stxpar.Receiver, dest: Path, scratch: Path, module_key: bytes
+) -> None:
+    """Not told how many workers, a sender whose receiver listens on a loopback address starts
+    half as many as for a remote one: both sides share this machine's CPUs."""
+    from stxpar.config import default_workers
+
+    src = scratch / "default-workers.bin"
+    want = write_random(src, 16 * BLOCK)
+    result = stxpar.send(src, *receiver.address, psk=module_key, block_size=BLOCK)
+    assert sha256_file(dest / src.name) == want
+    assert result.workers == default_workers(peer_on_this_machine=True)
+    assert result.workers < default_workers() or default_workers() == 8
+    (dest / src.name).unlink()
