@@ -45,6 +45,9 @@ import stxpar  # noqa: E402
 from stxpar.config import DEFAULT_BLOCK_SIZE, default_workers, parse_size  # noqa: E402
 from stxpar.state import load as load_state  # noqa: E402
 
+#: What `stx send` starts by default to a receiver on 127.0.0.1 (half the CPUs: they are shared).
+SEND_WORKERS = default_workers(peer_on_this_machine=True)
+
 MiB = 1 << 20
 GB = 1e9
 CHUNK = 16 << 20
@@ -148,7 +151,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "stxpar": stxpar.__version__,
         "git": (rev or "?") + (" + uncommitted changes in stxpar/ or workers/" if dirty else ""),
-        "stxpar_default_workers": default_workers(),
+        "stxpar_default_workers": SEND_WORKERS,
+        "stxpar_default_recv_workers": default_workers(),
         "stxpar_default_block_size": DEFAULT_BLOCK_SIZE,
         "free_page_reporting": page_reporting(),
     }
@@ -909,7 +913,8 @@ class Bench:
             )
         L.append(
             f"- stxpar {mi['stxpar']} (git {mi['git']}); defaults here: {mi['stxpar_default_workers']}"
-            f" workers, {mi['stxpar_default_block_size'] >> 20} MiB blocks"
+            f" sender workers to 127.0.0.1 ({mi.get('stxpar_default_recv_workers', '?')} receiver"
+            f" workers), {mi['stxpar_default_block_size'] >> 20} MiB blocks"
         )
         L.append(
             "- peers: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k != "stx")
@@ -1128,8 +1133,8 @@ class Bench:
         d = self.config("stxpar-default")
         if d is not None and d.ok_runs():
             s = d.summary(self.size)
-            ax.plot([default_workers()], [s["mb_s_median"]], marker="*", ms=16, ls="none", color="C3",
-                    label=f"stxpar defaults ({default_workers()} workers)")  # fmt: skip
+            ax.plot([SEND_WORKERS], [s["mb_s_median"]], marker="*", ms=16, ls="none", color="C3",
+                    label=f"stxpar defaults ({SEND_WORKERS} workers)")  # fmt: skip
         styles = {"scp": "C1", "ssh": "C2", "socat": "C4", "cp": "C7"}
         for c in self.configs:
             if c.group == "main" and c.tool != "stxpar" and c.ok_runs():
@@ -1137,7 +1142,7 @@ class Bench:
                 ax.axhline(s["mb_s_median"], ls="--", color=styles.get(c.tool, "k"),
                            label=f"{c.label}: {s['mb_s_median']:.0f} MB/s")  # fmt: skip
         ax.set_xscale("log", base=2)
-        ticks = sorted({p[0] for p in pts} | {default_workers()})
+        ticks = sorted({p[0] for p in pts} | {SEND_WORKERS})
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
         ax.set_xlabel("stxpar workers (each side)")
@@ -1163,7 +1168,7 @@ class Bench:
             bx.set_xscale("log", base=2)
             bx.set_xticks(xs)
             bx.set_xticklabels([human(x) for x in xs])
-            bx.set_xlabel(f"stxpar block size ({default_workers()} workers)")
+            bx.set_xlabel(f"stxpar block size ({SEND_WORKERS} workers)")
             bx.set_ylabel("MB/s")
             bx.set_ylim(bottom=0)
             bx.grid(True, alpha=0.3)
