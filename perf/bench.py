@@ -913,7 +913,7 @@ class Bench:
             )
         L.append(
             f"- stxpar {mi['stxpar']} (git {mi['git']}); defaults here: {mi['stxpar_default_workers']}"
-            f" sender workers to 127.0.0.1 ({mi.get('stxpar_default_recv_workers', '?')} receiver"
+            f" sender worker(s) to 127.0.0.1 ({mi.get('stxpar_default_recv_workers', '?')} receiver"
             f" workers), {mi['stxpar_default_block_size'] >> 20} MiB blocks"
         )
         L.append(
