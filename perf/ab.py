@@ -51,8 +51,7 @@ def role_of(cmdline: str) -> str | None:
 def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[float, dict, bool]:
     tree, _, value = cand.partition("@")
     env = dict(os.environ, STX_AB=value)
-    dest = work / "dst"
-    shutil.rmtree(dest, ignore_errors=True)
+    dest = work / f"dst-{port}"
     dest.mkdir()
     out = dest / src.name
     if tree == "socat":
@@ -86,6 +85,12 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": work, "env": env}
     recv = subprocess.Popen(recv_argv, **quiet)  # type: ignore[call-overload]
     time.sleep(1.0)
+    # The previous copy is freed only now, for every candidate alike: on VMs that hand freed
+    # memory back to their host, memory freed seconds earlier is slower to write again
+    # (perf/README.md, "Noise").
+    for old in work.glob("dst-*"):
+        if old != dest:
+            shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()
     send = subprocess.Popen(send_argv, **quiet)  # type: ignore[call-overload]
     procs: dict[int, psutil.Process] = {}
@@ -115,8 +120,7 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
     for r, c in cpu.values():
         if r in by:
             by[r] += c
-    shutil.rmtree(dest, ignore_errors=True)
-    return wall, by, ok
+    return wall, by, ok  # the copy is freed just before the next run starts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -904,7 +904,7 @@ class Bench:
         if mi.get("free_page_reporting"):
             fpr = mi["free_page_reporting"]
             L.append(
-                "- free page reporting on (the VM hands freed memory to its host): "
+                "- free page reporting on (the VM hands freed memory back to its host): "
                 + ", ".join(
                     f"{k}={fpr[k]}" for k in ("page_reporting_order", "min_free_ms") if k in fpr
                 )
