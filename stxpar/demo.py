@@ -100,7 +100,7 @@ def run_demo(
         summary["verify_seconds"] = round(time.monotonic() - started, 3)
         say(
             f"stx demo: sent {_human(result.bytes)} in {result.seconds:.2f} s = {result.mb_per_s:.0f} MB/s "
-            f"over {result.workers} encrypted streams ({_human(result.block_size)} blocks); "
+            f"over {result.workers} encrypted stream{'' if result.workers == 1 else 's'} ({_human(result.block_size)} blocks); "
             f"sha256 of source and copy match: {got[:16]}..."
         )
         if as_json:
