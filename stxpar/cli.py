@@ -199,7 +199,7 @@ def send_summary(result: TransferResult) -> str:
     return (
         f"sent {result.file}: {_amount(result.bytes, result.bytes_resumed)} in"
         f" {result.seconds:.2f} s "
-        f"({result.mb_per_s:.1f} MB/s, {result.workers} streams, digest {result.digest[:16]}...)"
+        f"({result.mb_per_s:.1f} MB/s, {result.workers} stream{'' if result.workers == 1 else 's'}, digest {result.digest[:16]}...)"
     )
 
 

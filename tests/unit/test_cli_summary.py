@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from stxpar.cli import send_summary
 from stxpar.config import TransferResult
 
@@ -33,3 +35,8 @@ def test_a_resumed_transfer_says_what_was_already_there() -> None:
     line = send_summary(_result(2 * GIB))
     assert line.startswith("sent big.img: 3.0 GiB, 2.0 GiB of it already there in 2.00 s ")
     assert "(536.9 MB/s," in line
+
+
+def test_one_stream_is_singular() -> None:
+    line = send_summary(replace(_result(0), workers=1))
+    assert "(1610.6 MB/s, 1 stream, digest " in line
