@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,9 @@ EXIT_CODES = """exit codes:
   2  usage error or bad local input (options, files, addresses, key file)
   3  authentication failure (wrong key, forged or altered data)
   4  connection failed after the retries
-  5  integrity or verification failure (digest mismatch, blocks damaged repeatedly)"""
+  5  integrity or verification failure (digest mismatch, blocks damaged repeatedly)
+  130  interrupted (Ctrl-C); 143  terminated (SIGTERM). 'stx recv' stops cleanly on either and
+       exits 0"""
 
 KEY_HELP = (
     "file holding the pre-shared key (made by 'stx keygen'; must not be readable by group or "
@@ -497,16 +500,30 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C, so every clean-up that Ctrl-C runs runs (workers stopped,
+    private directories removed, a partial kept for a resume), then exits 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the clean-up
+    raise Terminated()
+
+
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     from .ipc import harden_process
 
     harden_process()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args))
     except StxError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print(f"{parser.prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
