@@ -28,8 +28,8 @@ EXIT_CODES = """exit codes:
   3  authentication failure (wrong key, forged or altered data)
   4  connection failed after the retries
   5  integrity or verification failure (digest mismatch, blocks damaged repeatedly)
-  130  interrupted (Ctrl-C); 143  terminated (SIGTERM). 'stx recv' stops cleanly on either and
-       exits 0"""
+  130  interrupted (Ctrl-C); 143  terminated (SIGTERM); 129  hung up (SIGHUP). 'stx recv'
+       stops cleanly on any of them and exits 0"""
 
 KEY_HELP = (
     "file holding the pre-shared key (made by 'stx keygen'; must not be readable by group or "
@@ -501,13 +501,22 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: unwinds like Ctrl-C, so every clean-up that Ctrl-C runs runs (workers stopped,
-    private directories removed, a partial kept for a resume), then exits 143."""
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every clean-up that Ctrl-C runs runs (workers
+    stopped, private directories removed, a partial kept for a resume), then exits 128 + the
+    signal's number (143, 129)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the clean-up
-    raise Terminated()
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    for sig in _STOP_SIGNALS:  # once: a second one must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
@@ -515,15 +524,16 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     from .ipc import harden_process
 
     harden_process()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
     try:
         return int(args.func(args))
     except StxError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print(f"{parser.prog}: terminated", file=sys.stderr)
-        return 143
+    except Terminated as exc:
+        print(f"{parser.prog}: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -328,6 +328,7 @@ def main(argv: list[str]) -> int:
     channel_fd, report_endpoint = argv
     ipc.harden_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal reaches us too)
     worker = Worker(int(channel_fd), report_endpoint)
     try:
         worker.channel.send(b"ready")  # the coordinator waits for this before "listening"

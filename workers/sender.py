@@ -215,6 +215,7 @@ def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal reaches us too)
     signal.signal(signal.SIGTERM, _stop)  # ...and says so with SIGTERM
     worker = Worker(ctl_endpoint, report_endpoint, int(slot), int(parent))
     try:

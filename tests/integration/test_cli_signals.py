@@ -1,4 +1,5 @@
-"""Stopping the CLI with a signal: SIGTERM (what a service manager sends) and SIGINT (Ctrl-C).
+"""Stopping the CLI with a signal: SIGTERM (what a service manager sends), SIGINT (Ctrl-C) and
+SIGHUP (the terminal went away).
 
 Real ``stx recv`` and ``stx send`` processes over loopback. Either signal must leave nothing
 behind: no worker process, no private IPC directory, one line on stderr, no traceback, and on
@@ -7,10 +8,8 @@ the sender's side a partial that the next run resumes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +22,15 @@ pytestmark = pytest.mark.timeout(120)
 SIZE = 1 << 30  # long enough on 2 cores to be stopped half way
 
 
-def _ipc_dirs(prefix: str) -> set[str]:
-    tmp = tempfile.gettempdir()
-    return {name for name in os.listdir(tmp) if name.startswith(prefix)}
+def _ipc_dirs(procs: list[psutil.Process]) -> set[Path]:
+    """The private IPC directories named in these processes' arguments (the workers are given
+    their coordinator's ``ipc://DIR/NAME`` endpoints)."""
+    dirs = set()
+    for p in procs:
+        for arg in p.cmdline():
+            if arg.startswith("ipc://"):
+                dirs.add(Path(arg.removeprefix("ipc://")).parent)
+    return dirs
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -64,34 +69,38 @@ def receiver(keyfile: Path, scratch: Path) -> Iterator[CliReceiver]:
         rx.stop()
 
 
-@pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT")])
+@pytest.mark.parametrize(
+    ("sig", "name"), [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT"), (signal.SIGHUP, "HUP")]
+)
 def test_receiver_stops_cleanly(keyfile: Path, scratch: Path, sig: int, name: str) -> None:
-    before = _ipc_dirs("stx-recv-")
     dest = scratch / f"dst-{name}"
     dest.mkdir()
     rx = CliReceiver(keyfile, dest, scratch, once=False).start()
     assert rx.proc is not None
     procs = _tree(rx.proc.pid)
     assert len(procs) >= 3, "the receiver and its workers"
-    mine = _ipc_dirs("stx-recv-") - before
-    assert mine, "the receiver's private IPC directory"
+    mine = _ipc_dirs(procs)
+    assert mine and all(d.is_dir() for d in mine), "the receiver's private IPC directory"
     rx.proc.send_signal(sig)
     assert rx.wait(timeout=15) == 0
     assert _all_gone(procs), "a receiver process outlived the signal"
-    assert not (mine & _ipc_dirs("stx-recv-")), "the IPC directory was left behind"
+    assert not any(d.exists() for d in mine), "the IPC directory was left behind"
     assert "Traceback" not in rx.stderr
 
 
 @pytest.mark.parametrize(
     ("sig", "code", "word"),
-    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+    [
+        (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGHUP, 129, "terminated (SIGHUP)"),
+    ],
 )
 def test_sender_stopped_half_way_cleans_up_and_resumes(
     keyfile: Path, scratch: Path, receiver: CliReceiver, sig: int, code: int, word: str
 ) -> None:
     src = scratch / f"big-{code}.bin"
     want = write_random(src, SIZE)
-    before = _ipc_dirs("stx-send-")
     argv = [str(STX), "send", "--psk-file", str(keyfile), "--workers", "2", "-q", str(src),
             receiver.address]  # fmt: skip
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -103,6 +112,8 @@ def test_sender_stopped_half_way_cleans_up_and_resumes(
         first = state.stat().st_size
         assert wait_for(lambda: state.stat().st_size > first, timeout=30, step=0.005)
         procs = _tree(proc.pid)
+        mine = _ipc_dirs(procs)
+        assert mine and all(d.is_dir() for d in mine), "the sender's private IPC directory"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -111,7 +122,7 @@ def test_sender_stopped_half_way_cleans_up_and_resumes(
     assert proc.returncode == code, err
     assert err.strip() == f"stx: {word}", err
     assert _all_gone(procs), "a sender worker outlived its coordinator"
-    assert not (_ipc_dirs("stx-send-") - before), "the sender's IPC directory was left behind"
+    assert not any(d.exists() for d in mine), "the sender's IPC directory was left behind"
     assert wait_for(lambda: "partial kept" in receiver.stderr, timeout=15), receiver.stderr
 
     # The same command again resumes and completes.
