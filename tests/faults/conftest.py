@@ -45,6 +45,7 @@ from itest_support import (  # noqa: E402
     expected_digest,
     make_keyfile,
     sha256_file,
+    wait_dead,
     wait_for,
 )
 from tcp_relay import UP, Direction, RelayConnection, TcpRelay  # noqa: E402
@@ -173,18 +174,6 @@ def has_tcp_stream(p: psutil.Process) -> bool | None:
         return None
     except psutil.Error:
         return False
-
-
-def wait_dead(p: psutil.Process, timeout: float = 10.0) -> bool:
-    """Wait until ``p`` is gone or a zombie (SIGKILL is asynchronous)."""
-
-    def dead() -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    return wait_for(dead, timeout=timeout, step=0.005)
 
 
 # ---------------------------------------------------------------- the CLI sender

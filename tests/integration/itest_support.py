@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from xxhash import xxh3_128_digest
 
 #: the installed ``stx`` script of the interpreter running the tests
@@ -288,6 +289,27 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.02
             return True
         time.sleep(step)
     return pred()
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants now (empty if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def wait_dead(p: psutil.Process, timeout: float = 10.0) -> bool:
+    """Wait until ``p`` is gone or a zombie (a signal's effect is asynchronous)."""
+
+    def dead() -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    return wait_for(dead, timeout=timeout, step=0.005)
 
 
 def free_port() -> int:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from itest_support import STX, CliReceiver, make_keyfile, sha256_file, wait_for, write_random
+from itest_support import (
+    STX,
+    CliReceiver,
+    make_keyfile,
+    process_tree,
+    sha256_file,
+    wait_dead,
+    wait_for,
+    write_random,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,22 +42,8 @@ def _ipc_dirs(procs: list[psutil.Process]) -> set[Path]:
     return dirs
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _all_gone(procs: list[psutil.Process]) -> bool:
-    def gone(p: psutil.Process) -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    return wait_for(lambda: all(gone(p) for p in procs), timeout=10)
+    return all(wait_dead(p) for p in procs)
 
 
 @pytest.fixture
@@ -77,7 +72,7 @@ def test_receiver_stops_cleanly(keyfile: Path, scratch: Path, sig: int, name: st
     dest.mkdir()
     rx = CliReceiver(keyfile, dest, scratch, once=False).start()
     assert rx.proc is not None
-    procs = _tree(rx.proc.pid)
+    procs = process_tree(rx.proc.pid)
     assert len(procs) >= 3, "the receiver and its workers"
     mine = _ipc_dirs(procs)
     assert mine and all(d.is_dir() for d in mine), "the receiver's private IPC directory"
@@ -111,7 +106,7 @@ def test_sender_stopped_half_way_cleans_up_and_resumes(
         assert wait_for(lambda: state.exists() and state.stat().st_size > 0, timeout=30)
         first = state.stat().st_size
         assert wait_for(lambda: state.stat().st_size > first, timeout=30, step=0.005)
-        procs = _tree(proc.pid)
+        procs = process_tree(proc.pid)
         mine = _ipc_dirs(procs)
         assert mine and all(d.is_dir() for d in mine), "the sender's private IPC directory"
         proc.send_signal(sig)

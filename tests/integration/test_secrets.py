@@ -15,6 +15,7 @@ from itest_support import (
     STX,
     CliReceiver,
     assert_no_secrets,
+    process_tree,
     sha256_file,
     wait_for,
     write_random,
@@ -50,14 +51,6 @@ def _environ(p: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 @pytest.mark.timeout(90)
 def test_key_never_in_argv_environment_or_output(
     cli_receiver: Callable[..., CliReceiver],
@@ -90,7 +83,7 @@ def test_key_never_in_argv_environment_or_output(
             # every data stream is connected (and held): all sender workers are alive now
             assert relay.wait_accepted(1 + workers, timeout=30), relay.accepted
             assert receiver.proc is not None
-            procs = _tree(sender.pid) + _tree(receiver.proc.pid)
+            procs = process_tree(sender.pid) + process_tree(receiver.proc.pid)
             cmdlines = [_cmdline(p) for p in procs]
             sender_workers = [c for c in cmdlines if "stxpar.workers.sender" in c]
             receiver_workers = [c for c in cmdlines if "stxpar.workers.receiver" in c]
