@@ -381,7 +381,7 @@ class Bench:
         return argv
 
     def release(self) -> None:
-        """Free the previous runs' copies now, then wait ``--settle`` seconds.
+        """Free the previous runs' copies now, then wait ``--settle`` seconds if it freed any.
 
         Called just before each timed run starts its sender (its receiver is already up), so
         that every tool's copy lands in memory freed the same moment before. On VMs whose guest
@@ -391,10 +391,11 @@ class Bench:
         that starts slower (stxpar's receiver and workers) found already handed back: 1250 vs
         510 MB/s for the same stxpar transfer here (perf/README.md).
         """
+        freed = bool(self.stale)
         for path in self.stale:
             shutil.rmtree(path, ignore_errors=True)
         self.stale.clear()
-        if self.args.settle:
+        if freed and self.args.settle:  # (nothing freed: nothing to settle, e.g. a resumed run)
             time.sleep(self.args.settle)
 
     def measure(

@@ -5,12 +5,14 @@
 Every receiver worker of a transfer writes its verified blocks into the same partial file.
 This measures that step alone, without network or crypto: N forked processes each write the
 blocks ``i`` with ``i % N == rank`` (4 MiB, from a buffer of random bytes) into one fresh file
-made like the receiver makes it (``ftruncate`` on tmpfs), in three ways:
+made like the receiver makes it (``ftruncate`` on tmpfs), through the receiver's own
+``Lander`` (``workers/receiver.py``), in three ways:
 
-- ``flock``: ``pwrite`` under an exclusive ``flock`` (stxpar's landing since 2026-11-26);
+- ``flock``: ``pwrite`` under an exclusive ``flock`` (stxpar's landing for up to 3 streams);
 - ``pwrite``: ``pwrite`` with no lock (writers meet on the inode's lock in the kernel);
 - ``mmap``: copy into a shared mapping of the block's range populated with
-  ``MADV_POPULATE_WRITE`` (page faults instead of the inode lock; every new page is zeroed).
+  ``MADV_POPULATE_WRITE`` (page faults instead of the inode lock; every new page is zeroed;
+  stxpar's landing for 4 streams or more).
 
 Prints a Markdown table: median GB/s (10^9 bytes/s, wall time from a common start to the last
 writer's exit) and CPU s/GB (all writers' user+sys), per mode and process count.
@@ -19,8 +21,6 @@ writer's exit) and CPU s/GB (all writers' user+sys), per mode and process count.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import mmap
 import os
 import resource
 import statistics
@@ -28,32 +28,23 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from stxpar.workers.receiver import Lander
 
-from stxpar.config import parse_size  # noqa: E402
-
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-PAGE = mmap.PAGESIZE
+from stxpar.config import parse_size
 
 
 def writer(path: str, mode: str, rank: int, procs: int, size: int, block: int, go: int) -> None:
+    """Lands its blocks with the receiver's own ``Lander``, set up for ``mode``."""
     buf = memoryview(bytearray(os.urandom(block)))
     fd = os.open(path, os.O_RDWR if mode == "mmap" else os.O_WRONLY)  # a shared mapping reads too
+    lander = Lander(fd, mapped=mode == "mmap")
+    lander.locking = mode == "flock"
     os.read(go, 1)  # wait for the common start
     for i in range(rank, -(-size // block), procs):
         off = i * block
-        n = min(block, size - off)
-        if mode == "mmap":
-            m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, offset=off)
-            m.madvise(MADV_POPULATE_WRITE, 0, n)
-            m[:n] = buf[:n]
-            m.close()
-        elif mode == "flock":
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.pwrite(fd, buf[:n], off)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        else:
-            os.pwrite(fd, buf[:n], off)
+        lander.write(buf[: min(block, size - off)], off)
+    if mode == "mmap" and lander.mapped_blocks == 0:
+        raise RuntimeError("no block went in through a mapping")
     os.close(fd)
 
 
