@@ -648,17 +648,24 @@ class Receiver:
             fs.send(channel.seal(FrameType.METADATA_ACK, ack.encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
+            # Complete, durable and renamed: recorded and reported before it is acknowledged,
+            # so a receiver killed after the RECEIPT has always reported the file. A sender
+            # that misses the RECEIPT reconnects and is told the file is complete.
             self.completed.append(received)
-            fs.send(
-                channel.seal(
-                    FrameType.RECEIPT,
-                    Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode(),
-                )
-            )
-            self._event("received", **received.as_json())
             inc = None
-            if self.once:
-                self._done.set()
+            self._event("received", **received.as_json())
+            try:
+                fs.send(
+                    channel.seal(
+                        FrameType.RECEIPT,
+                        Receipt(digest=bytes.fromhex(received.digest), size=md.size).encode(),
+                    )
+                )
+            except StxError:
+                pass  # the sender is gone: reconnecting, it finds the file complete
+            finally:
+                if self.once:
+                    self._done.set()
         except StxError as exc:
             if inc is None:
                 _send_error(fs, exc, generic=False, channel=channel)
