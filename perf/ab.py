@@ -29,17 +29,20 @@ from pathlib import Path
 import psutil
 from bench import make_random_file, same_content
 
+from stxpar import ipc
 from stxpar.config import parse_size
 
 ROLES = ("sc", "sw", "rc", "rw")
 
 
-def role_of(cmdline: str) -> str | None:
+def role_of(name: str, cmdline: str) -> str | None:
+    """A process's role, from its name (workers name themselves; a forked sender worker's
+    command line is its coordinator's) or its command line."""
     if cmdline.startswith("socat"):
         return "rc" if "LISTEN" in cmdline else "sc"
-    if "workers.sender" in cmdline:
+    if name == ipc.SENDER_WORKER_NAME or "workers.sender" in cmdline:
         return "sw"
-    if "workers.receiver" in cmdline:
+    if name == ipc.RECEIVER_WORKER_NAME or "workers.receiver" in cmdline:
         return "rw"
     if " send " in cmdline:
         return "sc"
@@ -106,7 +109,7 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
         for pid, p in procs.items():
             try:
                 ct = p.cpu_times()
-                r = role_of(" ".join(p.cmdline())) or cpu.get(pid, ("?", 0.0))[0]
+                r = role_of(p.name(), " ".join(p.cmdline())) or cpu.get(pid, ("?", 0.0))[0]
                 cpu[pid] = (r, ct.user + ct.system)
             except psutil.Error:
                 pass

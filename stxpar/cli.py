@@ -146,11 +146,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .sender import send
+    from .sender import prestart_workers, send
 
     host, port = args.address
-    key = _key(args)
-    progress = _progress_for(args, os.path.basename(args.file))
     opts = SendOptions(
         workers=args.workers,
         block_size=args.block_size,
@@ -158,31 +156,47 @@ def cmd_send(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         deadline=args.deadline,
     )
-
-    def on_event(kind: str, fields: dict[str, Any]) -> None:
-        if progress is None:  # notes go with the progress line: a terminal, not --quiet
-            return
-        if progress.shown:
-            sys.stderr.write("\n")
-        if kind == "resuming":
-            print(
-                f"resuming: {_human(fields['have_bytes'])} of {_human(fields['bytes'])} already there",
-                file=sys.stderr,
-            )
-        elif kind == "reconnecting":
-            print(
-                f"connection problem ({fields['reason']}); reconnecting in {fields['delay']:.1f} s"
-                f" (attempt {fields['attempt']} of {args.max_retries})",
-                file=sys.stderr,
-            )
-
+    # The workers first, forked while this process holds no key (a worker must never hold it).
+    pool = prestart_workers(args.file, host, options=opts)
     try:
-        result = send(
-            args.file, host, port, psk=key, progress=progress, options=opts, on_event=on_event
-        )
+        key = _key(args)
+        progress = _progress_for(args, os.path.basename(args.file))
+
+        def on_event(kind: str, fields: dict[str, Any]) -> None:
+            if progress is None:  # notes go with the progress line: a terminal, not --quiet
+                return
+            if progress.shown:
+                sys.stderr.write("\n")
+            if kind == "resuming":
+                print(
+                    f"resuming: {_human(fields['have_bytes'])} of {_human(fields['bytes'])}"
+                    " already there",
+                    file=sys.stderr,
+                )
+            elif kind == "reconnecting":
+                print(
+                    f"connection problem ({fields['reason']}); reconnecting in"
+                    f" {fields['delay']:.1f} s (attempt {fields['attempt']} of {args.max_retries})",
+                    file=sys.stderr,
+                )
+
+        try:
+            result = send(
+                args.file,
+                host,
+                port,
+                psk=key,
+                progress=progress,
+                options=opts,
+                on_event=on_event,
+                pool=pool,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
     finally:
-        if progress is not None:
-            progress.close()
+        if pool is not None:
+            pool.close()
     if args.json:
         _print_json(result.as_json())
     elif not args.quiet:

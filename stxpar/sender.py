@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The coordinator owns the control connection and the session keys. It never sends file data.
-It starts its workers (``_Pool``) before it connects, and binds two ZeroMQ sockets in a private
+It starts its workers (``_Pool``) before it connects (the CLI forks its first ones even before
+it reads the key: ``prestart_workers``), and binds two ZeroMQ sockets in a private
 directory: a ROUTER on which workers ask for work (``hello`` -> ``setup``, ``get`` ->
 ``blocks [...]`` | ``done``) and a PULL on which they report (``acked`` with durable blocks and
 their digests, ``sent`` with a worker's final count, ``retransmit``, ``error``). Work is a shared pull queue of block indices handed out in small batches, so a slow
@@ -121,7 +122,7 @@ class _Stream:
     """A worker process and the stream it drives."""
 
     slot: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ipc.ForkedWorker
     stream: int = -1
     identity: bytes = b""
     assigned: set[int] = field(default_factory=set)
@@ -177,34 +178,47 @@ class _Pool:
 
     Started before the handshake, so that the workers' start-up (an interpreter and its
     imports, about 0.1 s each) overlaps the connection and handshake round trips; a worker
-    says ``hello`` at once and waits for its ``setup`` until the data phase begins. ``close``
-    stops whatever is still running and removes the private directory.
+    says ``hello`` at once and waits for its ``setup`` until the data phase begins. With
+    ``fork``, and where this process may fork (``ipc.can_fork``: one thread), the workers are
+    forked before this pool makes its ZeroMQ context, ready in milliseconds; replacements
+    and later sessions' pools always start new interpreters. ``close`` stops whatever is
+    still running and removes the private directory.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, *, fork: bool = False) -> None:
+        self.width = width
         self.workdir = ipc.private_dir("stx-send-")
-        self.zctx = zmq.Context()
+        self.ctl_ep = f"ipc://{self.workdir}/ctl"
+        self.rep_ep = f"ipc://{self.workdir}/report"
         self.streams: dict[int, _Stream] = {}
         self.next_slot = 0
+        self.zctx: zmq.Context | None = None
         try:
+            if fork and ipc.can_fork():
+                from .workers.sender import main as worker_main
+
+                for _ in range(width):
+                    self.spawn(forked=worker_main)
+            self.zctx = zmq.Context()
             self.router = ipc.configure(self.zctx.socket(zmq.ROUTER))
             self.pull = ipc.configure(self.zctx.socket(zmq.PULL))
-            self.ctl_ep = f"ipc://{self.workdir}/ctl"
-            self.rep_ep = f"ipc://{self.workdir}/report"
             self.router.bind(self.ctl_ep)
             self.pull.bind(self.rep_ep)
-            for _ in range(width):
+            while len(self.streams) < width:
                 self.spawn()
         except BaseException:
             self.close()
             raise
 
-    def spawn(self) -> _Stream:
+    def spawn(self, *, forked: Callable[[list[str]], int] | None = None) -> _Stream:
         slot = self.next_slot
         self.next_slot += 1
-        proc = ipc.spawn_worker(
-            "stxpar.workers.sender", self.ctl_ep, self.rep_ep, str(slot), str(os.getpid())
-        )
+        args = (self.ctl_ep, self.rep_ep, str(slot), str(os.getpid()))
+        proc: subprocess.Popen[bytes] | ipc.ForkedWorker
+        if forked is not None:
+            proc = ipc.fork_worker(forked, *args)
+        else:
+            proc = ipc.spawn_worker("stxpar.workers.sender", *args)
         st = self.streams[slot] = _Stream(slot=slot, proc=proc)
         return st
 
@@ -224,7 +238,9 @@ class _Pool:
 
     def close(self) -> None:
         self.kill()
-        self.zctx.destroy(linger=0)
+        if self.zctx is not None:
+            self.zctx.destroy(linger=0)
+            self.zctx = None
         ipc.remove_dir(self.workdir)
 
 
@@ -561,16 +577,22 @@ def _session(
     progress: ProgressFn | None,
     on_event: EventFn | None,
     deadline: float | None,
+    pool: _Pool | None = None,
 ) -> None:
-    """One connection: handshake, metadata, the data phase, END and RECEIPT."""
+    """One connection: handshake, metadata, the data phase, END and RECEIPT. ``pool``: workers
+    already started for it (the session owns and closes them)."""
     assert opts.block_size is not None
-    src = run.src
-    src.check_unchanged()
-    timeout = opts.connect_timeout
-    if deadline is not None:
-        timeout = min(timeout, max(0.01, deadline - time.monotonic()))
-    pool = _Pool(min(opts.workers or 1, run.total)) if run.complete < run.total else None
     try:
+        src = run.src
+        src.check_unchanged()
+        timeout = opts.connect_timeout
+        if deadline is not None:
+            timeout = min(timeout, max(0.01, deadline - time.monotonic()))
+        if run.complete >= run.total and pool is not None:
+            pool.close()
+            pool = None
+        elif pool is None and run.complete < run.total:
+            pool = _Pool(min(opts.workers or 1, run.total))
         sock = connect(host, port, max_retries=0, timeout=timeout)
     except BaseException:
         if pool is not None:
@@ -660,6 +682,7 @@ def send(
     progress: ProgressFn | None = None,
     options: SendOptions | None = None,
     on_event: EventFn | None = None,
+    pool: _Pool | None = None,
 ) -> TransferResult:
     """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
     authenticated receipt confirms the whole file arrived, verified and durable.
@@ -669,9 +692,53 @@ def send(
     reconnect is a fresh handshake that resumes from the receiver's bitmap. ``workers`` and
     ``block_size`` override the same fields of ``options``. ``on_event(kind, fields)`` hears
     "resuming" and "reconnecting". Raises a subclass of :class:`stxpar.errors.StxError`; its
-    ``exit_code`` is what the CLI exits with.
+    ``exit_code`` is what the CLI exits with. ``pool``: workers that ``prestart_workers`` started
+    for the same arguments; the first session uses them, and they are closed in any case.
     """
-    base = options or SendOptions()
+    try:
+        if len(psk) < 32:
+            raise UsageError("the key must be at least 256 bits")
+        src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
+        return _send(src, host, port, psk, opts, progress, on_event, pool)
+    finally:
+        if pool is not None:
+            pool.close()  # (a no-op once its session closed it)
+
+
+def prestart_workers(
+    path: str | os.PathLike[str],
+    host: str,
+    *,
+    workers: int | None = None,
+    block_size: int | None = None,
+    options: SendOptions | None = None,
+) -> _Pool | None:
+    """Fork the worker processes that ``send`` with the same arguments will need, where this
+    process may fork (Linux, one thread; else None, and ``send`` starts them itself).
+
+    Call it before the key is read: a forked worker holds a copy of its parent's memory, and a
+    worker must never hold the PSK (docs/threat-model.md). Forked workers are ready in
+    milliseconds instead of after a new interpreter's ~0.1 s of start-up, which is most of the
+    fixed cost of a small transfer. Raises what ``send`` would for a bad file or options.
+    """
+    src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
+    assert opts.block_size is not None and opts.workers is not None
+    total = blocks_for(src.size, opts.block_size)
+    if not total or not ipc.can_fork():
+        return None
+    return _Pool(min(opts.workers, total), fork=True)
+
+
+def _plan(
+    path: str | os.PathLike[str],
+    host: str,
+    *,
+    workers: int | None,
+    block_size: int | None,
+    base: SendOptions | None,
+) -> tuple[SourceFile, SendOptions]:
+    """The source and the resolved options (worker count, block size) of a transfer."""
+    base = base or SendOptions()
     if workers is None and base.workers is None:
         workers = default_workers(peer_on_this_machine=is_loopback(host))
     opts = replace(
@@ -680,8 +747,6 @@ def send(
         block_size=block_size if block_size is not None else base.block_size,
     ).resolved()
     assert opts.block_size is not None and opts.workers is not None
-    if len(psk) < 32:
-        raise UsageError("the key must be at least 256 bits")
     src = SourceFile.open(path)
     bs = opts.block_size
     while blocks_for(src.size, bs) > MAX_BLOCKS:
@@ -691,13 +756,28 @@ def send(
                 " use a larger --block-size"
             )
         bs *= 2  # the default block size grows for huge files
-    opts = replace(opts, block_size=bs)
+    return src, replace(opts, block_size=bs)
+
+
+def _send(
+    src: SourceFile,
+    host: str,
+    port: int,
+    psk: bytes,
+    opts: SendOptions,
+    progress: ProgressFn | None,
+    on_event: EventFn | None,
+    pool: _Pool | None,
+) -> TransferResult:
+    assert opts.block_size is not None
+    bs = opts.block_size
     run = _Run.new(src, blocks_for(src.size, bs))
     started = time.monotonic()
     deadline = started + opts.deadline if opts.deadline else None
     failures = 0
     while True:
         before = run.complete
+        first, pool = pool, None  # a session owns the pool it is given
         try:
             _session(
                 run,
@@ -708,6 +788,7 @@ def send(
                 progress=progress,
                 on_event=on_event,
                 deadline=deadline,
+                pool=first,
             )
             break
         except DeadlineReached:

@@ -214,6 +214,7 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
+    ipc.name_process(ipc.SENDER_WORKER_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal reaches us too)
     signal.signal(signal.SIGTERM, _stop)  # ...and says so with SIGTERM

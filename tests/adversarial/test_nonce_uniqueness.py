@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from itest_support import STX, assert_no_secrets, free_port, register_key, wait_for
+from itest_support import STX, assert_no_secrets, free_port, is_worker, register_key, wait_for
 from tcp_relay import UP, Direction, RelayConnection, TcpRelay
 
 from stxpar import state
@@ -201,12 +201,7 @@ def sender_workers(pid: int) -> list[psutil.Process]:
         children = psutil.Process(pid).children()
     except psutil.Error:
         return []
-    out = []
-    for c in children:
-        with contextlib.suppress(psutil.Error):
-            if "stxpar.workers.sender" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
-                out.append(c)
-    return out
+    return [c for c in children if is_worker(c, "stxpar.workers.sender")]
 
 
 def held(dest: Path) -> int:

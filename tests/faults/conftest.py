@@ -43,6 +43,7 @@ from itest_support import (  # noqa: E402
     assert_dest_exactly,
     assert_no_secrets,
     expected_digest,
+    is_worker,
     make_keyfile,
     sha256_file,
     wait_dead,
@@ -153,17 +154,12 @@ def procs() -> Iterator[ProcessGuard]:
 
 
 def workers_of(pid: int, module: str) -> list[psutil.Process]:
-    """Live worker children (``python -P -m module``) of process ``pid``."""
+    """Live worker children of process ``pid`` (forked or ``python -P -m module``)."""
     try:
         children = psutil.Process(pid).children()
     except psutil.Error:
         return []
-    out = []
-    for c in children:
-        with contextlib.suppress(psutil.Error):
-            if module in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
-                out.append(c)
-    return sorted(out, key=lambda p: p.pid)
+    return sorted((c for c in children if is_worker(c, module)), key=lambda p: p.pid)
 
 
 def has_tcp_stream(p: psutil.Process) -> bool | None:

@@ -25,6 +25,8 @@ from typing import Any
 import psutil
 from xxhash import xxh3_128_digest
 
+from stxpar import ipc
+
 #: the installed ``stx`` script of the interpreter running the tests
 STX = Path(sys.executable).parent / "stx"
 #: a small block size so that multi-block files stay small
@@ -298,6 +300,24 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
+
+
+#: worker module -> the process name that worker gives itself (a forked worker's command line is
+#: its coordinator's: the name is what tells it apart)
+WORKER_NAMES = {
+    "stxpar.workers.sender": ipc.SENDER_WORKER_NAME,
+    "stxpar.workers.receiver": ipc.RECEIVER_WORKER_NAME,
+}
+
+
+def is_worker(p: psutil.Process, module: str) -> bool:
+    """Whether ``p`` is a live worker of ``module`` (started either way: ``ipc``)."""
+    try:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return p.name() == WORKER_NAMES[module] or module in p.cmdline()
+    except psutil.Error:
+        return False
 
 
 def wait_dead(p: psutil.Process, timeout: float = 10.0) -> bool:

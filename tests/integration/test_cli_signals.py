@@ -32,13 +32,17 @@ SIZE = 1 << 30  # long enough on 2 cores to be stopped half way
 
 
 def _ipc_dirs(procs: list[psutil.Process]) -> set[Path]:
-    """The private IPC directories named in these processes' arguments (the workers are given
-    their coordinator's ``ipc://DIR/NAME`` endpoints)."""
+    """The private IPC directories of these processes: named in a worker's arguments (a worker
+    started as a new interpreter is given its coordinator's ``ipc://DIR/NAME`` endpoints), or
+    holding the ZeroMQ endpoints a coordinator has bound (``DIR/ctl``, ``DIR/report``)."""
     dirs = set()
     for p in procs:
         for arg in p.cmdline():
             if arg.startswith("ipc://"):
                 dirs.add(Path(arg.removeprefix("ipc://")).parent)
+        for conn in p.net_connections(kind="unix"):
+            if isinstance(conn.laddr, str) and Path(conn.laddr).name in ("ctl", "report"):
+                dirs.add(Path(conn.laddr).parent)
     return dirs
 
 

@@ -15,6 +15,7 @@ from itest_support import (
     STX,
     CliReceiver,
     assert_no_secrets,
+    is_worker,
     process_tree,
     sha256_file,
     wait_for,
@@ -85,10 +86,13 @@ def test_key_never_in_argv_environment_or_output(
             assert receiver.proc is not None
             procs = process_tree(sender.pid) + process_tree(receiver.proc.pid)
             cmdlines = [_cmdline(p) for p in procs]
-            sender_workers = [c for c in cmdlines if "stxpar.workers.sender" in c]
-            receiver_workers = [c for c in cmdlines if "stxpar.workers.receiver" in c]
+            sender_workers = [p for p in procs if is_worker(p, "stxpar.workers.sender")]
+            receiver_workers = [p for p in procs if is_worker(p, "stxpar.workers.receiver")]
             assert len(sender_workers) == workers, cmdlines
             assert len(receiver_workers) == 2, cmdlines
+            # The CLI forks its sender workers (their command line is its own); the receiver's
+            # are new interpreters.
+            assert all(_cmdline(p) == cmdlines[0] for p in sender_workers), cmdlines
             for p, cmd in zip(procs, cmdlines, strict=True):
                 assert cmd, f"could not read the command line of {p.pid}"
                 assert hexkey not in " ".join(cmd).lower()
