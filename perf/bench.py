@@ -680,7 +680,7 @@ class Bench:
         return res
 
     def run_handshake(self) -> None:
-        """Latency of tiny transfers: stxpar API (0 B, 1 B), stx CLI (0 B), ssh true, scp 0 B."""
+        """Latency of tiny transfers: stxpar API and stx CLI (0 B, 1 B), ssh true, scp 0 B."""
         n = self.args.handshake
         self.release()
         empty, one = self.root / "empty.bin", self.root / "one.bin"
@@ -700,15 +700,19 @@ class Bench:
 
                 return go
 
-            def cli() -> bool:
-                argv = self.stx_send_argv(empty, port, None, None)
-                ok = subprocess.run(argv, capture_output=True).returncode == 0
-                return ok and same_content(empty, dest / empty.name)
+            def cli(src: Path) -> Callable[[], bool]:
+                def go() -> bool:
+                    argv = self.stx_send_argv(src, port, None, None)
+                    ok = subprocess.run(argv, capture_output=True).returncode == 0
+                    return ok and same_content(src, dest / src.name)
+
+                return go
 
             cases: dict[str, Callable[[], bool]] = {
                 "stxpar API, 0 B": api(empty),
                 "stxpar API, 1 B (workers start)": api(one),
-                "stx send CLI, 0 B (with interpreter start)": cli,
+                "stx send CLI, 0 B (with interpreter start)": cli(empty),
+                "stx send CLI, 1 B (interpreter, forked workers)": cli(one),
             }
             if self.sshd is not None:
                 sshd = self.sshd
