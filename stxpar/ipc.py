@@ -49,25 +49,22 @@ def harden_process() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (ImportError, ValueError, OSError):
         pass
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
-        except (OSError, AttributeError):
-            pass
+    _prctl(4, 0)  # PR_SET_DUMPABLE
 
 
 def name_process(name: str) -> None:
     """Set this process's name as ``ps``/``top`` show it (Linux ``PR_SET_NAME``; a no-op
     elsewhere). A forked worker's command line is still its coordinator's."""
+    _prctl(15, name.encode()[:15])  # PR_SET_NAME
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    """Linux ``prctl(option, arg)``; nothing elsewhere or where it cannot be called."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME = 15
+            ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
         except (OSError, AttributeError):
             pass
 
