@@ -86,6 +86,44 @@ def test_cli_forks_its_workers_before_it_reads_the_key(scratch: Path) -> None:
     assert forks[1::2] == ["0", "0", "0"], forks
 
 
+def test_a_program_can_prestart_forked_workers(scratch: Path) -> None:
+    """What the README shows: ``prestart_workers`` before the key, then ``send(pool=...)``."""
+    key = scratch / "k.key"
+    make_keyfile(key)
+    dest = scratch / "dst"
+    dest.mkdir()
+    src = scratch / "f.bin"
+    want = write_random(src, 2 << 20)
+    script = textwrap.dedent(
+        """
+        import sys
+        import stxpar
+        from stxpar.sender import prestart_workers
+
+        src, host, port, keyfile = sys.argv[1:]
+        pool = prestart_workers(src, host, workers=2)
+        print("forked", None if pool is None else [type(s.proc).__name__ for s in pool.streams.values()])
+        key = stxpar.load_key_file(keyfile)
+        result = stxpar.send(src, host, int(port), psk=key, workers=2, block_size=64 << 10, pool=pool)
+        print("sent", result.bytes, result.workers)
+        """
+    )
+    rx = CliReceiver(key, dest, scratch, once=True).start()
+    try:
+        host, port = rx.address.rsplit(":", 1)
+        run = subprocess.run([sys.executable, "-c", script, str(src), host, port, str(key)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert rx.wait(timeout=20) == 0
+    finally:
+        rx.stop()
+    assert run.stdout.splitlines() == [
+        "forked ['ForkedWorker', 'ForkedWorker']",
+        f"sent {2 << 20} 2",
+    ]
+    assert sha256_file(dest / src.name) == want
+
+
 def test_api_starts_new_interpreters(scratch: Path) -> None:
     """A program calling ``stxpar.send`` is never forked: its workers are new interpreters."""
     psk = os.urandom(32)
