@@ -588,11 +588,15 @@ def _session(
         timeout = opts.connect_timeout
         if deadline is not None:
             timeout = min(timeout, max(0.01, deadline - time.monotonic()))
+        width = min(opts.workers or 1, run.total)
         if run.complete >= run.total and pool is not None:
             pool.close()
             pool = None
         elif pool is None and run.complete < run.total:
-            pool = _Pool(min(opts.workers or 1, run.total))
+            pool = _Pool(width)
+        elif pool is not None:
+            while len(pool.streams) < width:  # prestarted for other arguments: top it up
+                pool.spawn()
         sock = connect(host, port, max_retries=0, timeout=timeout)
     except BaseException:
         if pool is not None:

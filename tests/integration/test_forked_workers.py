@@ -94,6 +94,7 @@ def test_a_program_can_prestart_forked_workers(scratch: Path) -> None:
     dest.mkdir()
     src = scratch / "f.bin"
     want = write_random(src, 2 << 20)
+    want2 = write_random(scratch / "f.bin.2", 2 << 20)
     script = textwrap.dedent(
         """
         import sys
@@ -101,27 +102,35 @@ def test_a_program_can_prestart_forked_workers(scratch: Path) -> None:
         from stxpar.sender import prestart_workers
 
         src, host, port, keyfile = sys.argv[1:]
-        pool = prestart_workers(src, host, workers=2)
+        pool = prestart_workers(src, host, workers=2, block_size=64 << 10)
         print("forked", None if pool is None else [type(s.proc).__name__ for s in pool.streams.values()])
         key = stxpar.load_key_file(keyfile)
         result = stxpar.send(src, host, int(port), psk=key, workers=2, block_size=64 << 10, pool=pool)
         print("sent", result.bytes, result.workers)
+        # Started for other arguments (one 4 MiB block: one worker), the pool is topped up.
+        other = src + ".2"
+        pool = prestart_workers(other, host, workers=2)
+        print("forked", [type(s.proc).__name__ for s in pool.streams.values()])
+        result = stxpar.send(other, host, int(port), psk=key, workers=2, block_size=64 << 10, pool=pool)
+        print("sent", result.bytes, result.workers, len(pool.streams))
         """
     )
-    rx = CliReceiver(key, dest, scratch, once=True).start()
+    rx = CliReceiver(key, dest, scratch, once=False).start()
     try:
         host, port = rx.address.rsplit(":", 1)
         run = subprocess.run([sys.executable, "-c", script, str(src), host, port, str(key)],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert run.returncode == 0, run.stderr
-        assert rx.wait(timeout=20) == 0
     finally:
         rx.stop()
     assert run.stdout.splitlines() == [
         "forked ['ForkedWorker', 'ForkedWorker']",
         f"sent {2 << 20} 2",
+        "forked ['ForkedWorker']",
+        f"sent {2 << 20} 2 2",
     ]
     assert sha256_file(dest / src.name) == want
+    assert sha256_file(dest / "f.bin.2") == want2
 
 
 def test_api_starts_new_interpreters(scratch: Path) -> None:
