@@ -78,6 +78,17 @@ def free_others(keep: Path) -> None:
             shutil.rmtree(old)
 
 
+def required_per_gb(steps: dict[str, float]) -> float:
+    """CPU s/GB the protocol requires per byte over both sides: the cipher once each way, the
+    CRC and the block digest once on each side."""
+    return (
+        steps["AES-256-GCM encrypt_into"]
+        + steps["AES-256-GCM decrypt_into"]
+        + 2 * steps["CRC-32 (ISA-L)"]
+        + 2 * steps["XXH3-128 block digest"]
+    )
+
+
 def socat_run(src: Path, dest: Path, port: int) -> tuple[float, float, float]:
     """Wall seconds, sender CPU s, receiver CPU s of one socat transfer."""
     dst = dest / src.name
@@ -175,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     s_cpu = statistics.median(a + b for _, a, b in socat) / gb
     x_wall = statistics.median(w for w, _, _ in stx) / gb
     x_cpu = statistics.median(a + b for _, a, b in stx) / gb
-    required = (
-        steps["AES-256-GCM encrypt_into"]
-        + steps["AES-256-GCM decrypt_into"]
-        + 2 * steps["CRC-32 (ISA-L)"]
-        + 2 * steps["XXH3-128 block digest"]
-    )
+    required = required_per_gb(steps)
     floor_cpu = s_cpu + required
     s_busy = s_cpu / (ncpu * s_wall)  # how busy socat keeps the cores
     print(f"# The floor on this machine ({ncpu} CPUs, {args.size}, {args.rounds} rounds)\n")
