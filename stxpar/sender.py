@@ -186,7 +186,6 @@ class _Pool:
     """
 
     def __init__(self, width: int, *, fork: bool = False) -> None:
-        self.width = width
         self.workdir = ipc.private_dir("stx-send-")
         self.ctl_ep = f"ipc://{self.workdir}/ctl"
         self.rep_ep = f"ipc://{self.workdir}/report"
