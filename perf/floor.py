@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench import make_random_file, same_content
+from peers import wait_for_text
 from proctree import measure
 
 from stxpar.config import parse_size
@@ -116,21 +116,14 @@ def socat_run(src: Path, dest: Path, port: int) -> tuple[float, float, float]:
 def stx_run(src: Path, dest: Path, key: Path, port: int) -> tuple[float, float, float]:
     """Wall seconds (sender start -> sender exit), sender and receiver tree CPU s."""
     py = sys.executable
-    recv = subprocess.Popen(
-        [py, "-m", "stxpar.cli", "recv", "--listen", f"127.0.0.1:{port}", "--psk-file", str(key),
-         "--dest", str(dest), "--once", "-q"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:  # until it accepts connections
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                recv.kill()
-                raise RuntimeError("stx recv did not start") from None
-            time.sleep(0.05)
+    log = dest.parent / f"recv-{port}.err"
+    with log.open("wb") as err:
+        recv = subprocess.Popen(
+            [py, "-m", "stxpar.cli", "recv", "--listen", f"127.0.0.1:{port}", "--psk-file",
+             str(key), "--dest", str(dest), "--once"],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    wait_for_text(log, "listening on", recv, 30)  # its workers are up: as perf/bench.py waits
     argv = [py, "-m", "stxpar.cli", "send", "--psk-file", str(key), "-q", str(src),
             f"127.0.0.1:{port}"]  # fmt: skip
     free_others(dest)
