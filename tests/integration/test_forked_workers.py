@@ -56,13 +56,18 @@ if _log:
 """
 
 
-def test_cli_forks_its_workers_before_it_reads_the_key(scratch: Path) -> None:
+def _transfer_setup(scratch: Path, size: int) -> tuple[Path, Path, Path, str]:
+    """A key file, a destination directory, and a random source file with its sha256."""
     key = scratch / "k.key"
     make_keyfile(key)
     dest = scratch / "dst"
     dest.mkdir()
     src = scratch / "f.bin"
-    want = write_random(src, 3 << 20)
+    return key, dest, src, write_random(src, size)
+
+
+def test_cli_forks_its_workers_before_it_reads_the_key(scratch: Path) -> None:
+    key, dest, src, want = _transfer_setup(scratch, 3 << 20)
     probe = scratch / "probe"
     probe.mkdir()
     (probe / "sitecustomize.py").write_text(PROBE)
@@ -88,12 +93,7 @@ def test_cli_forks_its_workers_before_it_reads_the_key(scratch: Path) -> None:
 
 def test_a_program_can_prestart_forked_workers(scratch: Path) -> None:
     """What the README shows: ``prestart_workers`` before the key, then ``send(pool=...)``."""
-    key = scratch / "k.key"
-    make_keyfile(key)
-    dest = scratch / "dst"
-    dest.mkdir()
-    src = scratch / "f.bin"
-    want = write_random(src, 2 << 20)
+    key, dest, src, want = _transfer_setup(scratch, 2 << 20)
     want2 = write_random(scratch / "f.bin.2", 2 << 20)
     script = textwrap.dedent(
         """
