@@ -49,7 +49,7 @@ from .errors import (
 )
 from .handshake import DEFAULT_WINDOW_MS, ReplayCache, ServerHandshake, handshake_cap, keyring_for
 from .keyschedule import SessionKeys
-from .netio import FramedSocket
+from .netio import FramedSocket, keepalive
 from .records import ControlChannel, verify_join
 from .state import Identity, Partial, StateLog, find_partials
 from .state import load as load_state
@@ -483,7 +483,7 @@ class Receiver:
         try:
             conn.settimeout(self.handshake_timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            keepalive(conn)  # data streams too: a peer gone without a FIN is noticed
             ftype, payload = fs.recv_frame(cap=_first_cap)
             if ftype is FrameType.JOIN:
                 self._serve_join(fs, payload, release)
@@ -624,7 +624,6 @@ class Receiver:
             _send_error(fs, exc, generic=True)
             raise
         release()
-        _keepalive(fs.sock)
         channel = ControlChannel(session=session, client=False)
         inc: _Incoming | None = None
         try:
@@ -978,14 +977,6 @@ def _send_error(
             fs.send(encode_frame(FrameType.ERROR, body))
     except StxError:
         pass
-
-
-def _keepalive(sock: socket.socket) -> None:
-    """Notice a vanished peer within about a minute instead of hours."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, opt):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 def _size_of(path: Path) -> int:
