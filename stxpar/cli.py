@@ -25,7 +25,9 @@ EXIT_CODES = """exit codes:
   0  success
   1  any other error (internal error, peer broke the protocol, receiver refused)
   2  usage error or bad local input (options, files, addresses, key file)
-  3  authentication failure (wrong key, forged or altered data)
+  3  authentication failure (wrong key, forged or altered data); "clock skew: ..." when
+     the key is right but the two clocks differ by more than the receiver allows
+     ('stx recv --clock-window', default 300 s): set the clocks right (NTP)
   4  connection failed after the retries
   5  integrity or verification failure (digest mismatch, blocks damaged repeatedly)
   130  interrupted (Ctrl-C); 143  terminated (SIGTERM); 129  hung up (SIGHUP). 'stx recv'
@@ -279,6 +281,14 @@ def cmd_recv(args: argparse.Namespace) -> int:
         raise UsageError("--listen HOST:PORT is required to receive")
     host, port = args.listen
     key = _key(args)
+    from .gatekeeper import LogLimiter
+
+    # A flood of refused connections must not become a flood of log lines.
+    refusals = LogLimiter()
+
+    def refused(line: str) -> None:
+        if refusals.allow():
+            print(line, file=sys.stderr)
 
     def on_event(kind: str, fields: dict[str, Any]) -> None:
         if kind == "received":
@@ -295,13 +305,16 @@ def cmd_recv(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         elif kind == "listening" and not args.quiet:
+            also = "".join(f" and {a}" for a in fields.get("also") or ())
             print(
-                f"listening on {fields['host']}:{fields['port']} with {fields['workers']} workers,"
-                f" writing to {args.dest}",
+                f"listening on {fields['host']}:{fields['port']}{also} with"
+                f" {fields['workers']} workers, writing to {args.dest}",
                 file=sys.stderr,
             )
         elif kind == "rejected" and not args.quiet:
-            print(f"rejected {fields['peer']}: {fields['error']}", file=sys.stderr)
+            refused(f"rejected {fields['peer']}: {fields['error']}")
+        elif kind == "dropped" and not args.quiet:
+            refused(f"dropped {fields['peer']}: {fields['reason']}")
         elif kind == "failed" and not args.quiet:
             kept = (
                 f"; partial kept for a resume ({_human(fields['have_bytes'])} of"
@@ -328,14 +341,23 @@ def cmd_recv(args: argparse.Namespace) -> int:
         workers=args.workers,
         once=args.once,
         on_event=on_event,
+        window_ms=int(args.clock_window * 1000),
     )
     receiver.start()
+
+    def summary(force: bool = False) -> None:
+        line = refusals.flush(force=force)
+        if line and not args.quiet:
+            print(f"(rejected/dropped connections: {line})", file=sys.stderr)
+
     try:
-        receiver.serve_forever()
+        while not receiver.wait(0.5):
+            summary()
     except KeyboardInterrupt:
         pass
     finally:
         receiver.stop()
+        summary(force=True)
     return 0
 
 
@@ -406,6 +428,16 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_send)
 
 
+def _clock_window(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 1 <= value <= 86400 * 365:
+        raise argparse.ArgumentTypeError(f"must be 1 s to a year, got {text}")
+    return value
+
+
 def _add_recv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen",
@@ -424,6 +456,14 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         help=f"receiver worker processes (default here: {default_workers()})",
     )
     p.add_argument("--once", action="store_true", help="exit after one completed transfer")
+    p.add_argument(
+        "--clock-window",
+        type=_clock_window,
+        default=300.0,
+        metavar="SECONDS",
+        help="how far a sender's clock may be from this one's (default 300); a sender outside"
+        " it fails with exit 3 and 'clock skew: ...'",
+    )
     p.add_argument(
         "--list-partial",
         action="store_true",

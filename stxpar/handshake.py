@@ -53,6 +53,25 @@ AUTH_FAILED = "authentication failed"
 DEFAULT_WINDOW_MS = 300_000
 
 
+class ClockSkewError(AuthError):
+    """The sender proved the key, but its clock is outside the receiver's window. Raised only
+    after the MAC verified, so its precise text (unlike every other authentication failure's)
+    tells nothing to someone without the key."""
+
+    def __init__(self, *, skew_ms: int, window_ms: int) -> None:
+        self.skew_ms, self.window_ms = skew_ms, window_ms
+        side = "ahead" if skew_ms > 0 else "behind"
+        super().__init__(
+            f"clock skew: the sender's clock differs from the receiver's by"
+            f" {_seconds(skew_ms)} s ({side}); allowed ±{_seconds(window_ms)} s"
+            " (the receiver's --clock-window)"
+        )
+
+
+def _seconds(ms: int) -> str:
+    return f"{abs(ms) / 1000:,.3f}".rstrip("0").rstrip(".")
+
+
 class State(enum.Enum):
     START = "start"
     WAIT_INIT = "wait-init"
@@ -292,8 +311,9 @@ class ServerHandshake(_Handshake):
                 raise ValueError
         except ValueError:
             raise AuthError(AUTH_FAILED) from None
-        if abs(self._now_ms - self._hello.time_ms) > self._window_ms:
-            raise AuthError("client clock is outside the allowed window")
+        skew = self._hello.time_ms - self._now_ms
+        if abs(skew) > self._window_ms:
+            raise ClockSkewError(skew_ms=skew, window_ms=self._window_ms)
         self._replay.check_and_add(self._hello.nonce, now_ms=self._now_ms)
         assert self._psk is not None
         tag = ks.mac(key=self._psk.server_auth, label="server auth", data=self.transcript_hash)

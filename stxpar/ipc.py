@@ -19,6 +19,7 @@ import os
 import select
 import shutil
 import signal
+import stat as stat_module
 import subprocess
 import sys
 import tempfile
@@ -69,10 +70,92 @@ def _prctl(option: int, arg: int | bytes) -> None:
             pass
 
 
+#: The prefixes of the private directories of coordinators (``private_dir``).
+DIR_PREFIXES = ("stx-recv-", "stx-send-")
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (field 22 of ``/proc/PID/stat``, in clock ticks since
+    boot): with the pid, it names one process, not whichever one reuses the pid later. None
+    if there is no such process (or no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])  # fields 3.. after "(comm) "
+    except (ValueError, IndexError):
+        return None
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 if unknown): a pid means something only
+    inside its namespace, and two containers may share one temporary directory."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def private_dir(prefix: str) -> str:
-    path = tempfile.mkdtemp(prefix=prefix)
+    """A new 0700 directory in the temporary directory, named after its owner
+    (``PREFIX<pid>-<start time>-<pid namespace>-<random>``) so that ``remove_stale_dirs`` can
+    tell one whose process was killed."""
+    pid = os.getpid()
+    owner = f"{pid}-{_start_time(pid) or 0}-{_pid_namespace()}"
+    path = tempfile.mkdtemp(prefix=f"{prefix}{owner}-")
     os.chmod(path, 0o700)
     return path
+
+
+def _owner(name: str) -> tuple[int, int, int] | None:
+    """(pid, start time, pid namespace) from a ``private_dir`` name, or None."""
+    prefix = next((p for p in DIR_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    parts = name[len(prefix) :].split("-", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        return None
+    pid, started, namespace = int(parts[0]), int(parts[1]), int(parts[2])
+    return None if started == 0 or namespace == 0 else (pid, started, namespace)
+
+
+def owner_known(name: str) -> bool:
+    """Whether a ``private_dir`` name says which process made it."""
+    return _owner(name) is not None
+
+
+def remove_stale_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the private directories (``stx-recv-*``, ``stx-send-*``) of processes that are
+    gone (a SIGKILLed coordinator cannot remove its own): only directories, never a symbolic
+    link, only ours (owned by this effective uid), only when the pid and start time in the name
+    no longer belong to a running process. A name without them (an older version's) is left
+    alone, and so is one made in another pid namespace. Returns what was removed."""
+    base = tmp if tmp is not None else tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        owner = _owner(name)
+        if owner is None or owner[2] != _pid_namespace():
+            continue  # its owner cannot be told apart from another process
+        pid, started, _ = owner
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat_module.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        now = _start_time(pid)
+        if now == started or pid == os.getpid():
+            continue  # its owner is alive
+        shutil.rmtree(path, ignore_errors=True)  # does not follow symbolic links inside
+        removed.append(path)
+    return removed
 
 
 def remove_dir(path: str) -> None:

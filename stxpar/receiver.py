@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-One listening TCP port carries everything: the client speaks first on every connection, with
-INIT (a control connection: handshake, metadata, end, receipt) or JOIN (a data stream of an
-established session, proving its stream key). Each connection gets a thread with a deadline;
-pre-authentication work is bounded (frame caps, a handshake timeout, a handshake rate limit and
-a cap on connections that have not authenticated yet).
+One listening TCP port (one socket per address the host name resolves to) carries everything:
+the client speaks first on every connection, with INIT (a control connection: handshake,
+metadata, end, receipt) or JOIN (a data stream of an established session, proving its stream
+key). Until a connection has proven the key it belongs to the gatekeeper (``gatekeeper.py``): one
+selector loop, no thread per connection, with deadlines, caps, rate limits and eviction. Only an
+authenticated control connection gets a thread (a bounded number of them), and a verified data
+stream goes straight to a worker.
 
 An admitted transfer gets a preallocated partial file ``.NAME.stxpart`` in the destination. A
 JOIN that proves its key is passed, socket and stream secret, to the least busy worker process
@@ -47,9 +49,10 @@ from .errors import (
     UsageError,
     error_from_wire,
 )
-from .handshake import DEFAULT_WINDOW_MS, ReplayCache, ServerHandshake, handshake_cap, keyring_for
+from .gatekeeper import Gatekeeper, GateLimits, error_text
+from .handshake import DEFAULT_WINDOW_MS, ReplayCache, keyring_for
 from .keyschedule import SessionKeys
-from .netio import FramedSocket, keepalive
+from .netio import FramedSocket
 from .records import ControlChannel, verify_join
 from .state import Identity, Partial, StateLog, find_partials
 from .state import load as load_state
@@ -59,7 +62,6 @@ from .wire import (
     End,
     ErrorMsg,
     FrameType,
-    Init,
     Join,
     Metadata,
     MetadataAck,
@@ -296,7 +298,17 @@ class Receiver:
         max_pending_per_ip: int = 32,
         sync_bytes: int = DEFAULT_SYNC_BYTES,
         on_event: EventFn | None = None,
+        max_handshakes_per_ip_per_s: float | None = None,
+        max_sessions: int = 64,
+        fd_reserve: int | None = None,
     ) -> None:
+        """``max_handshakes_per_s`` and ``max_handshakes_per_ip_per_s`` (default: half the former,
+        at least 2) limit handshakes started, overall and per source address; ``max_pending`` and
+        ``max_pending_per_ip`` cap connections that have not authenticated yet (the oldest idle
+        one is evicted for a newcomer); ``max_sessions`` caps authenticated control connections
+        served at once (beyond it a sender is told "receiver busy" and retries); ``fd_reserve``
+        descriptors are kept free below RLIMIT_NOFILE (default: automatic). ``window_ms``: how
+        far the sender's clock may be from ours."""
         psks = [psk] if isinstance(psk, bytes | bytearray) else list(psk)
         if not psks or any(len(k) < 32 for k in psks):
             raise UsageError("the key must be at least 256 bits")
@@ -309,14 +321,27 @@ class Receiver:
         self.window_ms = window_ms
         self.sync_bytes = sync_bytes
         self._on_event = on_event
-        self._rate = _TokenBucket(
-            rate=max_handshakes_per_s, burst=max(1.0, 2 * max_handshakes_per_s)
+        if window_ms <= 0 or handshake_timeout <= 0 or max_handshakes_per_s <= 0:
+            raise UsageError("window, handshake timeout and handshake rate must be positive")
+        if min(max_pending, max_pending_per_ip, max_sessions) < 1:
+            raise UsageError("connection and session caps must be at least 1")
+        per_ip = (
+            min(max_handshakes_per_s, max(2.0, max_handshakes_per_s / 2))
+            if max_handshakes_per_ip_per_s is None
+            else max_handshakes_per_ip_per_s
         )
-        self._pending = threading.BoundedSemaphore(max_pending)
-        self._max_pending_per_ip = max_pending_per_ip
-        self._preauth_by_ip: dict[str, int] = {}
+        if per_ip <= 0:
+            raise UsageError("the per-address handshake rate must be positive")
+        self._limits = GateLimits(
+            handshake_timeout=handshake_timeout,
+            max_pending=max_pending,
+            max_pending_per_ip=max_pending_per_ip,
+            handshakes_per_s=max_handshakes_per_s,
+            handshakes_per_ip_per_s=per_ip,
+            fd_reserve=fd_reserve,
+        )
+        self._control_slots = threading.BoundedSemaphore(max_sessions)
         self._replay = ReplayCache(ttl_ms=2 * window_ms)
-        self._replay_lock = threading.Lock()
         self._sessions: dict[bytes, _Incoming] = {}
         self._active: dict[Path, Any] = {}  # final path -> _Incoming (or _RESERVED)
         self._recent: OrderedDict[Path, _Recent] = OrderedDict()
@@ -324,7 +349,8 @@ class Receiver:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
+        self._gate: Gatekeeper | None = None
         self._pool: _Pool | None = None
         self._zctx: zmq.Context | None = None
         self._workdir = ""
@@ -337,25 +363,60 @@ class Receiver:
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._listener is None:
+        """The first listening address (``addresses`` has every one)."""
+        return self.addresses[0]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every address listened on: one per address the listen host resolves to."""
+        if not self._listeners:
             raise RuntimeError("receiver not started")
-        host, port = self._listener.getsockname()[:2]
-        return host, port
+        return [(s.getsockname()[0], s.getsockname()[1]) for s in self._listeners]
+
+    @property
+    def _preauth_by_ip(self) -> dict[str, int]:
+        """Connections that have not authenticated yet, per source address (a snapshot)."""
+        return self._gate.pending_by_source() if self._gate is not None else {}
 
     def start(self) -> Receiver:
         self._check_dest()
-        self._listener = self._listen()
-        self._workdir = ipc.private_dir("stx-recv-")
-        self._zctx = zmq.Context()
-        report_ep = f"ipc://{self._workdir}/report"
-        pull = ipc.configure(self._zctx.socket(zmq.PULL))
-        pull.bind(report_ep)
-        self._pool = _Pool(self.workers, report_ep)
-        for target, args in ((self._report_loop, (pull,)), (self._accept_loop, ())):
-            t = threading.Thread(target=target, args=args, daemon=True)
+        self._listeners = self._listen()
+        try:
+            ipc.remove_stale_dirs()
+            self._workdir = ipc.private_dir("stx-recv-")
+            self._zctx = zmq.Context()
+            report_ep = f"ipc://{self._workdir}/report"
+            pull = ipc.configure(self._zctx.socket(zmq.PULL))
+            pull.bind(report_ep)
+            self._pool = _Pool(self.workers, report_ep)
+            t = threading.Thread(target=self._report_loop, args=(pull,), daemon=True)
             t.start()
             self._threads.append(t)
-        self._event("listening", host=self.address[0], port=self.address[1], workers=self.workers)
+            self._gate = Gatekeeper(
+                self._listeners,
+                keyring=self._keyring,
+                replay=self._replay,
+                window_ms=self.window_ms,
+                limits=self._limits,
+                on_join=self._serve_join,
+                on_control=self._hand_control,
+                on_event=lambda kind, fields: self._event(kind, **fields),
+            )
+            self._gate.start()
+        except RuntimeError as exc:  # no thread could be started (pids / tasks limits)
+            self.stop()
+            raise StxError(f"cannot start the receiver: {exc}") from None
+        except BaseException:
+            self.stop()
+            raise
+        host, port = self.address
+        self._event(
+            "listening",
+            host=host,
+            port=port,
+            workers=self.workers,
+            also=[f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses[1:]],
+        )
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -371,8 +432,11 @@ class Receiver:
             return
         self._stopping.set()
         self._done.set()
-        if self._listener is not None:
-            self._listener.close()
+        if self._gate is not None:
+            self._gate.stop()  # closes the listening sockets too
+        else:
+            for lsock in self._listeners:
+                lsock.close()
         with self._lock:
             sessions = list(self._sessions)
         if self._pool is not None:
@@ -406,7 +470,9 @@ class Receiver:
         if not os.access(self.dest, os.W_OK | os.X_OK):
             raise UsageError(f"destination {self.dest} is not writable")
 
-    def _listen(self) -> socket.socket:
+    def _listen(self) -> list[socket.socket]:
+        """One listening socket per address the host resolves to (``localhost`` is often both
+        ::1 and 127.0.0.1), all on one port (the first one's, when the port is 0)."""
         try:
             infos = socket.getaddrinfo(
                 self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -415,89 +481,75 @@ class Receiver:
             raise UsageError(
                 f"cannot resolve listen address {self.host!r}: {exc.strerror}"
             ) from None
-        family, _, _, _, addr = infos[0]
+        addrs: list[tuple[int, tuple]] = []
+        for info in infos:
+            if info[0] in (socket.AF_INET, socket.AF_INET6) and (info[0], info[4]) not in addrs:
+                addrs.append((info[0], info[4]))
+        socks: list[socket.socket] = []
+        port = self.port
+        try:
+            for family, addr in addrs:
+                addr = (addr[0], port, *addr[2:])
+                socks.append(self._bind(family, addr, several=len(addrs) > 1))
+                port = socks[0].getsockname()[1]
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _bind(self, family: int, addr: tuple, *, several: bool) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+        named = f" ({shown}, one of the addresses {self.host} resolves to)" if several else ""
         try:
+            if family == socket.AF_INET6 and several:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # :: beside 0.0.0.0
             sock.bind(addr)
-            sock.listen(128)
+            sock.listen(1024)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise UsageError(
-                    f"cannot listen on {self.host}:{self.port}: address already in use"
+                    f"cannot listen on {self.host}:{self.port}{named}: address already in use"
                 ) from None
-            raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        sock.settimeout(0.5)
+            raise UsageError(
+                f"cannot listen on {self.host}:{self.port}{named}: {exc.strerror}"
+            ) from None
         return sock
 
-    # ---------------------------------------------------------------- accept
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            if not self._admit_preauth(peer[0]):
-                conn.close()
-                self._event("dropped", peer=peer[0], reason="too many unauthenticated connections")
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn, peer), daemon=True).start()
-
-    def _admit_preauth(self, ip: str) -> bool:
-        """Bound connections that have not authenticated yet, overall and per address."""
-        with self._lock:
-            if self._preauth_by_ip.get(ip, 0) >= self._max_pending_per_ip:
-                return False
-            if not self._pending.acquire(blocking=False):
-                return False
-            self._preauth_by_ip[ip] = self._preauth_by_ip.get(ip, 0) + 1
-        return True
-
-    def _serve_conn(self, conn: socket.socket, peer: tuple) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                with self._lock:
-                    left = self._preauth_by_ip.get(peer[0], 1) - 1
-                    if left:
-                        self._preauth_by_ip[peer[0]] = left
-                    else:
-                        self._preauth_by_ip.pop(peer[0], None)
-                self._pending.release()
-
-        fs = FramedSocket(conn, peer=str(peer[0]))
-        # One deadline for everything before authentication: the first frame and the handshake
-        # (METADATA, after the key is proven, gets a fresh one).
-        fs.deadline = time.monotonic() + self.handshake_timeout
+    def _hand_control(
+        self, fs: FramedSocket, session: SessionKeys, peer: tuple, frames: list[bytes]
+    ) -> None:
+        """Serve an authenticated control connection in a thread of its own, if one more may
+        run and can start; else ConnectError ("receiver busy", retryable), all released."""
+        if not self._control_slots.acquire(blocking=False):
+            raise ConnectError("receiver busy: too many transfers at once; try again shortly")
+        thread = threading.Thread(
+            target=self._control_thread, args=(fs, session, peer, frames), daemon=True
+        )
         try:
-            conn.settimeout(self.handshake_timeout)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keepalive(conn)  # data streams too: a peer gone without a FIN is noticed
-            ftype, payload = fs.recv_frame(cap=_first_cap)
-            if ftype is FrameType.JOIN:
-                self._serve_join(fs, payload, release)
-            elif ftype is FrameType.INIT:
-                self._serve_control(fs, payload, peer, release)
-            else:
-                raise ProtocolError(f"unexpected {ftype.name} as the first frame")
+            thread.start()
+        except RuntimeError:  # a pids / tasks / RLIMIT_NPROC limit: refuse this one, go on
+            self._control_slots.release()
+            raise ConnectError("receiver busy: cannot start a thread; try again shortly") from None
+
+    def _control_thread(
+        self, fs: FramedSocket, session: SessionKeys, peer: tuple, frames: list[bytes]
+    ) -> None:
+        try:
+            fs.sock.settimeout(self.handshake_timeout)
+            for frame in frames:  # the handshake's last (KEY_CONFIRMATION)
+                fs.send(frame)
+            self._serve_control(fs, session, peer)
         except StxError as exc:
             self._event("rejected", peer=peer[0], error=str(exc))
         except Exception as exc:  # never let one connection take the receiver down
             self._event("rejected", peer=peer[0], error=f"internal error: {type(exc).__name__}")
         finally:
-            release()
             fs.close()
+            self._control_slots.release()
 
     # ---------------------------------------------------------------- data streams
 
@@ -592,38 +644,9 @@ class Receiver:
 
     # ---------------------------------------------------------------- control connection
 
-    def _handshake(self, fs: FramedSocket, init_payload: bytes) -> SessionKeys:
-        if not self._rate.take():
-            raise ConnectError("receiver busy: too many handshakes; try again shortly")
-        with self._replay_lock:
-            hs = ServerHandshake(
-                keyring=self._keyring,
-                now_ms=_now_ms(),
-                replay_cache=self._replay,
-                window_ms=self.window_ms,
-            )
-        frames = hs.receive(FrameType.INIT, init_payload, now_ms=_now_ms())
-        while True:
-            for frame in frames:
-                fs.send(frame)
-            if hs.established:
-                break
-            ftype, payload = fs.recv_frame(cap=handshake_cap)
-            with self._replay_lock:
-                frames = hs.receive(ftype, payload, now_ms=_now_ms())
-        assert hs.session is not None
-        return hs.session
-
-    def _serve_control(
-        self, fs: FramedSocket, init_payload: bytes, peer: tuple, release: Callable[[], None]
-    ) -> None:
-        Init.decode(init_payload)
-        try:
-            session = self._handshake(fs, init_payload)
-        except StxError as exc:
-            _send_error(fs, exc, generic=True)
-            raise
-        release()
+    def _serve_control(self, fs: FramedSocket, session: SessionKeys, peer: tuple) -> None:
+        """An authenticated control connection (the gatekeeper ran the handshake), from
+        METADATA on."""
         channel = ControlChannel(session=session, client=False)
         inc: _Incoming | None = None
         try:
@@ -927,28 +950,6 @@ class DigestMismatch(IntegrityError):
     """The whole-file digest did not match: no block of the partial can be trusted."""
 
 
-class _TokenBucket:
-    def __init__(self, *, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-        self.lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self.lock:
-            now = time.monotonic()
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            if self.tokens < 1:
-                return False
-            self.tokens -= 1
-            return True
-
-
-def _first_cap(ftype: FrameType) -> int:
-    return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.INIT, FrameType.JOIN) else -1
-
-
 def _metadata_cap(ftype: FrameType) -> int:
     return MAX_NAME_BYTES + 512 if ftype is FrameType.METADATA else -1
 
@@ -963,11 +964,7 @@ def _send_error(
     """Tell the peer why, if the connection still works (ConnectError-coded errors make the
     sender reconnect and retry; every other code ends the transfer). Once a session exists the
     ERROR is sealed: its text may name the file."""
-    message = (
-        "authentication failed"
-        if generic and isinstance(exc, AuthError | ProtocolError)
-        else str(exc)
-    )
+    message = error_text(exc, generic=generic)
     code = exc.wire_code
     body = ErrorMsg(code, message).encode()
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stxpar import ipc
+
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
@@ -31,7 +33,7 @@ def psk() -> bytes:
 def _remove_ipc_dirs_of_killed_processes() -> Iterator[None]:
     """Tests SIGKILL coordinators on purpose, and a killed process cannot remove its private
     IPC directory (``stx-send-*``/``stx-recv-*`` in the temporary directory). Remove the ones
-    this test session made, once it is over."""
+    this test session made whose process is gone, once it is over."""
     tmp = Path(tempfile.gettempdir())
 
     def ipc_dirs() -> set[Path]:
@@ -39,6 +41,9 @@ def _remove_ipc_dirs_of_killed_processes() -> Iterator[None]:
 
     before = ipc_dirs()
     yield
+    # Names carry their owner (pid, start time): remove only those whose owner is gone, never
+    # the live directory of another process that shares this temporary directory.
+    ipc.remove_stale_dirs()
     for p in ipc_dirs() - before:
-        if p.is_dir() and not p.is_symlink():
+        if p.is_dir() and not p.is_symlink() and not ipc.owner_known(p.name):
             shutil.rmtree(p, ignore_errors=True)

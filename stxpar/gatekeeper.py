@@ -1,0 +1,624 @@
+"""The receiver's gatekeeper: its listening sockets and every connection until it authenticated.
+
+Theory of operation
+-------------------
+One thread runs one selector loop over every listening socket and every connection that has not
+proven the key yet. Nothing an unauthenticated peer does gets a thread, a process or a disk
+file: a connection costs a descriptor and a small record here until it either
+
+* sends a JOIN whose proof verifies (one HMAC): the socket goes to ``on_join`` (the receiver
+  hands it to a worker), or
+* completes the handshake (its CLIENT_AUTH MAC verified before any X25519 work): the socket and
+  the session keys go to ``on_control``, which starts the one thread of that transfer. The last
+  handshake frame (KEY_CONFIRMATION) is sent by that thread, so a receiver that cannot start one
+  still answers with a plain, retryable "receiver busy" instead of a session it cannot serve.
+
+Frames are read with exact-length non-blocking reads (never beyond the frame), so the socket is
+handed on with nothing of the peer's next frame consumed.
+
+Limits, all before authentication:
+
+* a deadline per connection (``handshake_timeout``, from accept until handed on);
+* a cap on pending connections in total and per source address (IPv6 per /64). When a cap is
+  reached the new connection is admitted and an older one of that address (per-address cap) or
+  of anyone (total cap) is evicted: first the oldest that has not yet sent one whole frame (an
+  idle or trickling connection), else the oldest. Idle connections cannot hold the door shut,
+  and an honest sender, which speaks at once, is not the one evicted;
+* handshakes (INIT) are rate-limited per source address and globally (token buckets): one
+  address flooding INITs cannot use up what other addresses get;
+* descriptor headroom: a connection is accepted and handed on only while the process keeps a
+  reserve of descriptors below ``RLIMIT_NOFILE``; otherwise it is refused with a retryable
+  "receiver busy" ERROR (what libzmq would otherwise abort the process for).
+
+Every refusal is reported as an event ("rejected", "dropped"); ``LogLimiter`` is what a log
+writer uses to keep a flood of them to a few lines a second plus a count.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import keyschedule as ks
+from .errors import AuthError, ConnectError, ProtocolError, StxError
+from .handshake import ClockSkewError, ReplayCache, ServerHandshake, handshake_cap
+from .netio import FramedSocket, keepalive
+from .wire import (
+    HEADER,
+    MAX_HANDSHAKE_PAYLOAD,
+    ErrorMsg,
+    FrameType,
+    Init,
+    encode_frame,
+    parse_header,
+)
+
+#: The retryable refusals (wire code 4: the sender backs off and tries again).
+BUSY_HANDSHAKES = "receiver busy: too many handshakes; try again shortly"
+BUSY_DESCRIPTORS = "receiver busy: out of file descriptors; try again shortly"
+
+#: on_event(kind, fields), as the receiver's.
+EventFn = Callable[[str, dict[str, Any]], None]
+#: on_join(fs, join_payload, release): verify and hand on a data stream, or raise StxError.
+JoinFn = Callable[[FramedSocket, bytes, Callable[[], None]], None]
+#: on_control(fs, session, peer, frames): start serving an authenticated control connection
+#: (``frames``, the handshake's last, are to be sent first), or raise StxError.
+ControlFn = Callable[[FramedSocket, ks.SessionKeys, tuple, list[bytes]], None]
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """Pre-authentication limits (one object, validated by the receiver that builds it)."""
+
+    #: Seconds from accept until the connection must have authenticated.
+    handshake_timeout: float = 10.0
+    #: Connections that have not authenticated yet, in total and per source address.
+    max_pending: int = 256
+    max_pending_per_ip: int = 32
+    #: Handshakes started (INIT) per second, in total and per source address; bursts of twice.
+    handshakes_per_s: float = 50.0
+    handshakes_per_ip_per_s: float = 25.0
+    #: Descriptors kept free below RLIMIT_NOFILE (None: a quarter of a small limit, at most 32).
+    fd_reserve: int | None = None
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; ``take`` spends one if there is one."""
+
+    def __init__(self, *, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic() if now is None else now
+        self.lock = threading.Lock()
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, now: float | None = None) -> bool:
+        with self.lock:
+            self._refill(time.monotonic() if now is None else now)
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+    def ready(self, now: float | None = None) -> bool:
+        """Whether ``take`` would succeed now (nothing is spent)."""
+        with self.lock:
+            self._refill(time.monotonic() if now is None else now)
+            return self.tokens >= 1
+
+    def full(self, now: float) -> bool:
+        with self.lock:
+            self._refill(now)
+            return self.tokens >= self.burst
+
+
+class LogLimiter:
+    """Keeps a flood of log lines to ``rate`` a second (bursts of ``burst``). What is held back
+    is counted; ``flush`` returns one summary line for it, at most once every ``every`` s."""
+
+    def __init__(self, *, rate: float = 5.0, burst: float = 10.0, every: float = 1.0) -> None:
+        self._bucket = TokenBucket(rate=rate, burst=burst)
+        self._every = every
+        self._lock = threading.Lock()
+        self._held = 0
+        self._since = 0.0
+
+    def allow(self) -> bool:
+        """Whether one more line may be written now (else it is counted as suppressed)."""
+        if self._bucket.take():
+            return True
+        with self._lock:
+            if not self._held:
+                self._since = time.monotonic()
+            self._held += 1
+        return False
+
+    def flush(self, *, force: bool = False) -> str | None:
+        """The summary of what was suppressed, once ``every`` s passed since the first of it."""
+        with self._lock:
+            if not self._held:
+                return None
+            took = time.monotonic() - self._since
+            if took < self._every and not force:
+                return None
+            held, self._held = self._held, 0
+        return f"{held} more similar lines suppressed in the last {took:.0f} s"
+
+
+def source_key(ip: str) -> str:
+    """What per-address limits count by: the IPv4 address (also when IPv4-mapped), or the
+    IPv6 /64 (one host usually holds a whole /64)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class FdBudget:
+    """Whether the process may take one more descriptor and still keep ``reserve`` free below
+    its soft ``RLIMIT_NOFILE``. Counting ``/proc/self/fd`` costs a directory read, so the count
+    is refreshed at most every ``refresh`` s, or when the estimate (the last count plus every
+    descriptor taken since) comes near the limit."""
+
+    def __init__(self, reserve: int | None = None, *, refresh: float = 0.25) -> None:
+        self._reserve = reserve
+        self._refresh = refresh
+        self._count = 0
+        self._taken = 0
+        self._stamp = -1e9
+        self._limit = -1
+
+    @staticmethod
+    def soft_limit() -> int:
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return -1
+        return -1 if soft == resource.RLIM_INFINITY else int(soft)
+
+    @staticmethod
+    def open_count() -> int:
+        try:
+            return len(os.listdir("/proc/self/fd")) - 1  # less the directory's own
+        except OSError:
+            return -1
+
+    def reserve(self, limit: int) -> int:
+        return self._reserve if self._reserve is not None else max(4, min(32, limit // 4))
+
+    def took(self, n: int = 1) -> None:
+        self._taken += n
+
+    def ok(self) -> bool:
+        now = time.monotonic()
+        if now - self._stamp > self._refresh or (
+            self._limit > 0 and self._count + self._taken + self.reserve(self._limit) >= self._limit
+        ):
+            self._limit, self._count = self.soft_limit(), self.open_count()
+            self._taken, self._stamp = 0, now
+        if self._limit <= 0 or self._count < 0:
+            return True  # no limit, or no way to count: nothing to check against
+        return self._count + self._taken + self.reserve(self._limit) < self._limit
+
+
+def error_text(exc: StxError, *, generic: bool) -> str:
+    """What the peer is told: before authentication, one text for every authentication and
+    protocol failure, so a guesser learns nothing; the clock-skew error is raised only after the
+    key was proven, so its own text leaks nothing."""
+    if (
+        generic
+        and isinstance(exc, AuthError | ProtocolError)
+        and not isinstance(exc, ClockSkewError)
+    ):
+        return "authentication failed"
+    return str(exc)
+
+
+def error_frame(exc: StxError, *, generic: bool) -> bytes:
+    return encode_frame(
+        FrameType.ERROR, ErrorMsg(exc.wire_code, error_text(exc, generic=generic)).encode()
+    )
+
+
+def first_cap(ftype: FrameType) -> int:
+    """The first frame of a connection is INIT or JOIN, both small."""
+    return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.INIT, FrameType.JOIN) else -1
+
+
+class _Conn:
+    """One pending connection: its socket, its deadline and its partial frame."""
+
+    __slots__ = (
+        "sock",
+        "peer",
+        "key",
+        "deadline",
+        "buf",
+        "want",
+        "ftype",
+        "hs",
+        "spoke",
+        "greeted",
+    )
+
+    def __init__(self, sock: socket.socket, peer: tuple, key: str, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.key = key
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.want = HEADER.size
+        self.ftype: FrameType | None = None  # set while the payload is being read
+        self.hs: ServerHandshake | None = None
+        #: has sent one whole frame (not idle: evicted only after every idle one)
+        self.spoke = False
+        #: INIT accepted: from now on failures are answered with an ERROR
+        self.greeted = False
+
+
+class Gatekeeper:
+    """Listens on ``listeners`` and runs the pre-authentication phase of every connection in one
+    thread (``start``/``stop``); authenticated connections go to ``on_join``/``on_control``."""
+
+    def __init__(
+        self,
+        listeners: list[socket.socket],
+        *,
+        keyring: Mapping[bytes, ks.PskKeys],
+        replay: ReplayCache,
+        window_ms: int,
+        limits: GateLimits,
+        on_join: JoinFn,
+        on_control: ControlFn,
+        on_event: EventFn,
+    ) -> None:
+        self._listeners = listeners
+        self._keyring = keyring
+        self._replay = replay
+        self._window_ms = window_ms
+        self.limits = limits
+        self._on_join = on_join
+        self._on_control = on_control
+        self._on_event = on_event
+        self._global = TokenBucket(
+            rate=limits.handshakes_per_s, burst=max(1.0, 2 * limits.handshakes_per_s)
+        )
+        self._per_ip: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._fds = FdBudget(limits.fd_reserve)
+        self._sel = selectors.DefaultSelector()
+        self._conns: OrderedDict[_Conn, None] = OrderedDict()  # arrival (= deadline) order
+        self._idle: OrderedDict[_Conn, None] = OrderedDict()  # not one whole frame yet
+        self._by_key: dict[str, OrderedDict[_Conn, None]] = {}
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+        self._spare: int | None = None
+
+    # ------------------------------------------------------------ interface
+
+    def start(self) -> None:
+        for lsock in self._listeners:
+            lsock.setblocking(False)
+            self._sel.register(lsock, selectors.EVENT_READ, None)
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._spare = _open_spare()
+        thread = threading.Thread(target=self._run, name="stx-gatekeeper", daemon=True)
+        thread.start()  # RuntimeError here is the caller's (the receiver does not start)
+        self._thread = thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for conn in list(self._conns):
+            self._close(conn)
+        for lsock in self._listeners:
+            lsock.close()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    def pending_by_source(self) -> dict[str, int]:
+        """Pending connections per source address (a snapshot)."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._expire(now)
+            timeout = 0.5
+            if self._conns:
+                timeout = max(0.0, min(timeout, next(iter(self._conns)).deadline - now))
+            for key, _ in self._sel.select(timeout):
+                obj = key.fileobj
+                if obj is self._wake_r:
+                    try:
+                        self._wake_r.recv(64)
+                    except OSError:
+                        pass
+                elif key.data is None:
+                    self._accept(obj)  # type: ignore[arg-type]
+                else:
+                    self._readable(key.data)
+            self._prune_buckets(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        while self._conns:
+            conn = next(iter(self._conns))
+            if conn.deadline > now:
+                return
+            self._fail(conn, ConnectError(f"connection to {conn.peer[0]} lost: timed out"))
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(64):  # then let the other sockets have a turn
+            if not self._fds.ok():
+                self._refuse_one(lsock, BUSY_DESCRIPTORS)
+                return
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._refuse_one(lsock, BUSY_DESCRIPTORS)
+                return
+            self._fds.took()
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(sock)  # data streams too: a peer gone without a FIN is noticed
+            except OSError:
+                sock.close()
+                continue
+            self._admit(sock, peer)
+
+    def _refuse_one(self, lsock: socket.socket, why: str) -> None:
+        """Out of descriptors: take one connection off the queue (with the spare descriptor kept
+        for it) and tell it to come back later, rather than leave it there, readable forever."""
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        try:
+            sock, peer = lsock.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            try:
+                sock.send(error_frame(ConnectError(why), generic=False))
+            except OSError:
+                pass
+            self._event("dropped", peer=peer[0], reason=why)
+            sock.close()
+        self._spare = _open_spare()
+        if sock is None:
+            time.sleep(0.01)  # nothing could be taken off: do not spin
+
+    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+        key = source_key(peer[0])
+        lim = self.limits
+        mine = self._by_key.get(key)
+        if mine is not None and len(mine) >= lim.max_pending_per_ip:
+            self._evict(mine, peer[0], "too many unauthenticated connections from this address")
+        elif len(self._conns) >= lim.max_pending:
+            self._evict(self._conns, peer[0], "too many unauthenticated connections")
+        conn = _Conn(sock, peer, key, time.monotonic() + lim.handshake_timeout)
+        self._conns[conn] = None
+        self._idle[conn] = None
+        self._by_key.setdefault(key, OrderedDict())[conn] = None
+        with self._counts_lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict(self, among: OrderedDict[_Conn, None], newcomer: str, why: str) -> None:
+        victim = next((c for c in among if not c.spoke), None) or next(iter(among))
+        self._event("dropped", peer=victim.peer[0], reason=f"evicted for {newcomer}: {why}")
+        self._close(victim)
+
+    def _forget(self, conn: _Conn) -> None:
+        if conn not in self._conns:
+            return
+        del self._conns[conn]
+        self._idle.pop(conn, None)
+        mine = self._by_key.get(conn.key)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_key[conn.key]
+        with self._counts_lock:
+            left = self._counts.get(conn.key, 1) - 1
+            if left:
+                self._counts[conn.key] = left
+            else:
+                self._counts.pop(conn.key, None)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _close(self, conn: _Conn) -> None:
+        self._forget(conn)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _fail(self, conn: _Conn, exc: StxError) -> None:
+        if conn.greeted:
+            try:
+                conn.sock.send(error_frame(exc, generic=True))
+            except OSError:
+                pass
+        self._event("rejected", peer=conn.peer[0], error=str(exc))  # before the peer sees
+        self._close(conn)  # the close: whoever waits for it finds the event already there
+
+    # ------------------------------------------------------------ frames
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            try:
+                chunk = conn.sock.recv(conn.want - len(conn.buf))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
+            if not chunk:
+                raise ConnectError(f"connection closed by {conn.peer[0]}")
+            conn.buf += chunk
+            if len(conn.buf) < conn.want:
+                return
+            if conn.ftype is None:
+                cap = first_cap if conn.hs is None else handshake_cap
+                conn.ftype, length = parse_header(bytes(conn.buf), cap=cap)
+                conn.buf.clear()
+                conn.want = length
+                if length:
+                    return
+            ftype, payload = conn.ftype, bytes(conn.buf)
+            conn.ftype, conn.want = None, HEADER.size
+            conn.buf.clear()
+            self._frame(conn, ftype, payload)
+        except StxError as exc:
+            self._fail(conn, exc)
+        except Exception as exc:  # never let one connection take the gatekeeper down
+            self._fail(conn, StxError(f"internal error: {type(exc).__name__}"))
+
+    def _frame(self, conn: _Conn, ftype: FrameType, payload: bytes) -> None:
+        if not conn.spoke:
+            conn.spoke = True
+            self._idle.pop(conn, None)
+        if conn.hs is None:
+            if ftype is FrameType.JOIN:
+                self._hand_join(conn, payload)
+                return
+            if ftype is not FrameType.INIT:
+                raise ProtocolError(f"unexpected {ftype.name} as the first frame")
+            Init.decode(payload)
+            conn.greeted = True
+            if not self._take_handshake(conn.key):
+                raise ConnectError(BUSY_HANDSHAKES)
+            conn.hs = ServerHandshake(
+                keyring=self._keyring,
+                now_ms=_now_ms(),
+                replay_cache=self._replay,
+                window_ms=self._window_ms,
+            )
+        frames = conn.hs.receive(ftype, payload, now_ms=_now_ms())
+        if conn.hs.established:
+            self._hand_control(conn, frames)
+            return
+        data = b"".join(frames)
+        if data:
+            try:
+                sent = conn.sock.send(data)
+            except OSError as exc:
+                raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
+            if sent != len(data):  # a few hundred bytes into an empty buffer: it does not read
+                raise ConnectError(f"connection to {conn.peer[0]} lost: peer is not reading")
+
+    def _take_handshake(self, key: str) -> bool:
+        bucket = self._per_ip.get(key)
+        if bucket is None:
+            rate = self.limits.handshakes_per_ip_per_s
+            bucket = self._per_ip[key] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate))
+        self._per_ip.move_to_end(key)
+        while len(self._per_ip) > 65536:
+            self._per_ip.popitem(last=False)
+        # Spend a token of either bucket only when both have one: a refusal for lack of the
+        # global token must not cost this address its own.
+        return bucket.ready() and self._global.take() and bucket.take()
+
+    def _prune_buckets(self, now: float) -> None:
+        """Forget the buckets of addresses that are quiet again (they would be full anyway)."""
+        while self._per_ip:
+            key, bucket = next(iter(self._per_ip.items()))
+            if not bucket.full(now):
+                return
+            del self._per_ip[key]
+
+    def _handed(self, conn: _Conn) -> FramedSocket:
+        """Take ``conn`` out of the loop; its socket, blocking again, for the next owner."""
+        self._forget(conn)
+        conn.sock.setblocking(True)
+        return FramedSocket(conn.sock, peer=str(conn.peer[0]))
+
+    def _hand_join(self, conn: _Conn, payload: bytes) -> None:
+        fs = self._handed(conn)
+        try:
+            self._on_join(fs, payload, _nothing)
+        except StxError as exc:
+            self._event("rejected", peer=conn.peer[0], error=str(exc))
+        except Exception as exc:
+            self._event(
+                "rejected", peer=conn.peer[0], error=f"internal error: {type(exc).__name__}"
+            )
+        finally:
+            fs.close()  # the worker holds its own copy now
+
+    def _hand_control(self, conn: _Conn, frames: list[bytes]) -> None:
+        assert conn.hs is not None and conn.hs.session is not None
+        if not self._fds.ok():
+            raise ConnectError(BUSY_DESCRIPTORS)
+        fs = self._handed(conn)
+        try:
+            self._on_control(fs, conn.hs.session, conn.peer, frames)
+        except StxError as exc:
+            try:
+                fs.sock.settimeout(1.0)
+                fs.send(error_frame(exc, generic=True))
+            except StxError:
+                pass
+            self._event("rejected", peer=conn.peer[0], error=str(exc))
+            fs.close()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        try:
+            self._on_event(kind, fields)
+        except Exception:  # a faulty callback must not take the gatekeeper down
+            pass
+
+
+def _nothing() -> None:
+    pass
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
