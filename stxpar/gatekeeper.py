@@ -27,8 +27,9 @@ Limits, all before authentication:
 * handshakes (INIT) are rate-limited per source address and globally (token buckets): one
   address flooding INITs cannot use up what other addresses get;
 * descriptor headroom: a connection is accepted and handed on only while the process keeps a
-  reserve of descriptors below ``RLIMIT_NOFILE``; otherwise it is refused with a retryable
-  "receiver busy" ERROR (what libzmq would otherwise abort the process for).
+  reserve of descriptors below ``RLIMIT_NOFILE`` (libzmq aborts the process when it runs out).
+  Short of it, a pending connection is evicted for the new one as above; with none to evict,
+  the new one is refused with a retryable "receiver busy" ERROR.
 
 Every refusal is reported as an event ("rejected", "dropped"); ``LogLimiter`` is what a log
 writer uses to keep a flood of them to a few lines a second plus a count.
@@ -383,7 +384,7 @@ class Gatekeeper:
 
     def _accept(self, lsock: socket.socket) -> None:
         for _ in range(64):  # then let the other sockets have a turn
-            if not self._fds.ok():
+            if not self._fds.ok() and not self._make_room():
                 self._refuse_one(lsock, BUSY_DESCRIPTORS)
                 return
             try:
@@ -403,6 +404,15 @@ class Gatekeeper:
                 sock.close()
                 continue
             self._admit(sock, peer)
+
+    def _make_room(self) -> bool:
+        """Out of descriptors: evict a pending connection (an idle one first) for the new one,
+        as when the cap is reached; False if there is none to evict."""
+        if not self._conns:
+            return False
+        self._evict(self._conns, "a new connection", "out of file descriptors")
+        self._fds.took(-1)
+        return True
 
     def _refuse_one(self, lsock: socket.socket, why: str) -> None:
         """Out of descriptors: take one connection off the queue (with the spare descriptor kept
