@@ -69,7 +69,10 @@ class ClockSkewError(AuthError):
 
 
 def _seconds(ms: int) -> str:
-    return f"{abs(ms) / 1000:,.3f}".rstrip("0").rstrip(".")
+    """Whole seconds from 10 s on (the network's delay is in the measured skew anyway)."""
+    if abs(ms) >= 10_000:
+        return f"{round(abs(ms) / 1000):,}"
+    return f"{abs(ms) / 1000:.3f}".rstrip("0").rstrip(".")
 
 
 class State(enum.Enum):
