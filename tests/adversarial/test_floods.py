@@ -19,13 +19,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from itest_support import STX, CliReceiver, make_keyfile, sha256_file, write_random
+from attacker import Arena, Peer, client_handshake
+from itest_support import STX, CliReceiver, make_keyfile, sha256_file, wait_for, write_random
 
+from stxpar.errors import ConnectError
 from stxpar.wire import FrameType, Init, encode_frame
 
 #: how long the honest senders may take, all three together, while the flood goes on (the
@@ -233,3 +235,49 @@ def test_init_flood_from_one_address(rig: tuple[CliReceiver, Path, Path]) -> Non
     refused, summaries = _log_lines(recv)
     assert refused <= 10 + 6 * seconds, f"{refused} log lines in {seconds:.0f} s"
     assert summaries, "no summary of the suppressed log lines"
+
+
+# ---------------------------------------------------------------- the rules, one at a time
+
+
+@pytest.mark.timeout(60)
+def test_the_idle_connection_is_evicted_not_the_one_that_speaks(
+    make_arena: Callable[..., Arena],
+) -> None:
+    """The pending cap is full: a newcomer evicts the oldest connection that has not sent a
+    whole frame, not an older one in the middle of its handshake (an honest sender speaks at
+    once, an idle attacker never does)."""
+    arena = make_arena(handshake_timeout=5.0, max_pending=4, max_pending_per_ip=4)
+    talking = Peer(arena.addr, source_ip="127.0.0.2")
+    talking.send_frame(FrameType.INIT, Init().encode())
+    assert talking.recv_frame() is not None  # SERVER_HELLO: it is in its handshake
+    idle = [Peer(arena.addr, source_ip=f"127.0.0.{3 + i}") for i in range(3)]
+    time.sleep(0.2)
+    newcomer = Peer(arena.addr, source_ip="127.0.0.9")
+    assert wait_for(lambda: idle[0].closed_by_peer(), 2.0, 0.02), "the oldest idle one stays"
+    assert not talking.closed_by_peer(wait=0.3)
+    assert not any(p.closed_by_peer() for p in idle[1:])
+    assert not newcomer.closed_by_peer()
+    dropped = arena.kinds("dropped")
+    assert [d["peer"] for d in dropped] == ["127.0.0.3"], dropped
+    for p in (talking, newcomer, *idle):
+        p.close()
+    arena.unharmed()
+
+
+@pytest.mark.timeout(60)
+def test_authenticated_sessions_are_capped_with_a_retryable_busy(
+    make_arena: Callable[..., Arena],
+) -> None:
+    """One control session at most: a second key holder is told "receiver busy" (code 4, the
+    sender retries) in place of KEY_CONFIRMATION, and gets in once the first is gone."""
+    arena = make_arena(handshake_timeout=5.0, max_sessions=1)
+    first = Peer(arena.addr)
+    assert client_handshake(first, arena.psk).established
+    second = Peer(arena.addr)
+    with pytest.raises(ConnectError, match="receiver busy: too many transfers at once"):
+        client_handshake(second, arena.psk)
+    second.close()
+    first.close()
+    arena.settle()
+    arena.unharmed()
