@@ -31,8 +31,8 @@ from stxpar.errors import ConnectError
 from stxpar.wire import FrameType, Init, encode_frame
 
 #: how long the honest senders may take, all three together, while the flood goes on (the
-#: target is ~15 s; this machine is small and shared)
-HONEST_WITHIN = 40.0
+#: issue's target; they take about a second here)
+HONEST_WITHIN = 15.0
 SENDERS = 3
 INIT = encode_frame(FrameType.INIT, Init().encode())
 
@@ -174,6 +174,7 @@ def _honest_senders(recv: CliReceiver, key: Path, root: Path) -> float:
             out, err = p.communicate()
         results.append((p.returncode, err.strip()))
     took = time.monotonic() - started
+    print(f"honest senders done in {took:.1f} s", file=sys.stderr)
     assert [rc for rc, _ in results] == [0] * SENDERS, results
     for src, digest in files:
         assert sha256_file(recv.dest / src.name) == digest
