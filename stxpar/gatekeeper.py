@@ -357,23 +357,31 @@ class Gatekeeper:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            self._expire(now)
-            timeout = 0.5
-            if self._conns:
-                timeout = max(0.0, min(timeout, next(iter(self._conns)).deadline - now))
-            for key, _ in self._sel.select(timeout):
-                obj = key.fileobj
-                if obj is self._wake_r:
-                    try:
-                        self._wake_r.recv(64)
-                    except OSError:
-                        pass
-                elif key.data is None:
-                    self._accept(obj)  # type: ignore[arg-type]
-                else:
-                    self._readable(key.data)
-            self._prune_buckets(time.monotonic())
+            try:
+                self._turn()
+            except Exception as exc:  # a bug here must not leave the port open, unserved
+                self._event("dropped", peer="-", reason=f"internal error: {type(exc).__name__}")
+                time.sleep(0.05)
+
+    def _turn(self) -> None:
+        """One turn of the loop: expire, wait for what is ready, serve it."""
+        now = time.monotonic()
+        self._expire(now)
+        timeout = 0.5
+        if self._conns:
+            timeout = max(0.0, min(timeout, next(iter(self._conns)).deadline - now))
+        for key, _ in self._sel.select(timeout):
+            obj = key.fileobj
+            if obj is self._wake_r:
+                try:
+                    self._wake_r.recv(64)
+                except OSError:
+                    pass
+            elif key.data is None:
+                self._accept(obj)  # type: ignore[arg-type]
+            else:
+                self._readable(key.data)
+        self._prune_buckets(time.monotonic())
 
     def _expire(self, now: float) -> None:
         while self._conns:
