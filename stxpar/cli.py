@@ -271,7 +271,7 @@ def _partials(args: argparse.Namespace) -> int:
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from .receiver import Receiver
+    from .receiver import DEFAULT_MAX_STREAMS, Receiver
 
     if args.list_partial or args.purge_partial is not None:
         return _partials(args)
@@ -319,6 +319,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             )
         elif kind == "restarting" and not args.quiet:
             print(f"starting {fields['file']} over: {fields['reason']}", file=sys.stderr)
+        elif kind == "worker_replaced" and not args.quiet:
+            print(f"replaced receiver worker {fields['pid']}: {fields['reason']}", file=sys.stderr)
 
     receiver = Receiver(
         args.dest,
@@ -328,6 +330,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         workers=args.workers,
         once=args.once,
         on_event=on_event,
+        max_streams=args.max_streams or DEFAULT_MAX_STREAMS,
     )
     receiver.start()
     try:
@@ -424,6 +427,13 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         help=f"receiver worker processes (default here: {default_workers()})",
     )
     p.add_argument("--once", action="store_true", help="exit after one completed transfer")
+    p.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        metavar="N",
+        help="data streams served at once over all transfers; more are refused and retried"
+        " by their senders (default 256)",
+    )
     p.add_argument(
         "--list-partial",
         action="store_true",
