@@ -147,6 +147,9 @@ class StreamJob(threading.Thread):
             access = os.O_RDWR if mapped else os.O_WRONLY
             fd = os.open(job["path"], access | os.O_NOFOLLOW)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Short of descriptors for now: this stream only, and the sender retries it.
+                raise ConnectError("receiver busy: out of file descriptors") from None
             raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
         lander = Lander(fd, mapped=mapped)
         pending: list[tuple[int, bytes]] = []
@@ -425,6 +428,20 @@ class Worker:
             cmd = ipc.unpack(msg)
             if cmd[0] == "stream" and len(fds) == 1:
                 self.start_stream(StreamJob(self, cmd[1], socket.socket(fileno=fds[0])))
+            elif cmd[0] == "stream" and not fds:
+                # Its connection did not get here (no descriptor free to receive it: the
+                # kernel closed it, and the sender replaces the stream). The coordinator
+                # still counts the stream as this worker's until it hears so.
+                job = cmd[1]
+                why = "receiver busy: out of file descriptors"
+                try:
+                    self.report(
+                        ipc.pack(
+                            "fail", job["session_id"], job["stream"], ConnectError.wire_code, why
+                        )
+                    )
+                except zmq.ZMQError:
+                    return  # shutting down
             elif cmd[0] == "cancel":
                 for fd in fds:
                     os.close(fd)
