@@ -236,6 +236,7 @@ class _Pool:
         self.replaced = 0
         self._cancels: list[tuple[float, bytes]] = []
         self._spawn_failed = False
+        self._last_check = time.monotonic()
         for i in range(n):
             self.members.append(self._spawn())
             self.heard[i] = time.monotonic() + WORKER_START_S
@@ -293,6 +294,11 @@ class _Pool:
         events: list[dict[str, Any]] = []
         now = time.monotonic()
         with self.lock:
+            if now - self._last_check > self.stuck_after / 2:
+                # This process itself did not run for a while (stopped with its workers by
+                # ^Z, or its report thread held up): it cannot tell who else was silent.
+                self.heard = [max(h, now) for h in self.heard]
+            self._last_check = now
             for i, (_, proc) in enumerate(self.members):
                 self._hear(i, now)
                 if proc.poll() is not None:
@@ -320,7 +326,7 @@ class _Pool:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                pass  # unkillable for now (uninterruptible I/O): tried again next check
+                pass  # in uninterruptible I/O: it dies when that returns; replaced now
         chan.close()
         self.load[i] = 0
         self.where = {k: v for k, v in self.where.items() if v != i}

@@ -206,3 +206,39 @@ def _continue_stopped_workers() -> Any:
             with contextlib.suppress(psutil.Error):
                 if p.status() == psutil.STATUS_STOPPED:
                     p.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_whole_receiver_stopped_and_continued(
+    procs: Any, fault_key: Path, scratch: Path, kit: Any
+) -> None:
+    """^Z and ``fg`` (the coordinator stopped with its workers, longer than the heartbeat
+    timeout): nobody was heard from, but nobody is replaced either; transfers go on."""
+    logdir = scratch / "logs"
+    logdir.mkdir()
+    dest = scratch / "dest"
+    dest.mkdir()
+    src = kit.make_source(scratch / "after.bin", 4 * MB).path
+    recv = _receiver(procs, fault_key, dest, logdir)
+    assert recv.proc is not None
+    group = [psutil.Process(recv.proc.pid), *kit.workers_of(recv.proc.pid, kit.RECEIVER_WORKER)]
+    before = {p.pid for p in group[1:]}
+    assert len(before) == 2
+    time.sleep(1.5)  # a few heartbeats and checks first
+    # The workers a moment before the coordinator (which reads what they sent meanwhile).
+    for p in group[1:]:
+        p.send_signal(signal.SIGSTOP)
+    time.sleep(0.7)
+    group[0].send_signal(signal.SIGSTOP)
+    time.sleep(8)
+    # The coordinator first: on a busy machine the workers may well run a little later.
+    group[0].send_signal(signal.SIGCONT)
+    time.sleep(0.7)
+    for p in group[1:]:
+        p.send_signal(signal.SIGCONT)
+    time.sleep(3)
+    run = _send(kit, procs, src, recv.address, fault_key, logdir).wait(timeout=60)
+    _assert_copy(run, src, dest)
+    assert {w.pid for w in kit.workers_of(recv.proc.pid, kit.RECEIVER_WORKER)} == before
+    assert "replaced receiver worker" not in recv.stderr, recv.stderr
+    assert recv.stop() == 0
