@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -188,6 +189,11 @@ WORKER_TIMEOUT = 5.0
 WORKER_QUIET_S = 1.5
 #: A new worker may take this long to start before its silence counts.
 WORKER_START_S = 15.0
+#: Descriptors that must be free before a replacement worker is started: its socketpair, the
+#: pipe ``subprocess`` uses while it starts it, and the IPC connection its reports arrive on.
+#: libzmq aborts the whole process when it cannot accept that last one (EMFILE), so a worker is
+#: rather not replaced yet (the next check tries again).
+SPAWN_DESCRIPTORS = 8
 #: The data streams of a completed session still open this long after its RECEIPT are cut:
 #: an honest sender closes them within milliseconds, one that vanished never does.
 FINISHED_GRACE_S = 2.0
@@ -331,10 +337,13 @@ class _Pool:
         self.load[i] = 0
         self.where = {k: v for k, v in self.where.items() if v != i}
         try:
+            if self._descriptors_free() < SPAWN_DESCRIPTORS:
+                raise OSError(errno.EMFILE, "too few file descriptors free")
             self.members[i] = self._spawn()
         except OSError as exc:
             if not self._spawn_failed:
-                events.append({"pid": proc.pid, "reason": f"cannot start a worker: {exc}"})
+                why = exc.strerror or str(exc)
+                events.append({"pid": proc.pid, "reason": f"cannot start a worker yet: {why}"})
             self._spawn_failed = True
             return
         self._spawn_failed = False
@@ -342,6 +351,18 @@ class _Pool:
         self.replaced += 1
         if stuck is not None:
             events.append({"pid": proc.pid, "reason": stuck})
+
+    @staticmethod
+    def _descriptors_free() -> int:
+        """How many more descriptors this process may open (a large number where that cannot
+        be told)."""
+        try:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft == resource.RLIM_INFINITY:
+                return 1 << 30
+            return soft - len(os.listdir("/proc/self/fd"))
+        except (OSError, ValueError):
+            return 1 << 30
 
     def replace_dead(self) -> None:
         """Kept for callers of the old name: ``check()``."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from itest_support import CliReceiver, sha256_file
+from itest_support import CliReceiver, sha256_file, wait_for
 
 KB = 1 << 10
 MB = 1 << 20
@@ -93,3 +95,45 @@ def test_many_streams_under_a_small_descriptor_limit(
     assert recv.stop() == 0
     for name in os.listdir(dest):
         assert not name.endswith((".stxpart", ".stxstate")), sorted(os.listdir(dest))
+
+
+@pytest.mark.timeout(120)
+def test_worker_replaced_only_with_descriptors_to_spare(
+    procs: Any, fault_key: Path, scratch: Path, kit: Any
+) -> None:
+    """A worker dies while the coordinator has no descriptor left (idle connections hold
+    them): the replacement waits until some are free, instead of taking the report thread
+    (socketpair failing) or the whole process (libzmq's IPC accept aborting) down with it."""
+    nofile = 24
+    logdir = scratch / "logs"
+    logdir.mkdir()
+    dest = scratch / "dest"
+    dest.mkdir()
+    src = kit.make_source(scratch / "after.bin", 4 * MB).path
+    recv = _receiver(procs, fault_key, dest, logdir, nofile)
+    assert recv.proc is not None
+    pid = recv.proc.pid
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(nofile):
+            idle.append(socket.create_connection((recv.host, recv.port), timeout=5))
+        assert wait_for(lambda: _fds(pid) >= nofile - 1, timeout=10), _fds(pid)
+        victim = kit.workers_of(pid, kit.RECEIVER_WORKER)[0]
+        victim.kill()
+        time.sleep(3)  # a few checks of the pool, all of them short of descriptors
+        assert recv.proc.poll() is None, f"stx recv died: {recv.stderr[-2000:]}"
+    finally:
+        for s in idle:
+            s.close()
+
+    def replaced() -> bool:
+        ws = kit.workers_of(pid, kit.RECEIVER_WORKER)
+        return len(ws) == 2 and victim.pid not in {w.pid for w in ws}
+
+    assert wait_for(replaced, timeout=30), recv.stderr[-2000:]
+    run = _sender(kit, procs, src, recv, fault_key, logdir).wait(timeout=60)
+    assert run.rc == 0, run.stderr
+    assert sha256_file(dest / src.name) == sha256_file(src)
+    assert recv.proc.poll() is None
+    assert "Traceback" not in recv.stderr, recv.stderr[-2000:]
+    assert recv.stop() == 0
