@@ -727,7 +727,10 @@ class Receiver:
         while not self._stopping.is_set():
             if self._pool is not None and time.monotonic() - last_check > 0.5:
                 last_check = time.monotonic()
-                self._pool.check()
+                try:
+                    self._pool.check()
+                except Exception:  # this thread must outlive any one check
+                    pass
             try:
                 if not pull.poll(200):
                     continue
