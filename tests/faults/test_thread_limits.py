@@ -104,7 +104,12 @@ def test_thread_start_failure_refuses_one_stream(
     assert recv.proc is not None
     procs.track(recv.proc)
     (worker,) = kit.workers_of(recv.proc.pid, kit.RECEIVER_WORKER)
-    base_threads = worker.num_threads()
+    # settled: a worker that has just said "ready" may still be starting its heartbeat thread
+    counts = [worker.num_threads()]
+    while len(counts) < 40 and (len(counts) < 2 or counts[-1] != counts[-2]):
+        time.sleep(0.5)
+        counts.append(worker.num_threads())
+    base_threads = counts[-1]
     relay = _Throttle(("127.0.0.1", recv.port)).start()
 
     def sender(src: Path, address: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,14 +43,23 @@ def _close_peers() -> Iterator[None]:
     close_all_peers()
 
 
-def _worker() -> psutil.Process:
-    """The one receiver worker this test process started."""
-    (w,) = [
-        p
-        for p in psutil.Process().children()
-        if p.name() == "stx-recv-worker" and p.status() != psutil.STATUS_ZOMBIE
-    ]
-    return w
+def _workers(r: stxpar.Receiver) -> list[psutil.Process]:
+    """The receiver's worker processes (not any other process this test process started)."""
+    assert r._pool is not None
+    return [psutil.Process(proc.pid) for _, proc in r._pool.members]
+
+
+def _settled_threads(procs: list[psutil.Process]) -> int:
+    """Their thread count, once it held still for half a second (a worker that has just said
+    "ready" may still be starting its heartbeat thread)."""
+    last = -1
+    for _ in range(40):
+        now = sum(p.num_threads() for p in procs)
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.5)
+    raise AssertionError("the workers' thread count never settled")
 
 
 def _session(r: stxpar.Receiver, psk: bytes, name: str, streams: int) -> tuple[Session, bytes]:
@@ -72,8 +82,8 @@ def test_completed_session_cancels_its_silent_streams(scratch: Path, psk: bytes)
     dest = scratch / "dest"
     dest.mkdir()
     with stxpar.Receiver(dest, psk=psk, workers=1) as r:
-        worker = _worker()
-        base = worker.num_threads()
+        (worker,) = _workers(r)
+        base = _settled_threads([worker])
         s, data = _session(r, psk, "done.bin", streams=2)
         silent = s.stream(1)  # JOINs, then never sends a byte nor closes
         honest = s.stream(0)
@@ -98,8 +108,8 @@ def test_global_stream_cap(scratch: Path, psk: bytes) -> None:
     dest = scratch / "dest"
     dest.mkdir()
     with stxpar.Receiver(dest, psk=psk, workers=2, max_streams=3) as r:
-        workers = [p for p in psutil.Process().children() if p.name() == "stx-recv-worker"]
-        base = sum(p.num_threads() for p in workers)
+        workers = _workers(r)
+        base = _settled_threads(workers)
         a, _ = _session(r, psk, "a.bin", streams=2)
         b, _ = _session(r, psk, "b.bin", streams=2)
         held = [a.stream(0), a.stream(1), b.stream(0)]
