@@ -105,8 +105,8 @@ def _send(kit: Any, procs: Any, src: Path, address: str, key: Path, logdir: Path
     ).start()
 
 
-def _assert_copy(run: Any, src: Path, dest: Path) -> None:
-    assert run.rc == 0, run.stderr
+def _assert_copy(run: Any, src: Path, dest: Path, recv: CliReceiver | None = None) -> None:
+    assert run.rc == 0, (run.rc, run.stderr, recv.stderr if recv is not None else "")
     result = run.json()
     assert result["digest"] == expected_digest(src, 4 * MB), result
     assert sha256_file(dest / src.name) == sha256_file(src)
@@ -134,7 +134,7 @@ def test_stopped_worker_holding_the_landing_lock(
         t0 = time.monotonic()
         run = sender.wait(timeout=90)
         took = time.monotonic() - t0
-        _assert_copy(run, src, dest)
+        _assert_copy(run, src, dest, recv)
         assert took < 60, f"the transfer took {took:.0f} s after a worker was stopped"
         # the stopped worker was killed (not merely left stopped) and replaced
         assert wait_dead(victim, timeout=15), "the stopped worker still exists"
@@ -149,9 +149,9 @@ def test_stopped_worker_holding_the_landing_lock(
         throttle.stop()
     # a later transfer, straight to the receiver
     run = _send(kit, procs, later, recv.address, fault_key, logdir).wait(timeout=60)
-    _assert_copy(run, later, dest)
+    _assert_copy(run, later, dest, recv)
     assert recv.proc.poll() is None
-    assert recv.stop() == 0
+    assert recv.stop() == 0, recv.stderr
 
 
 @pytest.mark.timeout(120)
@@ -174,14 +174,14 @@ def test_landing_lock_held_elsewhere(procs: Any, fault_key: Path, scratch: Path,
         fd = os.open(part, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a writer that holds it right now
         run = sender.wait(timeout=60)
-        _assert_copy(run, src, dest)
+        _assert_copy(run, src, dest, recv)
         assert os.getpid() in _flock_holders(os.fstat(fd).st_ino)  # never let go
         assert recv.proc is not None and recv.proc.poll() is None
     finally:
         if fd >= 0:
             os.close(fd)
         throttle.stop()
-    assert recv.stop() == 0
+    assert recv.stop() == 0, recv.stderr
 
 
 class _Throttle(TcpRelay):
@@ -238,7 +238,7 @@ def test_whole_receiver_stopped_and_continued(
         p.send_signal(signal.SIGCONT)
     time.sleep(3)
     run = _send(kit, procs, src, recv.address, fault_key, logdir).wait(timeout=60)
-    _assert_copy(run, src, dest)
+    _assert_copy(run, src, dest, recv)
     assert {w.pid for w in kit.workers_of(recv.proc.pid, kit.RECEIVER_WORKER)} == before
     assert "replaced receiver worker" not in recv.stderr, recv.stderr
-    assert recv.stop() == 0
+    assert recv.stop() == 0, recv.stderr
