@@ -273,7 +273,7 @@ def _partials(args: argparse.Namespace) -> int:
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from .receiver import Receiver
+    from .receiver import DEFAULT_MAX_STREAMS, Receiver
 
     if args.list_partial or args.purge_partial is not None:
         return _partials(args)
@@ -332,6 +332,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             )
         elif kind == "restarting" and not args.quiet:
             print(f"starting {fields['file']} over: {fields['reason']}", file=sys.stderr)
+        elif kind == "worker_replaced" and not args.quiet:
+            print(f"replaced receiver worker {fields['pid']}: {fields['reason']}", file=sys.stderr)
 
     receiver = Receiver(
         args.dest,
@@ -342,6 +344,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         once=args.once,
         on_event=on_event,
         window_ms=int(args.clock_window * 1000),
+        max_streams=args.max_streams or DEFAULT_MAX_STREAMS,
     )
     receiver.start()
 
@@ -463,6 +466,13 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how far a sender's clock may be from this one's (default 300); a sender outside"
         " it fails with exit 3 and 'clock skew: ...'",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        metavar="N",
+        help="data streams served at once over all transfers; more are refused and retried"
+        " by their senders (default 256)",
     )
     p.add_argument(
         "--list-partial",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -178,31 +179,90 @@ RECENT_KEEP = 16
 RECENT_MAX_BLOCKS = 1 << 18
 
 
-class _Pool:
-    """Receiver worker processes and their fd-passing channels; dead workers are replaced."""
+#: Data streams a receiver serves at once, over all its sessions (``Receiver(max_streams=)``):
+#: each is a thread in a worker with a block-sized buffer or two.
+DEFAULT_MAX_STREAMS = 256
+#: Data streams one worker process serves at once (``Receiver(max_worker_streams=)``).
+DEFAULT_MAX_WORKER_STREAMS = 128
+#: A worker not heard from (its heartbeat, ``workers/receiver.py``) for this many seconds is
+#: killed and replaced (``Receiver(worker_timeout=)``).
+WORKER_TIMEOUT = 5.0
+#: ... and one not heard from for this long gets new streams only if no other worker can.
+WORKER_QUIET_S = 1.5
+#: A new worker may take this long to start before its silence counts.
+WORKER_START_S = 15.0
+#: Descriptors that must be free before a replacement worker is started: its socketpair, the
+#: pipe ``subprocess`` uses while it starts it, and the IPC connection its reports arrive on.
+#: libzmq aborts the whole process when it cannot accept that last one (EMFILE), so a worker is
+#: rather not replaced yet (the next check tries again).
+SPAWN_DESCRIPTORS = 8
+#: The data streams of a completed session still open this long after its RECEIPT are cut:
+#: an honest sender closes them within milliseconds, one that vanished never does.
+FINISHED_GRACE_S = 2.0
 
-    def __init__(self, n: int, report_endpoint: str) -> None:
+
+class _Pool:
+    """Receiver worker processes and their fd-passing channels.
+
+    A worker that exited is replaced. So is one that stopped beating: a process that is alive
+    but does not run (SIGSTOP, a frozen cgroup, a paused container) would otherwise keep its
+    streams, and keep getting new ones, forever. It is left out of new hand-overs once it is
+    quiet for ``WORKER_QUIET_S``, and killed (SIGKILL works on a stopped process, and frees
+    whatever it held, the landing lock included) and replaced after ``stuck_after``; its
+    streams are gone and their senders replace them. Silence is judged after reading every
+    heartbeat already queued on the channel, so a coordinator that was itself busy or
+    stopped for a while does not take its healthy workers for stuck ones.
+
+    Hand-overs are capped: ``max_streams`` open streams in all and ``max_worker_streams`` per
+    worker; past either, ``hand_over`` refuses with ConnectError and the sender replaces the
+    stream later. Channels are written without blocking, so a stopped worker whose channel
+    is full cannot block the pool.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        report_endpoint: str,
+        *,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_worker_streams: int = DEFAULT_MAX_WORKER_STREAMS,
+        stuck_after: float = WORKER_TIMEOUT,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
         self.report_endpoint = report_endpoint
+        self.max_streams = max_streams
+        self.max_worker_streams = max_worker_streams
+        self.stuck_after = stuck_after
+        self.quiet_after = min(WORKER_QUIET_S, stuck_after / 2)
+        self._on_event = on_event
         self.members: list[tuple[socket.socket, subprocess.Popen[bytes]]] = []
         self.load = [0] * n
+        #: when each worker was last heard from (a time in the future: still starting)
+        self.heard = [0.0] * n
         self.where: dict[tuple[bytes, int], int] = {}
         self.lock = threading.Lock()
-        for _ in range(n):
+        self.replaced = 0
+        self._cancels: list[tuple[float, bytes]] = []
+        self._spawn_failed = False
+        self._last_check = time.monotonic()
+        for i in range(n):
             self.members.append(self._spawn())
+            self.heard[i] = time.monotonic() + WORKER_START_S
         self._await_ready()
 
     def _await_ready(self, timeout: float = 10.0) -> None:
         """Wait until every worker has started (its interpreter and imports take ~0.1 s each),
         so that "listening" means a transfer can start at full speed. A worker that dies or
-        is slow is not waited for past ``timeout``: replace_dead() and hand_over() cope."""
+        is slow is not waited for past ``timeout``: check() and hand_over() cope."""
         deadline = time.monotonic() + timeout
-        for chan, _ in self.members:
+        for i, (chan, _) in enumerate(self.members):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             chan.settimeout(left)
             try:
-                chan.recv(16)  # b"ready", or b"" from a worker that died
+                if chan.recv(16):  # b"ready", or b"" from a worker that died
+                    self.heard[i] = time.monotonic()
             except OSError:
                 pass
             finally:
@@ -210,44 +270,141 @@ class _Pool:
 
     def _spawn(self) -> tuple[socket.socket, subprocess.Popen[bytes]]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        proc = ipc.spawn_worker(
-            "stxpar.workers.receiver",
-            str(theirs.fileno()),
-            self.report_endpoint,
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
+        try:
+            proc = ipc.spawn_worker(
+                "stxpar.workers.receiver",
+                str(theirs.fileno()),
+                self.report_endpoint,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
         return mine, proc
 
-    def replace_dead(self) -> None:
-        """Start a new worker in place of each one that exited; its streams are gone (the
-        senders replace them)."""
+    def _hear(self, i: int, now: float) -> None:
+        """Read what worker ``i`` sent on its channel (heartbeats) without waiting."""
+        chan = self.members[i][0]
+        while True:
+            try:
+                data = chan.recv(16, socket.MSG_DONTWAIT)
+            except OSError:
+                return  # nothing queued (or a closed channel)
+            if not data:
+                return  # the worker exited; poll() says so
+            self.heard[i] = max(self.heard[i], now)
+
+    def check(self) -> None:
+        """Replace every worker that exited or went silent; cut the streams of completed
+        sessions whose grace ran out. Called by the report thread every 0.5 s."""
+        events: list[dict[str, Any]] = []
+        now = time.monotonic()
         with self.lock:
-            for i, (chan, proc) in enumerate(self.members):
-                if proc.poll() is None:
-                    continue
-                chan.close()
-                self.members[i] = self._spawn()
-                self.load[i] = 0
-                self.where = {k: v for k, v in self.where.items() if v != i}
+            if now - self._last_check > self.stuck_after / 2:
+                # This process itself did not run for a while (stopped with its workers by
+                # ^Z, or its report thread held up): it cannot tell who else was silent.
+                self.heard = [max(h, now) for h in self.heard]
+            self._last_check = now
+            for i, (_, proc) in enumerate(self.members):
+                self._hear(i, now)
+                if proc.poll() is not None:
+                    self._replace(i, events, None)
+                elif now - self.heard[i] > self.stuck_after:
+                    self._replace(
+                        i, events, f"no heartbeat for {now - self.heard[i]:.1f} s (stopped?)"
+                    )
+            due = [sid for t, sid in self._cancels if t <= now]
+            self._cancels = [(t, sid) for t, sid in self._cancels if t > now]
+        for sid in due:
+            self.cancel(sid)
+        for fields in events:
+            if self._on_event is not None:
+                self._on_event("worker_replaced", **fields)
+
+    def _replace(self, i: int, events: list[dict[str, Any]], stuck: str | None) -> None:
+        """Start a new worker in place of worker ``i``, killing it first if it is ``stuck``.
+        Its streams are gone (their connections close with it; the senders replace them).
+        Where no process can be started now (a pids limit), the slot stays dead and the next
+        check tries again."""
+        chan, proc = self.members[i]
+        if stuck is not None:
+            proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass  # in uninterruptible I/O: it dies when that returns; replaced now
+        chan.close()
+        self.load[i] = 0
+        self.where = {k: v for k, v in self.where.items() if v != i}
+        try:
+            if self._descriptors_free() < SPAWN_DESCRIPTORS:
+                raise OSError(errno.EMFILE, "too few file descriptors free")
+            self.members[i] = self._spawn()
+        except OSError as exc:
+            if not self._spawn_failed:
+                why = exc.strerror or str(exc)
+                events.append({"pid": proc.pid, "reason": f"cannot start a worker yet: {why}"})
+            self._spawn_failed = True
+            return
+        self._spawn_failed = False
+        self.heard[i] = time.monotonic() + WORKER_START_S
+        self.replaced += 1
+        if stuck is not None:
+            events.append({"pid": proc.pid, "reason": stuck})
+
+    @staticmethod
+    def _descriptors_free() -> int:
+        """How many more descriptors this process may open (a large number where that cannot
+        be told)."""
+        try:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft == resource.RLIM_INFINITY:
+                return 1 << 30
+            return soft - len(os.listdir("/proc/self/fd"))
+        except (OSError, ValueError):
+            return 1 << 30
+
+    def replace_dead(self) -> None:
+        """Kept for callers of the old name: ``check()``."""
+        self.check()
 
     def hand_over(self, job: dict[str, Any], conn: socket.socket) -> None:
-        """Give a verified data stream to the least busy live worker; ConnectError if none
-        takes it (the sender then replaces the stream)."""
+        """Give a verified data stream to the least busy live worker that is heard from;
+        ConnectError if the receiver serves as many streams as it may, or if no worker takes
+        it (the sender then replaces the stream, later)."""
         with self.lock:
-            order = sorted(
-                range(len(self.members)),
-                key=lambda k: (self.members[k][1].poll() is not None, self.load[k]),
-            )
-            for i in order:
+            open_streams = sum(self.load)
+            if open_streams >= self.max_streams:
+                raise ConnectError(
+                    f"receiver busy: {open_streams} data streams open, the most it serves;"
+                    " try again shortly"
+                )
+            now = time.monotonic()
+            for i in range(len(self.members)):
+                self._hear(i, now)
+
+            def rank(k: int) -> tuple[bool, bool, int]:
+                dead = self.members[k][1].poll() is not None
+                return dead, now - self.heard[k] > self.quiet_after, self.load[k]
+
+            for i in sorted(range(len(self.members)), key=rank):
+                if self.load[i] >= self.max_worker_streams:
+                    continue
                 try:
-                    socket.send_fds(self.members[i][0], [ipc.pack("stream", job)], [conn.fileno()])
+                    socket.send_fds(
+                        self.members[i][0],
+                        [ipc.pack("stream", job)],
+                        [conn.fileno()],
+                        socket.MSG_DONTWAIT,
+                    )
                 except OSError:
-                    continue  # that worker just died; replace_dead() starts a new one
+                    continue  # that worker just died, or is not reading: check() replaces it
                 self.load[i] += 1
                 self.where[(job["session_id"], job["stream"])] = i
                 return
-        raise ConnectError("no receiver worker could take the data stream")
+        raise ConnectError("receiver busy: no worker could take the data stream; try again shortly")
 
     def released(self, session_id: bytes, stream: int) -> None:
         with self.lock:
@@ -256,12 +413,18 @@ class _Pool:
                 self.load[i] -= 1
 
     def cancel(self, session_id: bytes) -> None:
+        """End every stream of a session, now."""
         with self.lock:
             for chan, _ in self.members:
                 try:
-                    chan.send(ipc.pack("cancel", session_id))
+                    chan.send(ipc.pack("cancel", session_id), socket.MSG_DONTWAIT)
                 except OSError:
-                    pass
+                    pass  # a dead or stuck worker: its streams go with it
+
+    def cancel_later(self, session_id: bytes, delay: float = FINISHED_GRACE_S) -> None:
+        """End every stream of a completed session still open ``delay`` seconds from now."""
+        with self.lock:
+            self._cancels.append((time.monotonic() + delay, session_id))
 
     def stop(self) -> None:
         for chan, _ in self.members:
@@ -301,6 +464,9 @@ class Receiver:
         max_handshakes_per_ip_per_s: float | None = None,
         max_sessions: int = 64,
         fd_reserve: int | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_worker_streams: int = DEFAULT_MAX_WORKER_STREAMS,
+        worker_timeout: float = WORKER_TIMEOUT,
     ) -> None:
         """``max_handshakes_per_s`` and ``max_handshakes_per_ip_per_s`` (default: half the former,
         at least 2) limit handshakes started, overall and per source address; ``max_pending`` and
@@ -308,7 +474,14 @@ class Receiver:
         one is evicted for a newcomer); ``max_sessions`` caps authenticated control connections
         served at once (beyond it a sender is told "receiver busy" and retries); ``fd_reserve``
         descriptors are kept free below RLIMIT_NOFILE (default: automatic). ``window_ms``: how
-        far the sender's clock may be from ours."""
+        far the sender's clock may be from ours. ``max_streams`` / ``max_worker_streams`` cap
+        data streams served at once over all sessions / per worker (beyond them a stream is
+        refused with a retryable "receiver busy"); a worker silent for ``worker_timeout`` s
+        (no heartbeat) is killed and replaced."""
+        if max_streams < 1 or max_worker_streams < 1 or not worker_timeout > 0:
+            raise UsageError("max_streams, max_worker_streams and worker_timeout must be positive")
+        self.max_streams, self.max_worker_streams = max_streams, max_worker_streams
+        self.worker_timeout = worker_timeout
         psks = [psk] if isinstance(psk, bytes | bytearray) else list(psk)
         if not psks or any(len(k) < 32 for k in psks):
             raise UsageError("the key must be at least 256 bits")
@@ -388,7 +561,14 @@ class Receiver:
             report_ep = f"ipc://{self._workdir}/report"
             pull = ipc.configure(self._zctx.socket(zmq.PULL))
             pull.bind(report_ep)
-            self._pool = _Pool(self.workers, report_ep)
+            self._pool = _Pool(
+                self.workers,
+                report_ep,
+                max_streams=self.max_streams,
+                max_worker_streams=self.max_worker_streams,
+                stuck_after=self.worker_timeout,
+                on_event=self._event,
+            )
             t = threading.Thread(target=self._report_loop, args=(pull,), daemon=True)
             t.start()
             self._threads.append(t)
@@ -590,14 +770,22 @@ class Receiver:
         }
         fs.sock.settimeout(None)
         assert self._pool is not None
-        self._pool.hand_over(job, fs.sock)
+        try:
+            self._pool.hand_over(job, fs.sock)
+        except ConnectError as exc:
+            fs.sock.settimeout(1.0)
+            _send_error(fs, exc, generic=False)  # retryable: the sender replaces the stream
+            raise
 
     def _report_loop(self, pull: zmq.Socket) -> None:
         last_check = 0.0
         while not self._stopping.is_set():
             if self._pool is not None and time.monotonic() - last_check > 0.5:
                 last_check = time.monotonic()
-                self._pool.replace_dead()
+                try:
+                    self._pool.check()
+                except Exception:  # this thread must outlive any one check
+                    pass
             try:
                 if not pull.poll(200):
                     continue
@@ -670,6 +858,7 @@ class Receiver:
             fs.send(channel.seal(FrameType.METADATA_ACK, ack.encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
+            self._pool.cancel_later(inc.session.session_id)  # type: ignore[union-attr]
             # Complete, durable and renamed: recorded and reported before it is acknowledged,
             # so a receiver killed after the RECEIPT has always reported the file. A sender
             # that misses the RECEIPT reconnects and is told the file is complete.

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -44,6 +45,15 @@ MAX_MSG = 64 << 10
 #: Transfers with at least this many streams land blocks through shared mappings (Lander).
 MAPPED_LANDING_STREAMS = 4
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+#: Longest wait for the landing ``flock`` before a stream writes without it (``Lander``).
+LOCK_WAIT_S = 2.0
+#: Longest sleep between two tries of a busy landing lock.
+LOCK_POLL_MAX_S = 250e-6
+#: After a lock wait ran out, the stream writes unlocked this long before it tries again.
+LOCK_RETRY_S = 10.0
+#: A worker tells its coordinator it is alive this often (``Worker.beat``); the coordinator
+#: replaces a worker it has not heard from for a few seconds (``stxpar.receiver._Pool``).
+HEARTBEAT_S = 0.5
 _PAGE = mmap.PAGESIZE
 
 
@@ -64,15 +74,14 @@ class StreamJob(threading.Thread):
             pass  # the worker is shutting down (its coordinator went away): nobody to tell
 
     def _run(self) -> None:
-        report = ipc.configure(self.owner.ctx.socket(zmq.PUSH), linger_ms=2000)
-        report.connect(self.owner.report_endpoint)
+        report = self.owner.report
         conn = FramedSocket(self.sock, peer="sender")
         try:
             self._receive(conn, report)
-            report.send(ipc.pack("closed", self.sid, self.stream))
+            report(ipc.pack("closed", self.sid, self.stream))
         except BaseException as exc:
             if self.cancelled:
-                report.send(ipc.pack("closed", self.sid, self.stream))
+                report(ipc.pack("closed", self.sid, self.stream))
                 return
             tell_sender = not isinstance(exc, ConnectError)  # a lost connection cannot be told
             if isinstance(exc, ProtocolError):
@@ -84,7 +93,7 @@ class StreamJob(threading.Thread):
             message = str(exc) if isinstance(exc, StxError) else f"receiver worker error: {exc!r}"
             # The coordinator hears first: by the time the sender reacts to the ERROR and hangs
             # up, the coordinator already knows why.
-            report.send(ipc.pack("fail", self.sid, self.stream, code, message))
+            report(ipc.pack("fail", self.sid, self.stream, code, message))
             if tell_sender:
                 try:
                     conn.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
@@ -92,10 +101,28 @@ class StreamJob(threading.Thread):
                     pass
         finally:
             conn.close()
-            report.close()
             self.owner.forget(self)
 
-    def _receive(self, conn: FramedSocket, report: zmq.Socket) -> None:
+    def refuse(self, why: str) -> None:
+        """This stream cannot be served here (no thread for it): tell the sender, with the
+        code that makes it replace the stream later, and the coordinator, then let go."""
+        self.job.pop("secret", None)
+        message = f"receiver busy: {why}; try again shortly"
+        code = ConnectError.wire_code
+        try:
+            self.owner.report(ipc.pack("fail", self.sid, self.stream, code, message))
+        except zmq.ZMQError:
+            pass
+        conn = FramedSocket(self.sock, peer="sender")
+        try:
+            self.sock.settimeout(1.0)  # a few bytes into a fresh connection's buffer
+            conn.send(encode_frame(FrameType.ERROR, ErrorMsg(code, message).encode()))
+        except (StxError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def _receive(self, conn: FramedSocket, report: Callable[[bytes], None]) -> None:
         job = self.job
         secret: bytes = job.pop("secret")
         ctx = BlockContext(
@@ -120,6 +147,9 @@ class StreamJob(threading.Thread):
             access = os.O_RDWR if mapped else os.O_WRONLY
             fd = os.open(job["path"], access | os.O_NOFOLLOW)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Short of descriptors for now: this stream only, and the sender retries it.
+                raise ConnectError("receiver busy: out of file descriptors") from None
             raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
         lander = Lander(fd, mapped=mapped)
         pending: list[tuple[int, bytes]] = []
@@ -137,7 +167,7 @@ class StreamJob(threading.Thread):
                     os.fdatasync(fd)
                 except OSError as exc:
                     raise _disk_error(exc) from None
-                report.send(ipc.pack("blocks", self.sid, pending))
+                report(ipc.pack("blocks", self.sid, pending))
             conn.send(acks.seal(Ack(tuple(s for s, _ in pending), tuple(resend)).encode()))
             pending.clear()
             resend.clear()
@@ -220,16 +250,20 @@ class Lander:
       cleanly, no SIGBUS) the block goes through ``pwrite``, which reports the error.
     """
 
-    def __init__(self, fd: int, *, mapped: bool = False) -> None:
+    def __init__(self, fd: int, *, mapped: bool = False, lock_wait: float = LOCK_WAIT_S) -> None:
         self.fd = fd
         self.locking = True
         self.mapped = mapped
         self.mapped_blocks = 0  # blocks that went in through a mapping
+        self.lock_wait = lock_wait
+        #: Until then this stream writes without the lock (its holder did not let go in time).
+        self.unlocked_until = 0.0
+        self.lock_timeouts = 0
 
     def write(self, plain: memoryview, offset: int) -> None:
         if self.mapped and plain and self._write_mapped(plain, offset):
             return
-        locked = self.locking and self._lock(fcntl.LOCK_EX)
+        locked = self._acquire()
         try:
             written = os.pwrite(self.fd, plain, offset)
         except OSError as exc:
@@ -265,6 +299,39 @@ class Lander:
         finally:
             m.close()
 
+    def _acquire(self) -> bool:
+        """Take the exclusive ``flock`` within ``lock_wait`` seconds; False to write unlocked.
+
+        The lock only saves CPU (``pwrite`` of disjoint ranges is correct without it), so it is
+        never worth waiting for long: a holder that does not let go (a worker stopped with
+        SIGSTOP, a paused VM, a same-user process that locked the partial file) must not
+        stall every stream of the file. A blocking ``flock`` cannot time out, so a busy lock is
+        polled, with sleeps that grow from 20 µs to ``LOCK_POLL_MAX_S`` (a holder writes one
+        block, a few ms at most). Past the wait this stream writes unlocked for
+        ``LOCK_RETRY_S`` before it tries the lock again."""
+        if not self.locking or time.monotonic() < self.unlocked_until:
+            return False
+        pause = 20e-6
+        deadline = 0.0
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.locking = False  # no flock here (some network file systems): write unlocked
+                return False
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + self.lock_wait
+            elif now >= deadline:
+                self.lock_timeouts += 1
+                self.unlocked_until = now + LOCK_RETRY_S
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, LOCK_POLL_MAX_S)
+
     def _lock(self, op: int) -> bool:
         try:
             fcntl.flock(self.fd, op)
@@ -281,16 +348,72 @@ def _disk_error(exc: OSError) -> StxError:
 
 
 class Worker:
+    """One receiver worker process: a main thread that takes streams (and cancels) from the
+    coordinator's channel, a thread per stream, and a heartbeat thread.
+
+    Every stream thread reports through the worker's one PUSH socket (``report``, under a
+    lock: a ZeroMQ socket is not thread-safe), so the coordinator holds one IPC connection
+    per worker whatever the number of streams; a connection per stream made its descriptors
+    grow with the streams, and an ``accept`` that ran out of them aborted it inside libzmq.
+    """
+
     def __init__(self, channel_fd: int, report_endpoint: str) -> None:
         self.channel = socket.socket(fileno=channel_fd)
         self.ctx = zmq.Context()
         self.report_endpoint = report_endpoint
+        self._push = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
+        self._push.connect(report_endpoint)
+        self._push_lock = threading.Lock()
         self.lock = threading.Lock()
         self.streams: set[StreamJob] = set()
+        self.stopping = threading.Event()
+        self.thread_failures = 0
+
+    def report(self, msg: bytes) -> None:
+        with self._push_lock:
+            self._push.send(msg)
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self._push_lock:
+            self._push.close()
 
     def forget(self, job: StreamJob) -> None:
         with self.lock:
             self.streams.discard(job)
+
+    def beat(self) -> None:
+        """Tell the coordinator every ``HEARTBEAT_S`` that this process still runs.
+
+        Its own thread, never the landing path: what stops the beat is the whole process
+        not running (SIGSTOP, a debugger, a frozen cgroup) or holding the GIL in one call for
+        seconds (a copy into a mapping of a file whose storage hangs). The coordinator then
+        stops handing streams to this worker and replaces it. The beat goes over the
+        fd-passing channel, not ZeroMQ: it costs no descriptor and no report slot."""
+        while not self.stopping.wait(HEARTBEAT_S):
+            try:
+                self.channel.send(b"beat", socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # the coordinator is behind on reading: the next beat says it
+            except OSError:
+                return  # the coordinator is gone; run() notices too
+
+    def start_stream(self, job: StreamJob) -> None:
+        with self.lock:
+            self.streams.add(job)
+        try:
+            job.start()
+        except RuntimeError as exc:  # "can't start new thread": pids.max, RLIMIT_NPROC, memory
+            self.forget(job)
+            if not self.thread_failures:
+                print(
+                    f"{ipc.RECEIVER_WORKER_NAME} {os.getpid()}: cannot start a thread for a"
+                    f" data stream ({exc}); refusing such streams, the senders retry them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.thread_failures += 1
+            job.refuse("no thread for another data stream")
 
     def run(self) -> None:
         while True:
@@ -304,10 +427,21 @@ class Worker:
                 return  # coordinator went away
             cmd = ipc.unpack(msg)
             if cmd[0] == "stream" and len(fds) == 1:
-                job = StreamJob(self, cmd[1], socket.socket(fileno=fds[0]))
-                with self.lock:
-                    self.streams.add(job)
-                job.start()
+                self.start_stream(StreamJob(self, cmd[1], socket.socket(fileno=fds[0])))
+            elif cmd[0] == "stream" and not fds:
+                # Its connection did not get here (no descriptor free to receive it: the
+                # kernel closed it, and the sender replaces the stream). The coordinator
+                # still counts the stream as this worker's until it hears so.
+                job = cmd[1]
+                why = "receiver busy: out of file descriptors"
+                try:
+                    self.report(
+                        ipc.pack(
+                            "fail", job["session_id"], job["stream"], ConnectError.wire_code, why
+                        )
+                    )
+                except zmq.ZMQError:
+                    return  # shutting down
             elif cmd[0] == "cancel":
                 for fd in fds:
                     os.close(fd)
@@ -335,9 +469,15 @@ def main(argv: list[str]) -> int:
         worker.channel.send(b"ready")  # the coordinator waits for this before "listening"
     except OSError:
         return 0  # the coordinator is already gone
+    beat = threading.Thread(target=worker.beat, name="heartbeat", daemon=True)
+    try:
+        beat.start()
+    except RuntimeError:
+        pass  # no thread for it: the coordinator replaces this worker as stuck, which is right
     try:
         worker.run()
     finally:
+        worker.close()
         worker.ctx.destroy(linger=500)
     return 0
 
