@@ -96,17 +96,36 @@ class Names:
 def shared_reason(dest: Path) -> str | None:
     """Why other users can write into ``dest`` (and so plant files there), or None.
 
-    Group- or other-writable (sticky or not: ``/tmp`` counts), or owned by another user than the
-    one the receiver runs as (the owner can always change the mode back)."""
+    Other-writable (sticky or not: ``/tmp`` counts), group-writable by a group that has other
+    members than us (a user-private group, the usual owner of directories made under umask 002,
+    has none), or owned by another user than the one the receiver runs as (the owner can always
+    change the mode back)."""
     st = os.stat(dest)
     mode = stat.S_IMODE(st.st_mode)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        who = "other users" if mode & stat.S_IWOTH else "its group"
-        sticky = ", sticky" if mode & stat.S_ISVTX else ""
-        return f"{who} can write into it (mode {mode:04o}{sticky})"
+    sticky = ", sticky" if mode & stat.S_ISVTX else ""
+    if mode & stat.S_IWOTH:
+        return f"other users can write into it (mode {mode:04o}{sticky})"
+    if mode & stat.S_IWGRP and not _group_is_only_us(st.st_gid):
+        return f"its group (gid {st.st_gid}) can write into it (mode {mode:04o}{sticky})"
     if st.st_uid != os.geteuid():
         return f"it is owned by uid {st.st_uid}, not by this receiver's uid {os.geteuid()}"
     return None
+
+
+def _group_is_only_us(gid: int) -> bool:
+    """Whether nobody but this receiver's user belongs to group ``gid`` (as a listed member or
+    by its primary group), as far as the user database says; False when it cannot be told."""
+    try:
+        import grp
+        import pwd
+
+        me = os.geteuid()
+        my_name = pwd.getpwuid(me).pw_name
+        if any(member != my_name for member in grp.getgrgid(gid).gr_mem):
+            return False
+        return all(p.pw_uid == me for p in pwd.getpwall() if p.pw_gid == gid)
+    except (ImportError, KeyError, OSError):
+        return False
 
 
 def check_dest(dest: Path, *, allow_shared: bool) -> str | None:

@@ -13,7 +13,9 @@ and ``stx send`` runs; the plants are made by the test in a scratch destination 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
 import stat
 import subprocess
 import threading
@@ -291,6 +293,9 @@ def test_shared_destination_is_refused_unless_allowed(site: Site, how: str) -> N
     if how == "owner":
         os.chown(site.dest, 65534, 65534)
         os.chmod(site.dest, 0o755)
+    elif how == "group":  # a group with another member (nobody's primary group)
+        os.chown(site.dest, -1, 65534)
+        os.chmod(site.dest, 0o770)
     else:
         os.chmod(site.dest, {"world": 0o777, "group": 0o770, "sticky": 0o1777}[how])
     with pytest.raises(stxpar.UsageError, match="shared"):
@@ -333,6 +338,18 @@ def test_shared_destination_is_refused_unless_allowed(site: Site, how: str) -> N
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_group_writable_by_a_group_of_our_own_is_accepted(site: Site) -> None:
+    """umask 002 with user-private groups makes directories 0775: only we are in that group."""
+    if any(p.pw_gid == os.getegid() and p.pw_uid != os.geteuid() for p in pwd.getpwall()):
+        pytest.skip("our primary group has other members here")
+    if grp.getgrgid(os.getegid()).gr_mem:
+        pytest.skip("our primary group has other members here")
+    os.chown(site.dest, -1, os.getegid())
+    os.chmod(site.dest, 0o775)
+    with site.receiver():
+        assert not site.of("warning")
 
 
 def test_private_destination_in_a_shared_parent_is_accepted(site: Site) -> None:
