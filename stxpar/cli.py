@@ -321,7 +321,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
                     f" {_human(fields['bytes'])})"
                 )
             elif partial == "gone":
-                note = "; the partial file was deleted or replaced under the receiver: nothing kept"
+                note = "; nothing kept (the partial file was deleted or replaced meanwhile)"
             else:
                 note = "; partial discarded"
             print(f"failed {fields['file']}: {fields['error']}{note}", file=sys.stderr)

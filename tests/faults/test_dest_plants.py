@@ -456,3 +456,39 @@ def test_stale_lock_file_of_a_killed_receiver_does_not_block(site: Site) -> None
     gone = run_stx("recv", "--dest", site.dest, "--purge-partial", "0s")
     assert gone.rc == 0, gone.stderr
     assert_dest_exactly(site.dest, {"stale.bin"})
+
+
+@pytest.mark.timeout(90)
+def test_partial_deleted_mid_transfer_is_not_said_to_be_kept(
+    site: Site, procs: Any, scratch: Path
+) -> None:
+    """``stx recv`` used to log "partial kept for a resume (...)" after ``.NAME.stxpart`` was
+    deleted under it. It now says what is there: nothing, and the state log is dropped."""
+    from itest_support import CliReceiver
+
+    logdir = scratch / "logs"
+    logdir.mkdir()
+    recv = CliReceiver(site.keyfile, site.dest, logdir, workers=1, once=False).start()
+    try:
+        src, _ = site.source("del.bin", 3 * MB)
+        with _Slow((recv.host, recv.port), rate=1 * MB) as slow:
+            sender = procs.track(
+                subprocess.Popen(
+                    [str(STX), *site.send_args(src, slow.port, "--max-retries", "0")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            assert wait_for(lambda: "receiving del.bin" in recv.stderr, timeout=30), recv.stderr
+            (site.dest / ".del.bin.stxpart").unlink()
+            _, err = sender.communicate(timeout=60)
+            assert sender.returncode != 0, err
+        assert wait_for(lambda: "failed del.bin" in recv.stderr, timeout=10), recv.stderr
+        line = next(ln for ln in recv.stderr.splitlines() if "failed del.bin" in ln)
+        assert "kept for a resume" not in line and "nothing kept" in line, line
+        assert wait_for(lambda: not (site.dest / ".del.bin.stxstate").exists(), timeout=10)
+        assert_dest_exactly(site.dest, set())
+    finally:
+        recv.stop()
