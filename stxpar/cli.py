@@ -222,6 +222,17 @@ def send_summary(result: TransferResult) -> str:
     )
 
 
+#: ``receiver.DEFAULT_STALL_TIMEOUT`` (not imported: ``stx --help`` stays quick without ZeroMQ).
+_STALL_TIMEOUT_DEFAULT = 60.0
+
+
+def _stall_timeout(text: str) -> float:
+    value = _age(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"bad stall timeout {text!r}: must be above 0")
+    return value
+
+
 def _age(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip().lower()
@@ -316,13 +327,19 @@ def cmd_recv(args: argparse.Namespace) -> int:
         elif kind == "dropped" and not args.quiet:
             refused(f"dropped {fields['peer']}: {fields['reason']}")
         elif kind == "failed" and not args.quiet:
-            kept = (
-                f"; partial kept for a resume ({_human(fields['have_bytes'])} of"
-                f" {_human(fields['bytes'])})"
-                if fields.get("kept")
-                else "; partial discarded"
-            )
-            print(f"failed {fields['file']}: {fields['error']}{kept}", file=sys.stderr)
+            partial = fields.get("partial", "kept" if fields.get("kept") else "discarded")
+            if partial == "kept":
+                note = (
+                    f"; partial kept for a resume ({_human(fields['have_bytes'])} of"
+                    f" {_human(fields['bytes'])})"
+                )
+            elif partial == "gone":
+                note = "; nothing kept (the partial file was deleted or replaced meanwhile)"
+            else:
+                note = "; partial discarded"
+            print(f"failed {fields['file']}: {fields['error']}{note}", file=sys.stderr)
+        elif kind == "warning":  # shown even with --quiet: it is about the receiver's safety
+            print(f"WARNING: {fields['message']}", file=sys.stderr)
         elif kind == "accepted" and not args.quiet:
             resumed = fields.get("resumed_blocks") or 0
             note = f", resuming with {resumed} blocks already there" if resumed else ""
@@ -345,6 +362,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
         on_event=on_event,
         window_ms=int(args.clock_window * 1000),
         max_streams=args.max_streams or DEFAULT_MAX_STREAMS,
+        stall_timeout=args.stall_timeout,
+        allow_shared_dest=args.allow_shared_dest,
     )
     receiver.start()
 
@@ -473,6 +492,24 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="data streams served at once over all transfers; more are refused and retried"
         " by their senders (default 256)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_stall_timeout,
+        default=_STALL_TIMEOUT_DEFAULT,
+        metavar="S",
+        help="end a transfer whose sender sent no block and no control message for S seconds"
+        " (e.g. 90, 2m; its partial is kept for a resume, and the name is free again for a new"
+        f" sender; default {_STALL_TIMEOUT_DEFAULT:g}); raise it for very slow links with big"
+        " blocks",
+    )
+    p.add_argument(
+        "--allow-shared-dest",
+        action="store_true",
+        help="accept a --dest that other users can write into (group- or world-writable, /tmp,"
+        " or owned by another user), with a warning. Refused by default: such a user can plant"
+        " links, FIFOs or directories at the names the receiver uses, and swap, read or delete"
+        " what arrives",
     )
     p.add_argument(
         "--list-partial",

@@ -69,7 +69,7 @@ def run_demo(
     try:
         src_dir, dst_dir = os.path.join(root, "src"), os.path.join(root, "dst")
         os.mkdir(src_dir)
-        os.mkdir(dst_dir)
+        os.mkdir(dst_dir, 0o700)  # a private destination (Receiver refuses a shared one)
         src = os.path.join(src_dir, "demo.bin")
         say(f"stx demo: making a {_human(size)} random test file in {root}")
         want = _make_file(src, size)

@@ -25,8 +25,8 @@ import os
 import resource
 import select
 import socket
+import stat
 import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +39,26 @@ import zmq
 
 from . import ipc
 from .config import check_workers
+from .destination import LOCK_SUFFIX as LOCK_SUFFIX
+from .destination import PART_SUFFIX as PART_SUFFIX
+from .destination import STATE_SUFFIX as STATE_SUFFIX
+from .destination import (
+    NameLock,
+    Names,
+    check_dest,
+    check_final,
+    open_ours,
+    partial_still_there,
+)
+from .destination import create_partial as _create_preallocated
+from .destination import disk_error as _disk_error
+from .destination import finish as _finish_file
+from .destination import free_bytes as _free_bytes
+from .destination import is_tmpfs as _is_tmpfs  # noqa: F401  (tests import it from here)
+from .destination import list_partials as list_partials
+from .destination import purge_partials as purge_partials
+from .destination import safe_name as safe_name
+from .destination import unlink as _unlink
 from .digest import BLOCK_DIGEST_LEN, file_digest
 from .errors import (
     AuthError,
@@ -55,7 +75,7 @@ from .handshake import DEFAULT_WINDOW_MS, ReplayCache, keyring_for
 from .keyschedule import SessionKeys
 from .netio import FramedSocket
 from .records import ControlChannel, verify_join
-from .state import Identity, Partial, StateLog, find_partials
+from .state import Identity, StateLog
 from .state import load as load_state
 from .wire import (
     MAX_HANDSHAKE_PAYLOAD,
@@ -72,10 +92,9 @@ from .wire import (
     held_bytes,
 )
 
-#: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped".
+#: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped",
+#: "warning".
 EventFn = Callable[[str, dict[str, Any]], None]
-PART_SUFFIX = ".stxpart"
-STATE_SUFFIX = ".stxstate"
 _RESERVED = object()
 DEFAULT_SYNC_BYTES = 64 << 20
 #: Seconds one send on a control connection may block (the peer is authenticated by then).
@@ -83,18 +102,12 @@ SEND_TIMEOUT = 120.0
 #: After END, how long the receiver waits for workers' last reports before it asks the sender
 #: to reconnect and send what is still missing.
 COMPLETE_TIMEOUT = 10.0
-
-
-def safe_name(name: str) -> str:
-    """The peer's file name reduced to a safe base name, or RejectedError."""
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    if not base or base in (".", "..") or base.startswith("."):
-        raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
-    # No control or format characters at all (C0, DEL, C1, bidi overrides...): the name ends up
-    # in log lines and terminals.
-    if not base.isprintable() or len(base.encode()) > 255:
-        raise RejectedError(f"refusing unsafe file name {name[:80]!r}")
-    return base
+#: Seconds a session may go without a block landing and without a control frame before the
+#: receiver ends it (``stx recv --stall-timeout``): a stopped or vanished sender must not hold
+#: its session, its streams and the file's name forever.
+DEFAULT_STALL_TIMEOUT = 60.0
+#: How many ``ReceivedFile`` records ``Receiver.completed`` keeps (the most recent ones).
+COMPLETED_KEEP = 1000
 
 
 @dataclass
@@ -146,6 +159,14 @@ class _Incoming:
     #: The file was completed moments ago and only the receipt got lost.
     already_complete: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+    #: The partial file, opened at admission (-1 when there is none): what is renamed to the
+    #: final name must be this inode, whatever happened to the path meanwhile.
+    part_fd: int = -1
+    #: The per-name lock in the destination, held until the session ends (handed on to the
+    #: session that supersedes this one).
+    name_lock: NameLock | None = None
+    #: ``time.monotonic()`` of the last landed blocks or control frame (the stall timeout).
+    active_at: float = field(default_factory=time.monotonic)
 
     def held_digests(self) -> bytes:
         return b"".join(
@@ -153,6 +174,11 @@ class _Incoming:
             for i, v in enumerate(self.received)
             if v
         )
+
+    def close_partial(self) -> None:
+        if self.part_fd >= 0:
+            os.close(self.part_fd)
+            self.part_fd = -1
 
 
 class NullLog:
@@ -163,6 +189,22 @@ class NullLog:
 
     def close(self) -> None:
         pass
+
+
+class _Completed(list[ReceivedFile]):
+    """``Receiver.completed``: the most recent ``keep`` transfers (a long-running receiver must
+    not grow without bound), plus ``total``, how many there were in all."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+        self.total = 0
+
+    def append(self, item: ReceivedFile) -> None:
+        super().append(item)
+        self.total += 1
+        if len(self) > self.keep:
+            del self[: len(self) - self.keep]
 
 
 @dataclass(frozen=True)
@@ -442,7 +484,14 @@ class Receiver:
 
     ``start()`` binds and starts the worker pool and the accept loop in background threads;
     ``stop()`` ends them. ``once=True`` stops after the first completed transfer (``wait()``
-    returns then). ``completed`` lists what arrived.
+    returns then). ``completed`` lists what arrived: the most recent ``COMPLETED_KEEP``
+    transfers (oldest first), with ``completed.total`` counting all of them.
+
+    ``stall_timeout``: seconds a session may go without a landed block and without a control
+    frame before it is ended (its partial kept for a resume), so that a stopped sender does
+    not hold the file's name forever. ``allow_shared_dest``: accept a destination that other
+    users can write into (``start()`` refuses it otherwise, with UsageError, and warns with a
+    "warning" event if allowed): such a user can plant, swap or delete files there.
     """
 
     def __init__(
@@ -467,6 +516,8 @@ class Receiver:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_worker_streams: int = DEFAULT_MAX_WORKER_STREAMS,
         worker_timeout: float = WORKER_TIMEOUT,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        allow_shared_dest: bool = False,
     ) -> None:
         """``max_handshakes_per_s`` and ``max_handshakes_per_ip_per_s`` (default: half the former,
         at least 2) limit handshakes started, overall and per source address; ``max_pending`` and
@@ -527,7 +578,11 @@ class Receiver:
         self._pool: _Pool | None = None
         self._zctx: zmq.Context | None = None
         self._workdir = ""
-        self.completed: list[ReceivedFile] = []
+        self.completed = _Completed(COMPLETED_KEEP)
+        if not stall_timeout > 0:
+            raise UsageError("the stall timeout must be a positive number of seconds")
+        self.stall_timeout = float(stall_timeout)
+        self.allow_shared_dest = allow_shared_dest
         self._umask = os.umask(0o077)  # read once, here, not racing other threads later
         os.umask(self._umask)
         self.dropped_streams = 0
@@ -643,12 +698,9 @@ class Receiver:
                 pass
 
     def _check_dest(self) -> None:
-        if not self.dest.exists():
-            raise UsageError(f"destination {self.dest} does not exist")
-        if not self.dest.is_dir():
-            raise UsageError(f"destination {self.dest} is not a directory")
-        if not os.access(self.dest, os.W_OK | os.X_OK):
-            raise UsageError(f"destination {self.dest} is not writable")
+        warning = check_dest(self.dest, allow_shared=self.allow_shared_dest)
+        if warning is not None:
+            self._event("warning", message=warning)
 
     def _listen(self) -> list[socket.socket]:
         """One listening socket per address the host resolves to (``localhost`` is often both
@@ -823,6 +875,7 @@ class Receiver:
                 inc.failure = _disk_error(exc, "cannot record progress")
                 inc.cond.notify_all()
                 return
+            inc.active_at = time.monotonic()
             for seq, digest in fresh:
                 inc.digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
                 if not inc.received[seq]:
@@ -892,17 +945,21 @@ class Receiver:
             discard = isinstance(exc, DigestMismatch) or (forged and not inc.initial)
             with inc.cond:
                 have = held_bytes(inc.received, size=inc.md.size, block_size=inc.md.block_size)
+                # What is really there: the partial may have been deleted or replaced under us.
+                gone = not inc.already_complete and not partial_still_there(inc.part, inc.part_fd)
             if forged:
                 have = inc.resumed_bytes
+            partial = "gone" if gone else "discarded" if discard else "kept"
             self._event(
                 "failed",
                 file=inc.final.name,
                 error=str(exc),
-                kept=not discard,
-                have_bytes=0 if discard else have,
+                kept=partial == "kept",
+                partial=partial,
+                have_bytes=have if partial == "kept" else 0,
                 bytes=inc.md.size,
             )
-            self._abort(inc, discard=discard, revert=forged)
+            self._abort(inc, discard=discard, revert=forged and not gone, gone=gone)
             inc = None
         finally:
             if inc is not None:
@@ -910,15 +967,20 @@ class Receiver:
 
     def _admit(self, md: Metadata, session: SessionKeys, fs: FramedSocket) -> _Incoming:
         name = safe_name(md.name)
-        final = self.dest / name
-        part = self.dest / f".{name}{PART_SUFFIX}"
-        statep = self.dest / f".{name}{STATE_SUFFIX}"
+        names = Names.of(self.dest, name)
+        final = names.final
         ident = Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
+        # Refused before any data moves: a rename could never replace a directory (or FIFO,
+        # socket, device) at the final name.
+        check_final(final)
+        lock: NameLock | None = None
         with self._lock:
             old = self._active.get(final)
             if old is _RESERVED or (old is not None and old.md.file_id != md.file_id):
                 raise RejectedError(f"a transfer of {name} is already in progress")
             self._active[final] = _RESERVED
+            if old is not None:
+                lock, old.name_lock = old.name_lock, None  # the name stays locked, by us now
         if old is not None:
             # The same source again: a reconnect of the same run, or a sender restarted after a
             # crash before this receiver noticed the old connection die. The old session gives
@@ -930,11 +992,18 @@ class Receiver:
             except OSError:
                 pass
         try:
-            inc = self._open_partial(md, session, fs, ident, final, part, statep)
+            if lock is None:
+                # Another receiver (process) writing this name into the same destination
+                # holds it: retryable, the sender backs off and comes back.
+                lock = NameLock.acquire(self.dest, name)
+            inc = self._open_partial(md, session, fs, ident, final, names.part, names.state)
         except BaseException:
+            if lock is not None:
+                lock.release()
             with self._lock:
                 self._active.pop(final, None)
             raise
+        inc.name_lock = lock
         with self._lock:
             self._active[final] = inc
             self._sessions[session.session_id] = inc
@@ -951,12 +1020,20 @@ class Receiver:
         statep: Path,
     ) -> _Incoming:
         parsed = load_state(statep)
-        resumable = parsed is not None and parsed.identity == ident and _size_of(part) == md.size
+        part_fd = -1
+        resumable = False
+        if parsed is not None and parsed.identity == ident and parsed.ours:
+            # Only files this receiver made are resumed from: a regular file, one link, ours.
+            got = open_ours(part)
+            if got is not None and got[1].st_size == md.size:
+                part_fd, resumable = got[0], True
+            elif got is not None:
+                os.close(got[0])
         if parsed is not None and not resumable:
             reason = (
                 "the source changed since the partial copy was made"
                 if parsed.identity != ident
-                else "the partial file is missing or has the wrong size"
+                else "the partial file is missing, has the wrong size or is not the receiver's own"
             )
             self._event("restarting", file=ident.name, reason=reason)
         received = bytearray(md.total_blocks)
@@ -981,13 +1058,26 @@ class Receiver:
                     raise RejectedError(
                         f"not enough space for {ident.name}: {md.size} bytes needed, {free} free"
                     )
-                _create_preallocated(part, md.size)
+                made = _create_preallocated(part, md.size)
+                got = open_ours(part)
+                if got is not None and (got[1].st_dev, got[1].st_ino) == (made.st_dev, made.st_ino):
+                    part_fd = got[0]
+                else:
+                    if got is not None:
+                        os.close(got[0])
+                    raise OSError(errno.ESTALE, "the new partial file was replaced at once")
                 log = StateLog.create(statep, ident)
         except OSError as exc:
+            if part_fd >= 0:
+                os.close(part_fd)
             if not resumable:
                 _unlink(part)
                 _unlink(statep)
             raise _disk_error(exc, f"cannot prepare {part.name}") from None
+        except BaseException:
+            if part_fd >= 0:
+                os.close(part_fd)
+            raise
         return _Incoming(
             md=md,
             session=session,
@@ -1008,6 +1098,7 @@ class Receiver:
                 if v
             ],
             already_complete=complete,
+            part_fd=part_fd,
         )
 
     def _remember(self, inc: _Incoming, digest: bytes) -> None:
@@ -1029,6 +1120,8 @@ class Receiver:
             st = os.stat(final, follow_symlinks=False)
         except OSError:
             return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
         if st.st_size != ident.size or st.st_mtime_ns != ident.mtime_ns:
             return None
         return recent
@@ -1039,11 +1132,20 @@ class Receiver:
             with inc.cond:
                 if inc.failure is not None:
                     raise inc.failure
+                idle = time.monotonic() - inc.active_at
+            if idle > self.stall_timeout:
+                # Retryable: a sender that was only paused reconnects and resumes.
+                raise ConnectError(
+                    f"stalled: no block and no control frame from the sender for {idle:.0f} s"
+                    f" (stall timeout {self.stall_timeout:g} s)"
+                )
             if self._stopping.is_set():
                 raise ConnectError("receiver shutting down")
             readable, _, _ = select.select([fs.sock], [], [], 0.2)
             if readable:
                 break
+        with inc.cond:
+            inc.active_at = time.monotonic()
         try:
             ftype, payload = fs.recv_frame(cap=_end_cap)
         except ConnectError:
@@ -1080,18 +1182,20 @@ class Receiver:
         if digest != end.digest:
             raise DigestMismatch(f"whole-file digest mismatch for {inc.final.name}")
         try:
-            if not inc.already_complete:
-                fd = os.open(inc.part, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                    os.fchmod(fd, 0o666 & ~self._umask)  # the partial was private until now
-                    os.utime(fd, ns=(time.time_ns(), md.mtime_ns))  # keep the source's mtime
-                finally:
-                    os.close(fd)
-                os.replace(inc.part, inc.final)
-                _fsync_dir(self.dest)
-            with inc.cond:
+            with inc.cond:  # the partial's descriptor stays open while it is used (_abort)
+                if inc.closed:
+                    raise ConnectError(f"the transfer of {inc.final.name} was taken over")
+                if not inc.already_complete:
+                    # By the descriptor kept since admission: the inode renamed is the one the
+                    # blocks were recorded for, or the transfer fails (PartialGone).
+                    _finish_file(
+                        Names.of(self.dest, inc.final.name),
+                        inc.part_fd,
+                        mode=0o666 & ~self._umask,
+                        mtime_ns=md.mtime_ns,
+                    )
                 inc.log.close()
+                inc.close_partial()
             _unlink(inc.state)
         except OSError as exc:
             raise _disk_error(exc, f"cannot finish {inc.final.name}") from None
@@ -1109,23 +1213,41 @@ class Receiver:
         )
 
     def _forget(self, inc: _Incoming, *, release_name: bool = True) -> None:
+        """Drop the session; with ``release_name``, free its file's name (and the lock on it in
+        the destination, the lock file removed) unless a newer session took it over."""
         with self._lock:
             self._sessions.pop(inc.session.session_id, None)
             if release_name and self._active.get(inc.final) is inc:
                 del self._active[inc.final]
+                lock, inc.name_lock = inc.name_lock, None
+                if lock is not None:
+                    lock.release()
 
     def _abort(
-        self, inc: _Incoming, *, discard: bool, revert: bool = False, release_name: bool = True
+        self,
+        inc: _Incoming,
+        *,
+        discard: bool,
+        revert: bool = False,
+        release_name: bool = True,
+        gone: bool = False,
     ) -> None:
         """End a session. Its partial file and state stay for a resume unless ``discard``;
-        ``revert`` forgets what this session recorded (the state it was admitted with)."""
+        ``revert`` forgets what this session recorded (the state it was admitted with);
+        ``gone``: the partial file is no longer the one written, so its state log goes (and
+        the path, someone else's now, is left alone). The files are dealt with before the name
+        (and its lock) is released: nobody else may see them half-way."""
         if self._pool is not None:
             self._pool.cancel(inc.session.session_id)
-        self._forget(inc, release_name=release_name)
+        with self._lock:
+            self._sessions.pop(inc.session.session_id, None)
         with inc.cond:
             inc.log.close()
             inc.closed = True  # late reports of this session are ignored from now on
-        if discard:
+            inc.close_partial()
+        if gone:
+            _unlink(inc.state)
+        elif discard:
             _unlink(inc.part)
             _unlink(inc.state)
         elif revert:
@@ -1133,6 +1255,7 @@ class Receiver:
                 StateLog.rewrite(inc.state, inc.identity, inc.initial).close()
             except OSError:
                 _unlink(inc.state)  # no state at all is safe: the next run starts over
+        self._forget(inc, release_name=release_name)
 
 
 class DigestMismatch(IntegrityError):
@@ -1165,108 +1288,5 @@ def _send_error(
         pass
 
 
-def _size_of(path: Path) -> int:
-    try:
-        return os.stat(path, follow_symlinks=False).st_size
-    except OSError:
-        return -1
-
-
-def _create_preallocated(path: Path, size: int) -> None:
-    """Create the partial file at its full size, its blocks allocated (``posix_fallocate``):
-    no fragmentation, and a disk that cannot hold it says so now.
-
-    Not on tmpfs, where the file is only sized: preallocating there allocates every page up
-    front, serially, before the first block may arrive (0.2 s per 2 GiB on the 2-core test
-    machine), for nothing a RAM file system needs. The free-space check before this call still
-    refuses a file that cannot fit; a tmpfs that fills up later fails a write cleanly.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        if size and _is_tmpfs(fd):
-            os.ftruncate(fd, size)
-        elif size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise
-                os.ftruncate(fd, size)  # a filesystem without fallocate
-    except BaseException:
-        os.close(fd)
-        _unlink(path)
-        raise
-    os.close(fd)
-
-
-def _disk_error(exc: OSError, what: str) -> StxError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return RejectedError(f"{what}: the receiver's disk is full ({exc.strerror})")
-    return RejectedError(f"{what}: {exc.strerror}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_TMPFS_MAGIC = 0x01021994
-
-
-def _is_tmpfs(fd: int) -> bool:
-    """Whether ``fd`` lives on tmpfs (Linux ``fstatfs``; False wherever that cannot be told)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux)
-        if libc.fstatfs(fd, buf) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    return ctypes.c_long.from_buffer(buf).value == _TMPFS_MAGIC  # f_type is the first field
-
-
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        pass
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def list_partials(dest: str | os.PathLike[str]) -> list[Partial]:
-    """Partial transfers in ``dest`` (what a resume would continue)."""
-    path = Path(dest)
-    if not path.is_dir():
-        raise UsageError(f"destination {path} is not a directory")
-    return find_partials(path, part_suffix=PART_SUFFIX, state_suffix=STATE_SUFFIX, now=time.time())
-
-
-def purge_partials(dest: str | os.PathLike[str], *, older_than_s: float) -> list[Partial]:
-    """Remove partial transfers untouched for ``older_than_s`` seconds; return them.
-
-    Do not run it against a destination an active receiver is writing a transfer into that
-    has made no progress for that long."""
-    removed = []
-    for partial in list_partials(dest):
-        if partial.age_s >= older_than_s:
-            for f in partial.files:
-                _unlink(f)
-            removed.append(partial)
-    return removed

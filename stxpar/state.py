@@ -17,7 +17,9 @@ cut off when the log is reopened). Parsing is pure (``parse``), so it can be fuz
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -61,6 +63,12 @@ class Parsed:
     have: bytearray  # one byte per block: 1 = durable
     digests: bytearray  # BLOCK_DIGEST_LEN bytes per block
     valid_len: int  # bytes of the file that parsed cleanly (where the next record goes)
+    #: (st_dev, st_ino) of the file it was loaded from (``load``), so that ``StateLog.reopen``
+    #: appends to that very file and not to whatever was swapped in at its name meanwhile.
+    inode: tuple[int, int] | None = None
+    #: The file was a regular file with one link, owned by us: one this receiver wrote, not a
+    #: plant of another local user (only such a log is resumed from).
+    ours: bool = False
 
     @property
     def count(self) -> int:
@@ -79,6 +87,23 @@ def encode_record(seq: int, digest: bytes) -> bytes:
 
 def parse(data: bytes) -> Parsed:
     """Parse a whole state file; ProtocolError if the header is unusable. Torn tails are fine."""
+    ident, pos = parse_header(data)
+    total = ident.total_blocks
+    have = bytearray(total)
+    digests = bytearray(total * BLOCK_DIGEST_LEN)
+    while pos + RECORD_LEN <= len(data):
+        seq, digest, rcrc = _RECORD.unpack_from(data, pos)
+        if zlib.crc32(data[pos : pos + 4 + BLOCK_DIGEST_LEN]) != rcrc or seq >= total:
+            break
+        have[seq] = 1
+        digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
+        pos += RECORD_LEN
+    return Parsed(ident, have, digests, pos)
+
+
+def parse_header(data: bytes) -> tuple[Identity, int]:
+    """The identity in a state file's header and where its records start; ProtocolError if the
+    header is unusable."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
         raise ProtocolError("not an stx state file")
     (hlen,) = _U32.unpack_from(data, len(MAGIC))
@@ -102,20 +127,20 @@ def parse(data: bytes) -> Parsed:
     if len(fid) != 16 or bs <= 0 or size < 0:
         raise ProtocolError("damaged state header")
     ident = Identity(name, size, mtime, bs, fid)
-    total = ident.total_blocks
-    if total > MAX_BLOCKS:
+    if ident.total_blocks > MAX_BLOCKS:
         raise ProtocolError("damaged state header")
-    have = bytearray(total)
-    digests = bytearray(total * BLOCK_DIGEST_LEN)
-    pos = start + hlen + 4
-    while pos + RECORD_LEN <= len(data):
-        seq, digest, rcrc = _RECORD.unpack_from(data, pos)
-        if zlib.crc32(data[pos : pos + 4 + BLOCK_DIGEST_LEN]) != rcrc or seq >= total:
-            break
-        have[seq] = 1
-        digests[seq * BLOCK_DIGEST_LEN : (seq + 1) * BLOCK_DIGEST_LEN] = digest
-        pos += RECORD_LEN
-    return Parsed(ident, have, digests, pos)
+    return ident, start + hlen + 4
+
+
+#: Bytes of a state file read before its header is known (the largest header that parses).
+HEAD_LEN = len(MAGIC) + 4 + MAX_HEADER + 4
+
+
+def max_log_len(identity: Identity, header_end: int) -> int:
+    """The most bytes of a log worth reading: its header and two records per block (a block
+    resent after a reconnect is recorded again). Records past this are ignored (and cut off on
+    reopen): the log then claims fewer blocks, never more."""
+    return header_end + 2 * max(identity.total_blocks, 1) * RECORD_LEN
 
 
 class StateLog:
@@ -128,15 +153,21 @@ class StateLog:
     @classmethod
     def create(cls, path: Path, identity: Identity) -> StateLog:
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # Whatever has the temporary name (a hard link planted there, a FIFO) is unlinked,
+        # never opened: the new inode is ours alone.
+        _unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE_OPEN, 0o600)
         try:
-            os.write(fd, encode_header(identity))
+            header = encode_header(identity)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.EIO, "short write of the state header")
             os.fsync(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
         except BaseException:
             os.close(fd)
+            _unlink(tmp)
             raise
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
         os.lseek(fd, 0, os.SEEK_END)
         return cls(path, fd)
 
@@ -152,7 +183,17 @@ class StateLog:
 
     @classmethod
     def reopen(cls, path: Path, parsed: Parsed) -> StateLog:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        """Append to the log ``parsed`` came from (``load``); OSError if ``path`` is no longer
+        that file, or not one of ours."""
+        fd = os.open(path, os.O_WRONLY | _SAFE_OPEN)
+        try:
+            st = os.fstat(fd)
+            if not _is_ours(st) or (st.st_dev, st.st_ino) != parsed.inode:
+                raise OSError(errno.ESTALE, "the state log was replaced")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, parsed.valid_len)  # drop a torn tail before appending after it
         os.lseek(fd, parsed.valid_len, os.SEEK_SET)
         return cls(path, fd)
@@ -172,20 +213,61 @@ class StateLog:
 
 
 def load(path: Path) -> Parsed | None:
-    """The parsed state at ``path``, or None when it is missing or unusable."""
+    """The parsed state at ``path``, or None when it is missing or unusable.
+
+    Safe against what another local user may plant at the name: a symlink is not followed
+    (``/dev/zero`` would be read forever), a FIFO does not block the ``open``, anything but a
+    regular file is unusable, and no more is read than a valid log of its header can hold."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | _SAFE_OPEN)
     except OSError:
         return None
     try:
-        return parse(data)
-    except ProtocolError:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        head = _read_at_most(fd, HEAD_LEN)
+        ident, end = parse_header(head)
+        limit = max_log_len(ident, end)
+        data = head + _read_at_most(fd, limit - len(head)) if len(head) < limit else head[:limit]
+        parsed = parse(data)
+    except (OSError, ProtocolError):
         return None
+    finally:
+        os.close(fd)
+    parsed.inode = (st.st_dev, st.st_ino)
+    parsed.ours = _is_ours(st)
+    return parsed
+
+
+def _read_at_most(fd: int, n: int) -> bytes:
+    chunks = []
+    while n > 0:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+#: Never through a symlink, never blocking on a FIFO, never inherited by a worker.
+_SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _is_ours(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -206,17 +288,27 @@ class Partial:
 
 
 def find_partials(dest: Path, *, part_suffix: str, state_suffix: str, now: float) -> list[Partial]:
-    """Every ``.NAME.stxpart`` / ``.NAME.stxstate`` pair (or orphan) in ``dest``."""
+    """Every ``.NAME.stxpart`` / ``.NAME.stxstate`` pair (or orphan) in ``dest``.
+
+    Nothing is followed or opened but the state logs (through ``load``: bounded, never
+    blocking); an entry that vanishes while being looked at is left out."""
     names: dict[str, list[Path]] = {}
     for entry in dest.iterdir():
         for suffix in (part_suffix, state_suffix, state_suffix + ".tmp"):
-            if entry.name.startswith(".") and entry.name.endswith(suffix):
-                names.setdefault(entry.name[1 : -len(suffix)], []).append(entry)
+            n = entry.name
+            if n.startswith(".") and n.endswith(suffix) and len(n) > len(suffix) + 1:
+                names.setdefault(n[1 : -len(suffix)], []).append(entry)
                 break
     found = []
     for name, files in sorted(names.items()):
         parsed = load(dest / f".{name}{state_suffix}")
-        newest = max((f.lstat().st_mtime for f in files), default=now)
+        stamps = []
+        for f in files:
+            try:
+                stamps.append(f.lstat().st_mtime)
+            except OSError:
+                pass
+        newest = max(stamps, default=now)
         if parsed is None:
             size = have_bytes = have = total = 0
         else:
