@@ -819,6 +819,9 @@ class Receiver:
             "rekey_bytes": md.rekey_bytes,
             "sync_bytes": self.sync_bytes,
             "streams": md.streams,  # the worker lands blocks by mapping when there are many
+            # The partial this session created and holds open: the worker opens it by path and
+            # writes nothing unless it is this inode (a local user who swapped it gets no data).
+            "inode": _inode_of(inc.part_fd),
         }
         fs.sock.settimeout(None)
         assert self._pool is not None
@@ -1256,6 +1259,14 @@ class Receiver:
             except OSError:
                 _unlink(inc.state)  # no state at all is safe: the next run starts over
         self._forget(inc, release_name=release_name)
+
+
+def _inode_of(fd: int) -> list[int] | None:
+    """``[st_dev, st_ino]`` of an open descriptor (None for none: a completed file)."""
+    if fd < 0:
+        return None
+    st = os.fstat(fd)
+    return [st.st_dev, st.st_ino]
 
 
 class DigestMismatch(IntegrityError):

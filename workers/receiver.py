@@ -151,6 +151,11 @@ class StreamJob(threading.Thread):
                 # Short of descriptors for now: this stream only, and the sender retries it.
                 raise ConnectError("receiver busy: out of file descriptors") from None
             raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
+        inode = job.get("inode")
+        st = os.fstat(fd)
+        if inode is not None and [st.st_dev, st.st_ino] != list(inode):
+            os.close(fd)
+            raise RejectedError("the partial file was removed or replaced under the receiver")
         lander = Lander(fd, mapped=mapped)
         pending: list[tuple[int, bytes]] = []
         resend: list[int] = []
