@@ -20,6 +20,7 @@ removes the partial file: nothing half-written ever takes the final name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -565,6 +566,7 @@ class Receiver:
             fd_reserve=fd_reserve,
         )
         self._control_slots = threading.BoundedSemaphore(max_sessions)
+        self._control_threads: set[threading.Thread] = set()
         self._replay = ReplayCache(ttl_ms=2 * window_ms)
         self._sessions: dict[bytes, _Incoming] = {}
         self._active: dict[Path, Any] = {}  # final path -> _Incoming (or _RESERVED)
@@ -672,6 +674,7 @@ class Receiver:
         else:
             for lsock in self._listeners:
                 lsock.close()
+        self._end_sessions()
         with self._lock:
             sessions = list(self._sessions)
         if self._pool is not None:
@@ -683,6 +686,20 @@ class Receiver:
         if self._zctx is not None:
             self._zctx.destroy(linger=0)
         ipc.remove_dir(self._workdir)
+
+    def _end_sessions(self, timeout: float = 3.0) -> None:
+        """Let every session in progress end the way a lost connection ends it (partial and
+        state kept for a resume, the name and its lock file released), instead of leaving
+        that to threads the process is about to abandon."""
+        with self._lock:
+            live = list(self._sessions.values())
+            threads = list(self._control_threads)
+        for inc in live:
+            with contextlib.suppress(OSError):
+                inc.control.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Receiver:
         return self.start()
@@ -770,6 +787,8 @@ class Receiver:
     def _control_thread(
         self, fs: FramedSocket, session: SessionKeys, peer: tuple, frames: list[bytes]
     ) -> None:
+        with self._lock:
+            self._control_threads.add(threading.current_thread())
         try:
             fs.sock.settimeout(self.handshake_timeout)
             for frame in frames:  # the handshake's last (KEY_CONFIRMATION)
@@ -781,6 +800,8 @@ class Receiver:
             self._event("rejected", peer=peer[0], error=f"internal error: {type(exc).__name__}")
         finally:
             fs.close()
+            with self._lock:
+                self._control_threads.discard(threading.current_thread())
             self._control_slots.release()
 
     # ---------------------------------------------------------------- data streams
