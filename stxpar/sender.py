@@ -16,6 +16,7 @@ END with the whole-file digest and succeeds only on a valid RECEIPT.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import os
 import stat
@@ -76,41 +77,107 @@ def _control_cap(ftype: FrameType) -> int:
     return -1
 
 
-@dataclass(frozen=True)
+#: What a worker says when the file at the source's name is not the one the transfer was
+#: built from (exit 5).
+REPLACED = "the source file was replaced during the transfer"
+
+
+@dataclass
 class SourceFile:
+    """The file a transfer was built from, pinned by the descriptor the coordinator opened.
+
+    Whoever can rename entries in the source's directory can put another file, or a symlink to
+    one, under its name after the checks; a worker that opened the name again would send that
+    file and the run would report success. So the name is resolved once, here (a symlink the
+    user named is followed now and never again), the resolved path is opened with O_NOFOLLOW,
+    and what was opened is recorded: (st_dev, st_ino) say which file, size, mtime and ctime
+    what it held. Every worker opens ``real`` with O_NOFOLLOW and must find the same identity
+    (workers/sender.py); ``check_unchanged`` compares the descriptor and the name again before
+    each session and before END, so a file that changed or was replaced fails with exit 5
+    before the receiver renames a copy into place.
+
+    ``path`` is the name as given (the receiver gets its last component); ``close`` releases
+    the descriptor.
+    """
+
     path: Path
+    real: str
+    fd: int
+    dev: int
+    ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
     file_id: bytes
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SourceFile:
         p = Path(path)
+        real = os.path.realpath(p)
         try:
-            st = p.stat()
+            # O_NONBLOCK: a FIFO at the name must not hang the open (it is refused below).
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UsageError(f"{p}: no such file") from None
         except OSError as exc:
-            raise UsageError(f"{p}: {exc.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{p} is a directory (stx sends one file)")
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{p} is not a regular file")
-        try:
-            os.close(os.open(p, os.O_RDONLY))
-        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink appeared after realpath() resolved it
+                raise UsageError(f"{p} changed while it was being opened") from None
             raise UsageError(f"{p}: cannot read: {exc.strerror}") from None
-        real = os.path.realpath(p)
-        ident = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-        return cls(p, st.st_size, st.st_mtime_ns, hashlib.sha256(ident).digest()[:16])
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise UsageError(f"{p} is a directory (stx sends one file)")
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{p} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        # ctime too: a rewrite that puts the old mtime back still changes ctime, so a resume
+        # never mixes blocks of two versions of the file (docs/resume.md).
+        ident = (
+            f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        ).encode()
+        return cls(
+            path=p,
+            real=real,
+            fd=fd,
+            dev=st.st_dev,
+            ino=st.st_ino,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            file_id=hashlib.sha256(ident).digest()[:16],
+        )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def check_unchanged(self) -> None:
+        """IntegrityError (exit 5) unless the opened file still has the size, mtime and ctime
+        it had when the transfer was built, and its name (as given, and as resolved then)
+        still names it."""
         try:
-            st = self.path.stat()
+            st = os.fstat(self.fd)
         except OSError as exc:
-            raise UsageError(f"{self.path}: {exc.strerror}") from None
-        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
-            raise IntegrityError(f"{self.path} changed during the transfer")
+            raise IntegrityError(f"{self.path}: cannot check the source: {exc.strerror}") from None
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+        ):
+            raise IntegrityError(
+                f"{self.path} changed during the transfer (size, modification or change time);"
+                " send it again once it is stable"
+            )
+        for name, follow in ((self.real, False), (os.fspath(self.path), True)):
+            try:
+                cur = os.stat(name, follow_symlinks=follow)
+            except OSError:
+                raise IntegrityError(f"{REPLACED}: {self.path} was removed or renamed") from None
+            if (cur.st_dev, cur.st_ino) != (self.dev, self.ino):
+                raise IntegrityError(f"{REPLACED}: {self.path} names another file now")
 
 
 class DeadlineReached(ConnectError):
@@ -375,6 +442,7 @@ class _Transfer:
             router.send_multipart([identity, ipc.pack("done")])
             return
         if verb == "hello":
+            src = self.run_state.src
             st.identity = identity
             st.stream = self.next_stream
             self.next_stream += 1
@@ -384,9 +452,12 @@ class _Transfer:
                 "session_id": self.session.session_id,
                 "host": self.host,
                 "port": self.port,
-                "path": os.fspath(self.run_state.src.path),
-                "size": self.run_state.src.size,
-                "mtime_ns": self.run_state.src.mtime_ns,
+                "path": src.real,
+                "dev": src.dev,
+                "ino": src.ino,
+                "size": src.size,
+                "mtime_ns": src.mtime_ns,
+                "ctime_ns": src.ctime_ns,
                 "block_size": self.md.block_size,
                 "file_id": self.md.file_id,
                 "rekey_records": self.md.rekey_records,
@@ -658,6 +729,9 @@ def _session(
         elif pool is not None:
             pool.close()  # never needed
             pool = None
+        # Last check before the receiver may rename the copy into place: a source that grew,
+        # was rewritten (ctime) or replaced while its blocks were read would be a torn copy.
+        src.check_unchanged()
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
         # The receiver fsyncs and renames before it answers; no answer for stall_timeout is a
@@ -702,7 +776,10 @@ def send(
         if len(psk) < 32:
             raise UsageError("the key must be at least 256 bits")
         src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
-        return _send(src, host, port, psk, opts, progress, on_event, pool)
+        try:
+            return _send(src, host, port, psk, opts, progress, on_event, pool)
+        finally:
+            src.close()
     finally:
         if pool is not None:
             pool.close()  # (a no-op once its session closed it)
@@ -725,6 +802,7 @@ def prestart_workers(
     fixed cost of a small transfer. Raises what ``send`` would for a bad file or options.
     """
     src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
+    src.close()  # ``send`` opens (and pins) the source again
     assert opts.block_size is not None and opts.workers is not None
     total = blocks_for(src.size, opts.block_size)
     if not total or not ipc.can_fork():
@@ -754,6 +832,7 @@ def _plan(
     bs = opts.block_size
     while blocks_for(src.size, bs) > MAX_BLOCKS:
         if (block_size or base.block_size) is not None or bs >= MAX_BLOCK_SIZE:
+            src.close()
             raise UsageError(
                 f"{src.path} needs more than {MAX_BLOCKS} blocks of {bs} bytes;"
                 " use a larger --block-size"
