@@ -32,8 +32,9 @@ EXIT_CODES = """exit codes:
        stops cleanly on any of them and exits 0"""
 
 KEY_HELP = (
-    "file holding the pre-shared key (made by 'stx keygen'; must not be readable by group or "
-    "others). Default: $STX_PSK_FILE. The key is never accepted on the command line."
+    "file holding the pre-shared key (made by 'stx keygen'; must be yours or root's and not "
+    "readable by group or others; a symlink is followed and the file it leads to is checked)."
+    " Default: $STX_PSK_FILE. The key is never accepted on the command line."
 )
 
 
@@ -468,7 +469,12 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
     kg.add_argument(
         "-o", "--output", metavar="FILE", help="write the key to FILE (mode 0600) instead of stdout"
     )
-    kg.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    kg.add_argument(
+        "--force",
+        action="store_true",
+        help="replace FILE if it exists (the key is written to a new file that is then renamed"
+        " over FILE: a symlink at FILE is replaced, never written through)",
+    )
     kg.set_defaults(func=cmd_keygen)
 
     _add_send_args(
