@@ -38,14 +38,35 @@ def keepalive(sock: socket.socket) -> None:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with full jitter: delay_n = uniform(0, min(cap, initial * factor**n))."""
+    """Exponential backoff with "equal jitter": ``d = min(cap, initial * factor**n)``, delay_n =
+    uniform(d/2, d).
 
-    initial: float = 0.2
+    Half of every delay is certain, so a retry budget is a budget of time as well as of
+    attempts: when every connect fails at once (the network is unreachable, nothing listens)
+    the attempts are still spread out. (Full jitter, uniform(0, d), could spend a whole budget
+    in a few seconds.) With the defaults and ``SendOptions.max_retries`` (9) the waits add up to
+    at least 60.75 s and at most 121.5 s (``min_total`` / ``max_total``): the sender rides out
+    a minute-long outage. The other half is random, so many senders cut off together do not
+    come back in lockstep.
+    """
+
+    initial: float = 0.5
     factor: float = 2.0
-    cap: float = 10.0
+    cap: float = 30.0
+
+    def ceiling(self, attempt: int) -> float:
+        return min(self.cap, self.initial * self.factor**attempt)
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.initial * self.factor**attempt))
+        d = self.ceiling(attempt)
+        return random.uniform(d / 2, d)
+
+    def min_total(self, retries: int) -> float:
+        """The least time ``retries`` delays can add up to."""
+        return sum(self.ceiling(n) / 2 for n in range(retries))
+
+    def max_total(self, retries: int) -> float:
+        return sum(self.ceiling(n) for n in range(retries))
 
 
 def resolve(host: str, port: int) -> tuple[int, tuple]:
