@@ -19,6 +19,7 @@ import collections
 import errno
 import hashlib
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -590,6 +591,18 @@ class _Transfer:
             st.proc.wait()
 
 
+def _peer_address(sock: socket.socket, host: str) -> str:
+    """The numeric address the control connection reached: the data streams go to the same
+    receiver (a name with several addresses, or round-robin DNS, could otherwise send them to
+    another machine, or to an address that does not answer: the race is run once)."""
+    try:
+        return socket.getnameinfo(
+            sock.getpeername(), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+        )[0]
+    except OSError:
+        return host
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -673,6 +686,7 @@ def _session(
             pool.close()
         raise
     ctl = FramedSocket(sock, peer=f"{host}:{port}")
+    data_host = _peer_address(sock, host)
     ctl.deadline = deadline  # no read of this session may outlive --deadline
     try:
         session = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
@@ -715,7 +729,7 @@ def _session(
                 run=run,
                 md=md,
                 session=session,
-                host=host,
+                host=data_host,
                 port=port,
                 opts=opts,
                 needed=needed,
