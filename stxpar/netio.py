@@ -131,11 +131,14 @@ def connect_first(
                 next_start = now + attempt_delay
                 try:
                     sock = socket.socket(family, socket.SOCK_STREAM)
-                except OSError as exc:
+                except OSError as exc:  # e.g. no IPv6 on this host
                     errors.append((addr, exc))
                     continue
                 sock.setblocking(False)
-                rc = sock.connect_ex(addr)
+                try:
+                    rc = sock.connect_ex(addr)
+                except OSError as exc:
+                    rc = exc.errno or errno.EINVAL
                 if rc == 0:
                     return _won(sock, timeout)
                 if rc not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
