@@ -159,6 +159,15 @@ class SourceFile:
         """IntegrityError (exit 5) unless the opened file still has the size, mtime and ctime
         it had when the transfer was built, and its name (as given, and as resolved then)
         still names it."""
+        # The name first: replacing it unlinks the file, which changes its ctime too, and
+        # "replaced" is the better answer then.
+        for name, follow in ((self.real, False), (os.fspath(self.path), True)):
+            try:
+                cur = os.stat(name, follow_symlinks=follow)
+            except OSError:
+                raise IntegrityError(f"{REPLACED}: {self.path} was removed or renamed") from None
+            if (cur.st_dev, cur.st_ino) != (self.dev, self.ino):
+                raise IntegrityError(f"{REPLACED}: {self.path} names another file now")
         try:
             st = os.fstat(self.fd)
         except OSError as exc:
@@ -172,13 +181,6 @@ class SourceFile:
                 f"{self.path} changed during the transfer (size, modification or change time);"
                 " send it again once it is stable"
             )
-        for name, follow in ((self.real, False), (os.fspath(self.path), True)):
-            try:
-                cur = os.stat(name, follow_symlinks=follow)
-            except OSError:
-                raise IntegrityError(f"{REPLACED}: {self.path} was removed or renamed") from None
-            if (cur.st_dev, cur.st_ino) != (self.dev, self.ino):
-                raise IntegrityError(f"{REPLACED}: {self.path} names another file now")
 
 
 class DeadlineReached(ConnectError):
@@ -260,6 +262,9 @@ class _Pool:
         self.streams: dict[int, _Stream] = {}
         self.next_slot = 0
         self.zctx: zmq.Context | None = None
+        #: The source ``prestart_workers`` pinned, for the ``send`` that takes this pool
+        #: (``take_source``): the name is resolved and opened once per run, not twice.
+        self.source: SourceFile | None = None
         try:
             if fork and ipc.can_fork():
                 from .workers.sender import main as worker_main
@@ -303,11 +308,22 @@ class _Pool:
                 st.proc.kill()
                 st.proc.wait()
 
+    def take_source(self, path: str | os.PathLike[str]) -> SourceFile | None:
+        """The pinned source, if it was pinned for ``path``; the caller owns it from now on."""
+        src, self.source = self.source, None
+        if src is not None and src.path != Path(path):
+            src.close()
+            return None
+        return src
+
     def close(self) -> None:
         self.kill()
         if self.zctx is not None:
             self.zctx.destroy(linger=0)
             self.zctx = None
+        if self.source is not None:
+            self.source.close()
+            self.source = None
         ipc.remove_dir(self.workdir)
 
 
@@ -789,7 +805,15 @@ def send(
     try:
         if len(psk) < 32:
             raise UsageError("the key must be at least 256 bits")
-        src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
+        pinned = pool.take_source(path) if pool is not None else None
+        try:
+            src, opts = _plan(
+                path, host, workers=workers, block_size=block_size, base=options, src=pinned
+            )
+        except BaseException:
+            if pinned is not None:
+                pinned.close()
+            raise
         try:
             return _send(src, host, port, psk, opts, progress, on_event, pool)
         finally:
@@ -816,12 +840,18 @@ def prestart_workers(
     fixed cost of a small transfer. Raises what ``send`` would for a bad file or options.
     """
     src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
-    src.close()  # ``send`` opens (and pins) the source again
     assert opts.block_size is not None and opts.workers is not None
     total = blocks_for(src.size, opts.block_size)
     if not total or not ipc.can_fork():
+        src.close()
         return None
-    return _Pool(min(opts.workers, total), fork=True)
+    try:
+        pool = _Pool(min(opts.workers, total), fork=True)
+    except BaseException:
+        src.close()
+        raise
+    pool.source = src  # ``send`` resolves and opens nothing again: no second window for a swap
+    return pool
 
 
 def _plan(
@@ -831,8 +861,10 @@ def _plan(
     workers: int | None,
     block_size: int | None,
     base: SendOptions | None,
+    src: SourceFile | None = None,
 ) -> tuple[SourceFile, SendOptions]:
-    """The source and the resolved options (worker count, block size) of a transfer."""
+    """The source (``src``, already pinned, or opened now) and the resolved options (worker
+    count, block size) of a transfer."""
     base = base or SendOptions()
     if workers is None and base.workers is None:
         workers = default_workers(peer_on_this_machine=is_loopback(host))
@@ -842,7 +874,8 @@ def _plan(
         block_size=block_size if block_size is not None else base.block_size,
     ).resolved()
     assert opts.block_size is not None and opts.workers is not None
-    src = SourceFile.open(path)
+    if src is None:
+        src = SourceFile.open(path)
     bs = opts.block_size
     while blocks_for(src.size, bs) > MAX_BLOCKS:
         if (block_size or base.block_size) is not None or bs >= MAX_BLOCK_SIZE:

@@ -15,13 +15,22 @@ relay in front of it to hold the transfer at a chosen point.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fault_relay import GateRelay, ProcGroup, send_args
-from itest_support import assert_one_line_error, run_stx, sha256_file, wait_for, write_random
+from fault_relay import GateRelay, ProcGroup, send_args, start_receiver
+from itest_support import (
+    assert_no_secrets,
+    assert_one_line_error,
+    run_stx,
+    sha256_file,
+    wait_for,
+    write_random,
+)
 from tcp_relay import Direction, RelayConnection, TcpRelay
 
 import stxpar
@@ -199,3 +208,49 @@ def test_a_missing_source_is_still_a_usage_error(
     )
     assert run.rc == 2, run.stderr
     assert_one_line_error(run)
+
+
+_PRESTART_THEN_SWAP = """
+import os, sys
+import stxpar
+from stxpar.sender import prestart_workers, send
+src, secret, port, keyfile = sys.argv[1:5]
+pool = prestart_workers(src, "127.0.0.1", workers=2, block_size=65536)
+assert pool is not None, "could not fork the workers"
+os.symlink(secret, src + ".swap")
+os.replace(src + ".swap", src)  # between the CLI's two looks at the source
+try:
+    send(src, "127.0.0.1", int(port), psk=stxpar.load_key_file(keyfile), workers=2,
+         block_size=65536, pool=pool)
+except stxpar.StxError as exc:
+    print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_swap_between_prestart_and_send_is_caught(
+    scratch: Path, dest: Path, stx_key: tuple[Path, bytes], group: ProcGroup
+) -> None:
+    """``stx send`` looks at the source when it forks its workers (before it reads the key) and
+    used to open it again by name in ``send``: a symlink swapped in between was followed then.
+    The source pinned at prestart is the one ``send`` uses, so the swap is caught (exit 5)."""
+    _, port = start_receiver(group, stx_key[0], dest)
+    src = scratch / "payload.bin"
+    write_random(src, SIZE)
+    secret = scratch / "private" / "id_secret"
+    secret.parent.mkdir()
+    secret_sha = write_random(secret, SIZE)
+    env = {k: v for k, v in os.environ.items() if k not in ("STX_PSK_FILE", "STX_DEBUG")}
+    run = subprocess.run(
+        [sys.executable, "-c", _PRESTART_THEN_SWAP, str(src), str(secret), str(port)]
+        + [str(stx_key[0])],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env=env,
+    )
+    assert_no_secrets(run.stdout, run.stderr)
+    assert run.returncode == 5, (run.returncode, run.stderr)
+    assert "replaced" in run.stderr, run.stderr
+    assert not _files_with(dest, secret_sha), "the swapped-in file reached the destination"
