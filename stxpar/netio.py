@@ -93,8 +93,16 @@ def resolve_all(host: str, port: int) -> list[Address]:
             ordered.append((family, addr))
     if not ordered:
         raise UsageError(f"cannot resolve host {host!r}: no address")
-    first = [a for a in ordered if a[0] == ordered[0][0]]
-    other = [a for a in ordered if a[0] != ordered[0][0]]
+    return interleave(ordered)
+
+
+def interleave(addrs: list[Address]) -> list[Address]:
+    """RFC 8305 section 4: the first address's family first, then the other family's first,
+    and so on alternating; each family keeps its own order."""
+    if not addrs:
+        return []
+    first = [a for a in addrs if a[0] == addrs[0][0]]
+    other = [a for a in addrs if a[0] != addrs[0][0]]
     out: list[Address] = []
     for k in range(max(len(first), len(other))):
         out.extend(x[k] for x in (first, other) if k < len(x))

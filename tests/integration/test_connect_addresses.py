@@ -26,7 +26,7 @@ import pytest
 from itest_support import STX, assert_no_secrets, sha256_file, wait_for, write_random
 
 import stxpar
-from stxpar.netio import ATTEMPT_DELAY, connect, connect_first, resolve_all
+from stxpar.netio import ATTEMPT_DELAY, connect, connect_first, interleave, resolve_all
 
 
 def _has_ipv6_loopback() -> bool:
@@ -155,15 +155,22 @@ def test_connect_retries_the_whole_race_and_raises_connecterror() -> None:
     assert time.monotonic() - started >= 0.25  # the backoff's floor (0.25-0.5 s)
 
 
-@needs_v6
 @pytest.mark.timeout(30)
-def test_resolve_all_alternates_families_from_the_first() -> None:
-    """RFC 8305 section 4: the first address's family first, then alternate. ``localhost``
-    may resolve to one family only here; numeric names check the dedup and the shape."""
-    v6 = resolve_all("::1", 7)
-    assert v6 == [(socket.AF_INET6, ("::1", 7, 0, 0))]
-    v4 = resolve_all("127.0.0.1", 7)
-    assert v4 == [(socket.AF_INET, ("127.0.0.1", 7))]
+def test_addresses_alternate_families_from_the_first() -> None:
+    """RFC 8305 section 4: getaddrinfo's first address, then the families alternate, each in
+    its own order (so a run of unreachable v6 addresses cannot starve v4)."""
+    v6 = [(socket.AF_INET6, (f"2001:db8::{i}", 7, 0, 0)) for i in range(1, 4)]
+    v4 = [(socket.AF_INET, (f"192.0.2.{i}", 7)) for i in range(1, 3)]
+    assert interleave([*v6, *v4]) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert interleave([v4[0], *v6, v4[1]]) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert interleave(v4) == v4
+
+
+@pytest.mark.timeout(30)
+def test_resolve_all_gives_each_address_once() -> None:
+    assert resolve_all("127.0.0.1", 7) == [(socket.AF_INET, ("127.0.0.1", 7))]
+    with pytest.raises(stxpar.UsageError, match="cannot resolve"):
+        resolve_all("no-such-host.invalid", 7)
 
 
 # ---------------------------------------------------------------- the real CLI, real /etc/hosts
