@@ -78,6 +78,13 @@ def _control_cap(ftype: FrameType) -> int:
     return -1
 
 
+def _check_kind(p: Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{p} is a directory (stx sends one file)")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{p} is not a regular file")
+
+
 #: What a worker says when the file at the source's name is not the one the transfer was
 #: built from (exit 5).
 REPLACED = "the source file was replaced during the transfer"
@@ -116,7 +123,8 @@ class SourceFile:
         p = Path(path)
         real = os.path.realpath(p)
         try:
-            # O_NONBLOCK: a FIFO at the name must not hang the open (it is refused below).
+            _check_kind(p, os.stat(real).st_mode)  # never open a device or a FIFO at all
+            # O_NONBLOCK: should a FIFO be put there now, the open must not hang on it.
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UsageError(f"{p}: no such file") from None
@@ -126,10 +134,7 @@ class SourceFile:
             raise UsageError(f"{p}: cannot read: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise UsageError(f"{p} is a directory (stx sends one file)")
-            if not stat.S_ISREG(st.st_mode):
-                raise UsageError(f"{p} is not a regular file")
+            _check_kind(p, st.st_mode)  # what was opened is what counts
         except BaseException:
             os.close(fd)
             raise
