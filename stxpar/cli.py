@@ -16,9 +16,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .config import DEFAULT_BLOCK_SIZE, SendOptions, TransferResult, default_workers, parse_size
+from .config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_RETRIES,
+    SendOptions,
+    TransferResult,
+    default_workers,
+    parse_size,
+)
 from .errors import EXIT_OTHER, StxError, UsageError
-from .netio import parse_hostport
+from .netio import Backoff, parse_hostport
 from .psk import load_key_file, write_key_file
 
 EXIT_CODES = """exit codes:
@@ -34,8 +41,9 @@ EXIT_CODES = """exit codes:
        stops cleanly on any of them and exits 0"""
 
 KEY_HELP = (
-    "file holding the pre-shared key (made by 'stx keygen'; must not be readable by group or "
-    "others). Default: $STX_PSK_FILE. The key is never accepted on the command line."
+    "file holding the pre-shared key (made by 'stx keygen'; must be yours or root's and not "
+    "readable by group or others; a symlink is followed and the file it leads to is checked)."
+    " Default: $STX_PSK_FILE. The key is never accepted on the command line."
 )
 
 
@@ -421,11 +429,15 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-retries",
         type=_nonneg_int,
-        default=6,
+        default=DEFAULT_MAX_RETRIES,
         metavar="N",
         help="consecutive failed connection attempts (or reconnects without progress) after the"
-        " first before giving up with exit 4; backoff starts at 0.2 s, doubles, caps at 10 s,"
-        " with full jitter (default 6)",
+        " first before giving up with exit 4; 0: no retry. The wait before retry n is random"
+        " between half and all of min(30, 0.5 * 2^(n-1)) s (0.25-0.5 s, 0.5-1 s, 1-2 s, ...),"
+        " also when attempts fail at once; with the default"
+        f" ({DEFAULT_MAX_RETRIES}) the waits add up to {Backoff().min_total(DEFAULT_MAX_RETRIES):.0f}-"
+        f"{Backoff().max_total(DEFAULT_MAX_RETRIES):.0f} s, riding out a minute-long"
+        " outage. Progress resets the count",
     )
     p.add_argument(
         "--stall-timeout",
@@ -439,7 +451,9 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="give up with exit 4 when the whole transfer takes longer than this (default: no limit)",
+        help="give up with exit 4 when the whole transfer takes longer than this, or as soon as"
+        " the next retry's wait would end past it (default: no limit); with a large"
+        " --max-retries it bounds how long a receiver outage is waited out",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON summary line on stdout at the end"
@@ -555,7 +569,12 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
     kg.add_argument(
         "-o", "--output", metavar="FILE", help="write the key to FILE (mode 0600) instead of stdout"
     )
-    kg.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    kg.add_argument(
+        "--force",
+        action="store_true",
+        help="replace FILE if it exists (the key is written to a new file that is then renamed"
+        " over FILE: a symlink at FILE is replaced, never written through)",
+    )
     kg.set_defaults(func=cmd_keygen)
 
     _add_send_args(

@@ -16,6 +16,9 @@ from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 DEFAULT_BLOCK_SIZE = 4 << 20
 #: Default time a transfer may go without any progress before it counts as stalled.
 DEFAULT_STALL_TIMEOUT = 60.0
+#: Default retries after the first attempt: with ``Backoff()``'s equal jitter the waits before
+#: giving up add up to between ``Backoff().min_total(9)`` = 60.75 s and 121.5 s.
+DEFAULT_MAX_RETRIES = 9
 
 
 def default_workers(*, peer_on_this_machine: bool = False) -> int:
@@ -88,8 +91,10 @@ class SendOptions:
     #: Bytes per block: the unit of encryption, acknowledgement and resume.
     block_size: int | None = None
     #: Failed attempts in a row (connects, or sessions that made no progress) tolerated after
-    #: the first before giving up (exit 4); progress resets the count.
-    max_retries: int = 6
+    #: the first before giving up (exit 4); progress resets the count. With the default
+    #: ``backoff`` the waits between them add up to 61-122 s (``DEFAULT_MAX_RETRIES``), so a
+    #: minute-long outage is ridden out even when every attempt fails at once.
+    max_retries: int = DEFAULT_MAX_RETRIES
     #: Seconds for one TCP connect attempt.
     connect_timeout: float = 10.0
     #: Seconds the whole handshake may take.

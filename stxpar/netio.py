@@ -4,7 +4,9 @@ shared by the coordinators and the workers; OSError becomes ConnectError here.""
 from __future__ import annotations
 
 import errno
+import os
 import random
+import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -38,23 +40,171 @@ def keepalive(sock: socket.socket) -> None:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with full jitter: delay_n = uniform(0, min(cap, initial * factor**n))."""
+    """Exponential backoff with "equal jitter": ``d = min(cap, initial * factor**n)``, delay_n =
+    uniform(d/2, d).
 
-    initial: float = 0.2
+    Half of every delay is certain, so a retry budget is a budget of time as well as of
+    attempts: when every connect fails at once (the network is unreachable, nothing listens)
+    the attempts are still spread out. (Full jitter, uniform(0, d), could spend a whole budget
+    in a few seconds.) With the defaults and ``SendOptions.max_retries`` (9) the waits add up to
+    at least 60.75 s and at most 121.5 s (``min_total`` / ``max_total``): the sender rides out
+    a minute-long outage. The other half is random, so many senders cut off together do not
+    come back in lockstep.
+    """
+
+    initial: float = 0.5
     factor: float = 2.0
-    cap: float = 10.0
+    cap: float = 30.0
+
+    def ceiling(self, attempt: int) -> float:
+        return min(self.cap, self.initial * self.factor**attempt)
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.initial * self.factor**attempt))
+        d = self.ceiling(attempt)
+        return random.uniform(d / 2, d)
+
+    def min_total(self, retries: int) -> float:
+        """The least time ``retries`` delays can add up to."""
+        return sum(self.ceiling(n) / 2 for n in range(retries))
+
+    def max_total(self, retries: int) -> float:
+        return sum(self.ceiling(n) for n in range(retries))
 
 
-def resolve(host: str, port: int) -> tuple[int, tuple]:
+#: RFC 8305's "Connection Attempt Delay": the next address is tried this long after the
+#: previous attempt started, or at once when that one failed.
+ATTEMPT_DELAY = 0.25
+
+Address = tuple[int, tuple]
+
+
+def resolve_all(host: str, port: int) -> list[Address]:
+    """Every (family, sockaddr) ``host`` resolves to, without duplicates, in RFC 8305's order:
+    getaddrinfo's first address, then alternating families (v6, v4, v6... when v6 came first)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UsageError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    return family, addr
+    seen: set[tuple[int, tuple]] = set()
+    ordered: list[Address] = []
+    for family, _, _, _, addr in infos:
+        if (family, addr) not in seen:
+            seen.add((family, addr))
+            ordered.append((family, addr))
+    if not ordered:
+        raise UsageError(f"cannot resolve host {host!r}: no address")
+    return interleave(ordered)
+
+
+def interleave(addrs: list[Address]) -> list[Address]:
+    """RFC 8305 section 4: the first address's family first, then the other family's first,
+    and so on alternating; each family keeps its own order."""
+    if not addrs:
+        return []
+    first = [a for a in addrs if a[0] == addrs[0][0]]
+    other = [a for a in addrs if a[0] != addrs[0][0]]
+    out: list[Address] = []
+    for k in range(max(len(first), len(other))):
+        out.extend(x[k] for x in (first, other) if k < len(x))
+    return out
+
+
+def resolve(host: str, port: int) -> Address:
+    """The first address of ``resolve_all`` (kept for callers that need only one)."""
+    return resolve_all(host, port)[0]
+
+
+def connect_first(
+    addrs: list[Address], *, timeout: float, attempt_delay: float = ATTEMPT_DELAY
+) -> socket.socket:
+    """Happy eyeballs (RFC 8305 section 5): start a connect to the first address; start the
+    next one ``attempt_delay`` later, or at once when every running attempt has failed; the
+    first to connect wins and the others are closed. Each attempt has ``timeout`` seconds.
+
+    A name that resolves to an address nobody serves (``::1`` first in /etc/hosts while the
+    receiver listens on 127.0.0.1) or that black-holes costs ``attempt_delay``, not the whole
+    connect. Returns a blocking socket with ``timeout`` set; raises OSError (the first
+    address's error, with the others' added to its text) when every attempt failed.
+    """
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, float] = {}  # running attempt -> its own deadline
+    errors: list[tuple[tuple, OSError]] = []
+    queue = list(addrs)
+    next_start = time.monotonic()
+    try:
+        while queue or pending:
+            now = time.monotonic()
+            if queue and (now >= next_start or not pending):
+                family, addr = queue.pop(0)
+                next_start = now + attempt_delay
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as exc:  # e.g. no IPv6 on this host
+                    errors.append((addr, exc))
+                    continue
+                sock.setblocking(False)
+                try:
+                    rc = sock.connect_ex(addr)
+                except OSError as exc:
+                    rc = exc.errno or errno.EINVAL
+                if rc == 0:
+                    return _won(sock, timeout)
+                if rc not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                    sock.close()
+                    errors.append((addr, OSError(rc, os.strerror(rc))))
+                    next_start = now  # failed at once: the next address now
+                    continue
+                sel.register(sock, selectors.EVENT_WRITE, addr)
+                pending[sock] = now + timeout
+                continue
+            wake = min(pending.values(), default=now)
+            if queue:
+                wake = min(wake, next_start)
+            for key, _ in sel.select(max(0.0, wake - now)):
+                sock = key.fileobj  # type: ignore[assignment]
+                assert isinstance(sock, socket.socket)
+                sel.unregister(sock)
+                del pending[sock]
+                rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if rc == 0:
+                    return _won(sock, timeout)
+                sock.close()
+                errors.append((key.data, OSError(rc, os.strerror(rc))))
+                if not pending:
+                    next_start = time.monotonic()
+            now = time.monotonic()
+            for sock, until in list(pending.items()):
+                if now >= until:
+                    errors.append((sel.get_key(sock).data, TimeoutError("timed out")))
+                    sel.unregister(sock)
+                    del pending[sock]
+                    sock.close()
+    finally:
+        for sock in pending:
+            sock.close()
+        sel.close()
+    raise _combined(errors)
+
+
+def _won(sock: socket.socket, timeout: float) -> socket.socket:
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    return sock
+
+
+def _combined(errors: list[tuple[tuple, OSError]]) -> OSError:
+    """One OSError for a race that every address lost: the reason when they agree, else each
+    address with its reason."""
+    if not errors:
+        return OSError("no address to connect to")
+    reasons = [_why(exc) for _, exc in errors]
+    if len(set(reasons)) == 1:
+        first = errors[0][1]
+        return first if isinstance(first, TimeoutError) else OSError(first.errno, reasons[0])
+    return OSError(
+        errors[0][1].errno,
+        "; ".join(f"{addr[0]}: {why}" for (addr, _), why in zip(errors, reasons, strict=True)),
+    )
 
 
 def connect(
@@ -67,20 +217,25 @@ def connect(
     deadline: float | None = None,
     on_retry: Callable[[int, float, str], None] | None = None,
 ) -> socket.socket:
-    """Connect with up to ``max_retries`` retries after the first attempt; ConnectError after."""
-    family, addr = resolve(host, port)
+    """Connect with up to ``max_retries`` retries after the first attempt; ConnectError after.
+
+    Each attempt tries every address ``host`` resolves to (``connect_first``); the winner gets
+    TCP_NODELAY and short keepalive."""
+    addrs = resolve_all(host, port)
     last = ""
     for attempt in range(max_retries + 1):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
-            sock.connect(addr)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keepalive(sock)
-            return sock
+            sock = connect_first(addrs, timeout=timeout)
         except OSError as exc:
-            sock.close()
-            last = exc.strerror or str(exc) or type(exc).__name__
+            last = _why(exc)
+        else:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(sock)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = _why(exc)
         if attempt == max_retries:
             break
         delay = backoff.delay(attempt)

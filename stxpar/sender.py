@@ -16,8 +16,10 @@ END with the whole-file digest and succeeds only on a valid RECEIPT.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -76,41 +78,114 @@ def _control_cap(ftype: FrameType) -> int:
     return -1
 
 
-@dataclass(frozen=True)
+def _check_kind(p: Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{p} is a directory (stx sends one file)")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{p} is not a regular file")
+
+
+#: What a worker says when the file at the source's name is not the one the transfer was
+#: built from (exit 5).
+REPLACED = "the source file was replaced during the transfer"
+
+
+@dataclass
 class SourceFile:
+    """The file a transfer was built from, pinned by the descriptor the coordinator opened.
+
+    Whoever can rename entries in the source's directory can put another file, or a symlink to
+    one, under its name after the checks; a worker that opened the name again would send that
+    file and the run would report success. So the name is resolved once, here (a symlink the
+    user named is followed now and never again), the resolved path is opened with O_NOFOLLOW,
+    and what was opened is recorded: (st_dev, st_ino) say which file, size, mtime and ctime
+    what it held. Every worker opens ``real`` with O_NOFOLLOW and must find the same identity
+    (workers/sender.py); ``check_unchanged`` compares the descriptor and the name again before
+    each session and before END, so a file that changed or was replaced fails with exit 5
+    before the receiver renames a copy into place.
+
+    ``path`` is the name as given (the receiver gets its last component); ``close`` releases
+    the descriptor.
+    """
+
     path: Path
+    real: str
+    fd: int
+    dev: int
+    ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
     file_id: bytes
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SourceFile:
         p = Path(path)
+        real = os.path.realpath(p)
         try:
-            st = p.stat()
+            _check_kind(p, os.stat(real).st_mode)  # never open a device or a FIFO at all
+            # O_NONBLOCK: should a FIFO be put there now, the open must not hang on it.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UsageError(f"{p}: no such file") from None
         except OSError as exc:
-            raise UsageError(f"{p}: {exc.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{p} is a directory (stx sends one file)")
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{p} is not a regular file")
-        try:
-            os.close(os.open(p, os.O_RDONLY))
-        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink appeared after realpath() resolved it
+                raise UsageError(f"{p} changed while it was being opened") from None
             raise UsageError(f"{p}: cannot read: {exc.strerror}") from None
-        real = os.path.realpath(p)
-        ident = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-        return cls(p, st.st_size, st.st_mtime_ns, hashlib.sha256(ident).digest()[:16])
+        try:
+            st = os.fstat(fd)
+            _check_kind(p, st.st_mode)  # what was opened is what counts
+        except BaseException:
+            os.close(fd)
+            raise
+        # ctime too: a rewrite that puts the old mtime back still changes ctime, so a resume
+        # never mixes blocks of two versions of the file (docs/resume.md).
+        ident = (
+            f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        ).encode()
+        return cls(
+            path=p,
+            real=real,
+            fd=fd,
+            dev=st.st_dev,
+            ino=st.st_ino,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            file_id=hashlib.sha256(ident).digest()[:16],
+        )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def check_unchanged(self) -> None:
+        """IntegrityError (exit 5) unless the opened file still has the size, mtime and ctime
+        it had when the transfer was built, and its name (as given, and as resolved then)
+        still names it."""
+        # The name first: replacing it unlinks the file, which changes its ctime too, and
+        # "replaced" is the better answer then.
+        for name, follow in ((self.real, False), (os.fspath(self.path), True)):
+            try:
+                cur = os.stat(name, follow_symlinks=follow)
+            except OSError:
+                raise IntegrityError(f"{REPLACED}: {self.path} was removed or renamed") from None
+            if (cur.st_dev, cur.st_ino) != (self.dev, self.ino):
+                raise IntegrityError(f"{REPLACED}: {self.path} names another file now")
         try:
-            st = self.path.stat()
+            st = os.fstat(self.fd)
         except OSError as exc:
-            raise UsageError(f"{self.path}: {exc.strerror}") from None
-        if st.st_size != self.size or st.st_mtime_ns != self.mtime_ns:
-            raise IntegrityError(f"{self.path} changed during the transfer")
+            raise IntegrityError(f"{self.path}: cannot check the source: {exc.strerror}") from None
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+        ):
+            raise IntegrityError(
+                f"{self.path} changed during the transfer (size, modification or change time);"
+                " send it again once it is stable"
+            )
 
 
 class DeadlineReached(ConnectError):
@@ -192,6 +267,9 @@ class _Pool:
         self.streams: dict[int, _Stream] = {}
         self.next_slot = 0
         self.zctx: zmq.Context | None = None
+        #: The source ``prestart_workers`` pinned, for the ``send`` that takes this pool
+        #: (``take_source``): the name is resolved and opened once per run, not twice.
+        self.source: SourceFile | None = None
         try:
             if fork and ipc.can_fork():
                 from .workers.sender import main as worker_main
@@ -235,11 +313,22 @@ class _Pool:
                 st.proc.kill()
                 st.proc.wait()
 
+    def take_source(self, path: str | os.PathLike[str]) -> SourceFile | None:
+        """The pinned source, if it was pinned for ``path``; the caller owns it from now on."""
+        src, self.source = self.source, None
+        if src is not None and src.path != Path(path):
+            src.close()
+            return None
+        return src
+
     def close(self) -> None:
         self.kill()
         if self.zctx is not None:
             self.zctx.destroy(linger=0)
             self.zctx = None
+        if self.source is not None:
+            self.source.close()
+            self.source = None
         ipc.remove_dir(self.workdir)
 
 
@@ -375,6 +464,7 @@ class _Transfer:
             router.send_multipart([identity, ipc.pack("done")])
             return
         if verb == "hello":
+            src = self.run_state.src
             st.identity = identity
             st.stream = self.next_stream
             self.next_stream += 1
@@ -384,9 +474,12 @@ class _Transfer:
                 "session_id": self.session.session_id,
                 "host": self.host,
                 "port": self.port,
-                "path": os.fspath(self.run_state.src.path),
-                "size": self.run_state.src.size,
-                "mtime_ns": self.run_state.src.mtime_ns,
+                "path": src.real,
+                "dev": src.dev,
+                "ino": src.ino,
+                "size": src.size,
+                "mtime_ns": src.mtime_ns,
+                "ctime_ns": src.ctime_ns,
                 "block_size": self.md.block_size,
                 "file_id": self.md.file_id,
                 "rekey_records": self.md.rekey_records,
@@ -519,6 +612,18 @@ class _Transfer:
             st.proc.wait()
 
 
+def _peer_address(sock: socket.socket, host: str) -> str:
+    """The numeric address the control connection reached: the data streams go to the same
+    receiver (a name with several addresses, or round-robin DNS, could otherwise send them to
+    another machine, or to an address that does not answer: the race is run once)."""
+    try:
+        return socket.getnameinfo(
+            sock.getpeername(), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+        )[0]
+    except OSError:
+        return host
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -602,6 +707,7 @@ def _session(
             pool.close()
         raise
     ctl = FramedSocket(sock, peer=f"{host}:{port}")
+    data_host = _peer_address(sock, host)
     ctl.deadline = deadline  # no read of this session may outlive --deadline
     try:
         session = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
@@ -644,7 +750,7 @@ def _session(
                 run=run,
                 md=md,
                 session=session,
-                host=host,
+                host=data_host,
                 port=port,
                 opts=opts,
                 needed=needed,
@@ -658,6 +764,9 @@ def _session(
         elif pool is not None:
             pool.close()  # never needed
             pool = None
+        # Last check before the receiver may rename the copy into place: a source that grew,
+        # was rewritten (ctime) or replaced while its blocks were read would be a torn copy.
+        src.check_unchanged()
         digest = run.whole_digest(md.block_size)
         ctl.send(channel.seal(FrameType.END, End(total_blocks=run.total, digest=digest).encode()))
         # The receiver fsyncs and renames before it answers; no answer for stall_timeout is a
@@ -701,8 +810,19 @@ def send(
     try:
         if len(psk) < 32:
             raise UsageError("the key must be at least 256 bits")
-        src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
-        return _send(src, host, port, psk, opts, progress, on_event, pool)
+        pinned = pool.take_source(path) if pool is not None else None
+        try:
+            src, opts = _plan(
+                path, host, workers=workers, block_size=block_size, base=options, src=pinned
+            )
+        except BaseException:
+            if pinned is not None:
+                pinned.close()
+            raise
+        try:
+            return _send(src, host, port, psk, opts, progress, on_event, pool)
+        finally:
+            src.close()
     finally:
         if pool is not None:
             pool.close()  # (a no-op once its session closed it)
@@ -728,8 +848,15 @@ def prestart_workers(
     assert opts.block_size is not None and opts.workers is not None
     total = blocks_for(src.size, opts.block_size)
     if not total or not ipc.can_fork():
+        src.close()
         return None
-    return _Pool(min(opts.workers, total), fork=True)
+    try:
+        pool = _Pool(min(opts.workers, total), fork=True)
+    except BaseException:
+        src.close()
+        raise
+    pool.source = src  # ``send`` resolves and opens nothing again: no second window for a swap
+    return pool
 
 
 def _plan(
@@ -739,8 +866,10 @@ def _plan(
     workers: int | None,
     block_size: int | None,
     base: SendOptions | None,
+    src: SourceFile | None = None,
 ) -> tuple[SourceFile, SendOptions]:
-    """The source and the resolved options (worker count, block size) of a transfer."""
+    """The source (``src``, already pinned, or opened now) and the resolved options (worker
+    count, block size) of a transfer."""
     base = base or SendOptions()
     if workers is None and base.workers is None:
         workers = default_workers(peer_on_this_machine=is_loopback(host))
@@ -750,10 +879,12 @@ def _plan(
         block_size=block_size if block_size is not None else base.block_size,
     ).resolved()
     assert opts.block_size is not None and opts.workers is not None
-    src = SourceFile.open(path)
+    if src is None:
+        src = SourceFile.open(path)
     bs = opts.block_size
     while blocks_for(src.size, bs) > MAX_BLOCKS:
         if (block_size or base.block_size) is not None or bs >= MAX_BLOCK_SIZE:
+            src.close()
             raise UsageError(
                 f"{src.path} needs more than {MAX_BLOCKS} blocks of {bs} bytes;"
                 " use a larger --block-size"

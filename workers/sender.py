@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import sys
 import threading
 from typing import Any
@@ -38,6 +39,8 @@ from stxpar.wire import (
 )
 
 POLL_MS = 100
+#: stxpar.sender.REPLACED (not imported from there: a worker keeps its imports small).
+REPLACED = "the source file was replaced during the transfer"
 
 
 def _ack_cap(ftype: FrameType) -> int:
@@ -120,7 +123,7 @@ class Worker:
             mac=join_mac(stream_secret=secret, session_id=ctx.session_id, stream=self.stream),
         )
         del secret
-        self.fd = os.open(cfg["path"], os.O_RDONLY)
+        self.fd = open_source(cfg)
         self.buf = bytearray(self.block_size)
         self.view = memoryview(self.buf)
         sock = connect(
@@ -205,6 +208,39 @@ class Worker:
                 report.close()
             except zmq.ZMQError:
                 pass
+
+
+def open_source(cfg: dict[str, Any]) -> int:
+    """Open the source the coordinator resolved and pinned, and prove it is that file.
+
+    The coordinator's checks were made on its own descriptor; this process opens the file
+    again, by name, later. Whoever can rename entries in the source's directory may have put
+    another file, or a symlink to one, there meanwhile: O_NOFOLLOW refuses a symlink as the
+    last component (the coordinator already resolved the one the user may have named), and the
+    identity and state of what was opened must be the coordinator's, else IntegrityError (exit
+    5) before a byte of it is read."""
+    path = cfg["path"]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise IntegrityError(f"{REPLACED} ({path}: {exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (cfg["dev"], cfg["ino"]) or not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{REPLACED} ({path} names another file now)")
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            cfg["size"],
+            cfg["mtime_ns"],
+            cfg["ctime_ns"],
+        ):
+            raise IntegrityError(
+                f"{path} changed during the transfer (size, modification or change time);"
+                " send it again once it is stable"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _stop(signum: int, frame: object) -> None:
