@@ -36,7 +36,8 @@ EXIT_CODES = """exit codes:
      the key is right but the two clocks differ by more than the receiver allows
      ('stx recv --clock-window', default 300 s): set the clocks right (NTP)
   4  connection failed after the retries
-  5  integrity or verification failure (digest mismatch, blocks damaged repeatedly)
+  5  integrity or verification failure (digest mismatch, blocks damaged repeatedly, the
+     source file changed or was replaced during the transfer)
   130  interrupted (Ctrl-C); 143  terminated (SIGTERM); 129  hung up (SIGHUP). 'stx recv'
        stops cleanly on any of them and exits 0"""
 
