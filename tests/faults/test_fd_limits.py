@@ -51,9 +51,24 @@ def _receiver(procs: Any, key: Path, dest: Path, logdir: Path, nofile: int) -> C
     return r
 
 
-def _sender(kit: Any, procs: Any, src: Path, recv: CliReceiver, key: Path, logdir: Path) -> Any:
+def _sender(
+    kit: Any,
+    procs: Any,
+    src: Path,
+    recv: CliReceiver,
+    key: Path,
+    logdir: Path,
+    max_retries: int = 10,
+) -> Any:
     return kit.CliSender(
-        procs, src, recv.address, key, logdir, workers=STREAMS, block_size="64K", max_retries=10
+        procs,
+        src,
+        recv.address,
+        key,
+        logdir,
+        workers=STREAMS,
+        block_size="64K",
+        max_retries=max_retries,
     ).start()
 
 
@@ -77,7 +92,9 @@ def test_many_streams_under_a_small_descriptor_limit(
     recv = _receiver(procs, fault_key, dest, logdir, nofile)
     assert recv.proc is not None
     pid = recv.proc.pid
-    senders = [_sender(kit, procs, src, recv, fault_key, logdir) for src in sources]
+    # below SERVES_FROM every attempt is refused: a few retries show it, more only take time
+    retries = 10 if nofile >= SERVES_FROM else 2
+    senders = [_sender(kit, procs, src, recv, fault_key, logdir, retries) for src in sources]
     runs = [s.wait(timeout=150) for s in senders]
     alive = recv.proc.poll()
     assert alive is None, (
