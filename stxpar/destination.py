@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConnectError, RejectedError, StxError, UsageError
+from .fsutil import fsync_dir
 from .state import Partial, find_partials
 
 PART_SUFFIX = ".stxpart"
@@ -291,14 +292,6 @@ def disk_error(exc: OSError, what: str) -> StxError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return RejectedError(f"{what}: the receiver's disk is full ({exc.strerror})")
     return RejectedError(f"{what}: {exc.strerror}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _TMPFS_MAGIC = 0x01021994

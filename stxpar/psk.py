@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -9,6 +10,7 @@ import stat
 from pathlib import Path
 
 from .errors import UsageError
+from .fsutil import fsync_dir
 
 KEY_BYTES = 32
 MIN_KEY_BYTES = 32
@@ -65,7 +67,8 @@ def write_key_file(path: str | os.PathLike[str], *, force: bool = False) -> Path
                 if os.path.lexists(p):
                     raise FileExistsError from None
                 os.rename(tmp, p)
-        _fsync_dir(directory)
+        with contextlib.suppress(OSError):  # durability is best effort here
+            fsync_dir(directory)
     except FileExistsError:
         raise UsageError(f"{p} already exists (use --force to overwrite it)") from None
     except OSError as exc:
@@ -76,19 +79,6 @@ def write_key_file(path: str | os.PathLike[str], *, force: bool = False) -> Path
         except FileNotFoundError:
             pass
     return p
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def parse_key(text: str, *, source: str) -> bytes:

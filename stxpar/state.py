@@ -28,6 +28,7 @@ from pathlib import Path
 import msgpack
 
 from .errors import ProtocolError
+from .fsutil import fsync_dir
 from .wire import BLOCK_DIGEST_LEN, MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
 
 MAGIC = b"STXSTATE2\n"  # 2: 16-byte XXH3-128 block digests (1 had 32-byte BLAKE3)
@@ -163,7 +164,7 @@ class StateLog:
                 raise OSError(errno.EIO, "short write of the state header")
             os.fsync(fd)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -264,14 +265,6 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
