@@ -272,12 +272,26 @@ def fork_worker(main: Callable[[list[str]], int], *args: str) -> ForkedWorker:
     before this process holds anything a worker must not see."""
     sys.stdout.flush()  # else the child would hold a copy of unwritten output
     sys.stderr.flush()
-    pid = os.fork()
+    # The stop signals wait until the child has replaced its parent's handlers: the CLI's
+    # SIGTERM handler raises, and run in the child during the interpreter's own after-fork
+    # clean-up it printed "Exception ignored in _after_fork" into the user's terminal (a
+    # worker stopped at once, e.g. when the key file then turned out unusable).
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        raise
     if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         return ForkedWorker(pid)
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # main() sets its own handlers
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until then, a SIGTERM just ends it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)

@@ -257,3 +257,40 @@ def test_cli_without_a_key_leaves_no_workers_or_ipc_directory(scratch: Path) -> 
                 assert p.environ().get("TMPDIR") != str(tmp), p
             except psutil.Error:
                 pass
+
+
+_STOP_AT_ONCE = """
+import os, signal, sys, time
+from stxpar import ipc
+
+def on_term(signum, frame):  # as the CLI's: a stop signal unwinds the program
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, on_term)
+
+def main(args):
+    time.sleep(30)
+    return 0
+
+for _ in range(int(sys.argv[1])):
+    w = ipc.fork_worker(main)
+    os.kill(w.pid, signal.SIGTERM)  # at once, as pool.close() after a key that will not load
+    w.wait()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_forked_worker_stopped_at_once_ends_quietly(tmp_path: Path) -> None:
+    """A worker SIGTERMed right after the fork ends at once and prints nothing. The CLI's
+    SIGTERM handler used to run in the child during the interpreter's after-fork clean-up:
+    "Exception ignored in _after_fork" on the user's terminal, and a child that went on."""
+    script = tmp_path / "stop_at_once.py"
+    script.write_text(_STOP_AT_ONCE)
+    run = subprocess.run(
+        [sys.executable, str(script), "200"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr
