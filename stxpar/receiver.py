@@ -935,7 +935,8 @@ class Receiver:
             fs.send(channel.seal(FrameType.METADATA_ACK, ack.encode()))
             end = self._await_end(fs, channel, inc)
             received = self._finish(inc, end)
-            self._pool.cancel_later(inc.session.session_id)  # type: ignore[union-attr]
+            assert self._pool is not None
+            self._pool.cancel_later(inc.session.session_id)
             # Complete, durable and renamed: recorded and reported before it is acknowledged,
             # so a receiver killed after the RECEIPT has always reported the file. A sender
             # that misses the RECEIPT reconnects and is told the file is complete.
