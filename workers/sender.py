@@ -84,7 +84,7 @@ class Worker:
             self.drain_resends()
 
     def check_alive(self) -> None:
-        if self.failed.is_set():
+        if self.failed.is_set() or _stop_requested.is_set():
             raise SystemExit(1)
         if os.getppid() != self.parent:
             raise SystemExit(1)
@@ -154,6 +154,8 @@ class Worker:
     def send_block(self, seq: int) -> None:
         """Read, digest, seal and send one block. The digest is recorded before the block goes
         out, so it is there when the block's acknowledgement arrives."""
+        if _stop_requested.is_set():  # a SIGTERM whose raise was lost in a finalizer
+            raise SystemExit(1)
         self.drain_resends()
         n = block_len(index=seq, size=self.size, block_size=self.block_size)
         plain = self.view[:n]
@@ -243,17 +245,42 @@ def open_source(cfg: dict[str, Any]) -> int:
     return fd
 
 
+#: Set by SIGTERM. The handler raises SystemExit in the main thread wherever it is, which
+#: unwinds through main()'s ``finally`` (the last reports are flushed) -- unless the signal
+#: lands in a finalizer or a weakref callback, where Python ignores exceptions: there the
+#: raise is lost (and ``_quiet_unraisable`` keeps it off stderr), and ``check_alive`` acts on
+#: the flag at the worker's next poll.
+_stop_requested = threading.Event()
+
+
 def _stop(signum: int, frame: object) -> None:
-    raise SystemExit(1)  # unwinds through main()'s finally: the last reports are flushed
+    _stop_requested.set()
+    raise SystemExit(1)
+
+
+def _quiet_unraisable(args: Any) -> None:
+    """``sys.unraisablehook``: say nothing of a stop signal's SystemExit raised where it could
+    not propagate (it once printed "Exception ignored in: <function WeakSet...>" into a
+    user's terminal); report anything else as Python does."""
+    if isinstance(args.exc_value, SystemExit) and _stop_requested.is_set():
+        return
+    sys.__unraisablehook__(args)
+
+
+def install_signal_handlers() -> None:
+    """The coordinator decides when a worker stops, and says so with SIGTERM; Ctrl-C and a
+    closed terminal reach the worker too, and are ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    sys.unraisablehook = _quiet_unraisable
 
 
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
     ipc.name_process(ipc.SENDER_WORKER_NAME)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal reaches us too)
-    signal.signal(signal.SIGTERM, _stop)  # ...and says so with SIGTERM
+    install_signal_handlers()
     worker = Worker(ctl_endpoint, report_endpoint, int(slot), int(parent))
     try:
         worker.run()
