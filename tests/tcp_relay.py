@@ -295,3 +295,18 @@ class TcpRelay:
             conn.close()
         finally:
             conn._pump_done()
+
+
+class UplinkThrottle(TcpRelay):
+    """Forwards sender -> receiver at about ``rate`` bytes/s per connection, so a transfer on
+    loopback takes long enough to act on at chosen points of its progress. Bursts of one
+    chunk then a pause: the receiver's workers see idle gaps and record progress often."""
+
+    def __init__(self, target: tuple[str, int], rate: float) -> None:
+        super().__init__(target)
+        self.rate = rate
+
+    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
+        if direction == UP and self.rate > 0 and len(data) > 4096:
+            time.sleep(len(data) / self.rate)
+        return data

@@ -49,7 +49,7 @@ from itest_support import (  # noqa: E402
     wait_dead,
     wait_for,
 )
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay  # noqa: E402
+from tcp_relay import UplinkThrottle  # noqa: E402
 
 import stxpar  # noqa: E402
 from stxpar.digest import BLOCK_DIGEST_LEN, block_digest  # noqa: E402
@@ -263,19 +263,7 @@ class CliSender:
 # ---------------------------------------------------------------- a throttling relay
 
 
-class ThrottleRelay(TcpRelay):
-    """Forwards sender -> receiver at about ``rate`` bytes/s per connection, so a transfer on
-    loopback takes long enough to be killed at chosen points of its progress. Bursts of one
-    chunk then a pause: the receiver's workers see idle gaps and record progress often."""
-
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
-        super().__init__(target)
-        self.rate = rate
-
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and self.rate > 0 and len(data) > 4096:
-            time.sleep(len(data) / self.rate)
-        return data
+ThrottleRelay = UplinkThrottle
 
 
 # ---------------------------------------------------------------- sources

@@ -34,7 +34,7 @@ from itest_support import (
     sha256_file,
     wait_for,
 )
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 import stxpar
 from stxpar import state
@@ -366,19 +366,6 @@ def test_private_destination_in_a_shared_parent_is_accepted(site: Site) -> None:
 # ---------------------------------------------------------------- the partial, swapped mid-way
 
 
-class _Slow(TcpRelay):
-    """Forwards sender -> receiver at about ``rate`` bytes/s per connection."""
-
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
-        super().__init__(target)
-        self.rate = rate
-
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / self.rate)
-        return data
-
-
 @pytest.mark.timeout(90)
 def test_partial_replaced_mid_transfer_is_not_reported_received(site: Site, procs: Any) -> None:
     """A plant swaps ``.NAME.stxpart`` for a file of its own while blocks arrive. The receiver
@@ -388,7 +375,7 @@ def test_partial_replaced_mid_transfer_is_not_reported_received(site: Site, proc
     is dropped, and the planted file never takes the final name."""
     src, _ = site.source("swap.bin", 3 * MB)
     part = site.dest / ".swap.bin.stxpart"
-    with site.receiver() as r, _Slow(r.address, rate=1 * MB) as slow:
+    with site.receiver() as r, UplinkThrottle(r.address, rate=1 * MB) as slow:
         sender = procs.track(
             subprocess.Popen(
                 [str(STX), *site.send_args(src, slow.port, "--max-retries", "0")],
@@ -422,7 +409,7 @@ def test_purge_leaves_a_live_transfer_alone(site: Site, procs: Any) -> None:
     """``--purge-partial 0s`` while a receiver is writing the name: its lock is held, so the
     partial and its state stay and the transfer completes."""
     src, sha = site.source("live.bin", 2 * MB)
-    with site.receiver() as r, _Slow(r.address, rate=1 * MB) as slow:
+    with site.receiver() as r, UplinkThrottle(r.address, rate=1 * MB) as slow:
         sender = procs.track(
             subprocess.Popen(
                 [str(STX), *site.send_args(src, slow.port)],
@@ -471,7 +458,7 @@ def test_partial_deleted_mid_transfer_is_not_said_to_be_kept(
     recv = CliReceiver(site.keyfile, site.dest, logdir, workers=1, once=False).start()
     try:
         src, _ = site.source("del.bin", 3 * MB)
-        with _Slow((recv.host, recv.port), rate=1 * MB) as slow:
+        with UplinkThrottle((recv.host, recv.port), rate=1 * MB) as slow:
             sender = procs.track(
                 subprocess.Popen(
                     [str(STX), *site.send_args(src, slow.port, "--max-retries", "0")],

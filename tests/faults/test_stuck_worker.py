@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import pytest
 from itest_support import CliReceiver, expected_digest, sha256_file, wait_dead, wait_for
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 KB = 1 << 10
 MB = 1 << 20
@@ -184,17 +184,8 @@ def test_landing_lock_held_elsewhere(procs: Any, fault_key: Path, scratch: Path,
     assert recv.stop() == 0, recv.stderr
 
 
-class _Throttle(TcpRelay):
-    """Forwards sender -> receiver at about ``RATE`` bytes/s per connection."""
-
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / RATE)
-        return data
-
-
-def _throttle_relay(target: tuple[str, int]) -> _Throttle:
-    return _Throttle(target).start()
+def _throttle_relay(target: tuple[str, int]) -> UplinkThrottle:
+    return UplinkThrottle(target, RATE).start()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ with a retryable error, and the first one's success is real.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,22 +25,9 @@ from itest_support import (
     sha256_file,
     wait_for,
 )
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 MB = 1 << 20
-
-
-class _Slow(TcpRelay):
-    """Forwards sender -> receiver at about ``rate`` bytes/s per connection."""
-
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
-        super().__init__(target)
-        self.rate = rate
-
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / self.rate)
-        return data
 
 
 def _send_args(src: Path, port: int, keyfile: Path, retries: int) -> list[str]:
@@ -92,7 +78,7 @@ def test_second_receiver_on_one_destination_refuses_a_name_in_progress(
     sha_a, sha_b = sha256_file(src_a), sha256_file(src_b)
     r1 = receivers(keyfile, dest)
     r2 = receivers(keyfile, dest)
-    with _Slow((r1.host, r1.port), rate=512 * 1024) as slow:
+    with UplinkThrottle((r1.host, r1.port), rate=512 * 1024) as slow:
         a = subprocess.Popen(
             [str(STX), *_send_args(src_a, slow.port, keyfile, 3)],
             stdin=subprocess.DEVNULL,
@@ -141,7 +127,7 @@ def test_second_receiver_serves_the_name_once_the_first_is_done(
     src_b.write_bytes(b"b" * (1 * MB))
     r1 = receivers(keyfile, dest)
     r2 = receivers(keyfile, dest)
-    with _Slow((r1.host, r1.port), rate=512 * 1024) as slow:
+    with UplinkThrottle((r1.host, r1.port), rate=512 * 1024) as slow:
         a = subprocess.Popen(
             [str(STX), *_send_args(src_a, slow.port, keyfile, 3)],
             stdin=subprocess.DEVNULL,

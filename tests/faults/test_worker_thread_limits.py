@@ -24,18 +24,11 @@ from typing import Any
 import psutil
 import pytest
 from itest_support import CliReceiver, sha256_file, wait_for
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 MB = 1 << 20
 RATE = 1 * MB  # per connection: the first transfer lasts a few seconds
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
-
-
-class _Throttle(TcpRelay):
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / RATE)
-        return data
 
 
 @contextlib.contextmanager
@@ -110,7 +103,7 @@ def test_thread_start_failure_refuses_one_stream(
         time.sleep(0.5)
         counts.append(worker.num_threads())
     base_threads = counts[-1]
-    relay = _Throttle(("127.0.0.1", recv.port)).start()
+    relay = UplinkThrottle(("127.0.0.1", recv.port), RATE).start()
 
     def sender(src: Path, address: str) -> Any:
         return kit.CliSender(

@@ -19,13 +19,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from itest_support import STX, wait_for
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 import stxpar
 
@@ -35,13 +34,6 @@ MAX_IDLE_S = 30
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
-
-
-class _Throttle(TcpRelay):
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / RATE)
-        return data
 
 
 def _copy_fd(pid: int, fd: int) -> socket.socket:
@@ -94,7 +86,7 @@ def test_every_transfer_socket_has_short_keepalive(
     src.write_bytes(os.urandom(8 * MB))
     with stxpar.Receiver(dest, psk=key, workers=2) as r:
         port = r.address[1]
-        relay = _Throttle(("127.0.0.1", port)).start()
+        relay = UplinkThrottle(("127.0.0.1", port), RATE).start()
         env = dict(os.environ)
         env.pop("STX_PSK_FILE", None)
         sender = psutil.Popen(

@@ -26,26 +26,13 @@ from itest_support import (
     sha256_file,
     wait_for,
 )
-from tcp_relay import UP, Direction, RelayConnection, TcpRelay
+from tcp_relay import UplinkThrottle
 
 import stxpar
 import stxpar.receiver
 
 KB = 1 << 10
 MB = 1 << 20
-
-
-class _Slow(TcpRelay):
-    """Forwards sender -> receiver at about ``rate`` bytes/s per connection."""
-
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
-        super().__init__(target)
-        self.rate = rate
-
-    def transform(self, conn: RelayConnection, direction: Direction, data: bytes) -> bytes | None:
-        if direction == UP and len(data) > 4096:
-            time.sleep(len(data) / self.rate)
-        return data
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -97,7 +84,7 @@ def test_stopped_sender_is_timed_out_and_a_new_version_takes_the_name(
     stopped: list[psutil.Process] = []
     proc = None
     try:
-        with _Slow((recv.host, recv.port), rate=512 * KB) as slow:
+        with UplinkThrottle((recv.host, recv.port), rate=512 * KB) as slow:
             proc = subprocess.Popen(
                 [str(STX), *_send_args(src, slow.port, key_path, "--max-retries", "2")],
                 stdin=subprocess.DEVNULL,
