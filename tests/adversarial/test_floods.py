@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import resource
 import selectors
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +23,14 @@ from pathlib import Path
 import psutil
 import pytest
 from attacker import Arena, Peer, client_handshake
-from itest_support import STX, CliReceiver, make_keyfile, sha256_file, wait_for, write_random
+from itest_support import (
+    STX,
+    CliReceiver,
+    cli_receiver_rig,
+    sha256_file,
+    wait_for,
+    write_random,
+)
 
 from stxpar.errors import ConnectError
 from stxpar.wire import FrameType, Init, encode_frame
@@ -131,18 +136,8 @@ class Flood:
 
 @pytest.fixture
 def rig() -> Iterator[tuple[CliReceiver, Path, Path]]:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = Path(tempfile.mkdtemp(prefix="stx-flood-", dir=base))
-    for d in ("dest", "logs", "src"):
-        (root / d).mkdir()
-    make_keyfile(root / "stx.key")
-    recv = CliReceiver(root / "stx.key", root / "dest", root / "logs", once=False)
-    try:
-        recv.start()
-        yield recv, root / "stx.key", root
-    finally:
-        recv.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with cli_receiver_rig("stx-flood-") as r:
+        yield r
 
 
 def _honest_senders(recv: CliReceiver, key: Path, root: Path) -> float:

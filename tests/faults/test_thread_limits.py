@@ -14,14 +14,20 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from itest_support import STX, CliReceiver, make_keyfile, sha256_file, wait_for, write_random
+from itest_support import (
+    STX,
+    CliReceiver,
+    cli_receiver_rig,
+    sha256_file,
+    wait_for,
+    write_random,
+)
 
 
 class PidsCgroup:
@@ -75,18 +81,8 @@ def _read(path: Path) -> str:
 
 @pytest.fixture
 def rig() -> Iterator[tuple[CliReceiver, Path, Path]]:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = Path(tempfile.mkdtemp(prefix="stx-limits-", dir=base))
-    for d in ("dest", "logs", "src"):
-        (root / d).mkdir()
-    make_keyfile(root / "stx.key")
-    recv = CliReceiver(root / "stx.key", root / "dest", root / "logs", once=False)
-    try:
-        recv.start()
-        yield recv, root / "stx.key", root
-    finally:
-        recv.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with cli_receiver_rig("stx-limits-") as r:
+        yield r
 
 
 def _send(recv: CliReceiver, key: Path, src: Path, *extra: str) -> subprocess.Popen[str]:

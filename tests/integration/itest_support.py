@@ -6,10 +6,12 @@ or output); every CLI receiver is a :class:`CliReceiver` that fixtures always st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +242,25 @@ class CliReceiver:
                 self.proc.wait(timeout=10)
         assert_no_secrets(self.stdout, self.stderr)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def cli_receiver_rig(prefix: str) -> Iterator[tuple[CliReceiver, Path, Path]]:
+    """A running ``stx recv`` (never ``--once``) in a fresh scratch root on tmpfs where there is
+    one, with ``dest``, ``logs`` and ``src`` in it and a key at ``stx.key``: (receiver, key
+    file, root). Stopped and removed at the end."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    for d in ("dest", "logs", "src"):
+        (root / d).mkdir()
+    make_keyfile(root / "stx.key")
+    recv = CliReceiver(root / "stx.key", root / "dest", root / "logs", once=False)
+    try:
+        recv.start()
+        yield recv, root / "stx.key", root
+    finally:
+        recv.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- files and digests
