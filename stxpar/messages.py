@@ -1,0 +1,375 @@
+"""The coordinator/worker protocol: one frozen dataclass per message, versioned, strictly decoded.
+
+Theory of operation
+-------------------
+Coordinators and their workers exchange small messages: the sender's workers ask for work
+(``Hello``, ``Get``) and are answered (``Setup``, ``Blocks``, ``Done``); they report what the
+receiver acknowledged (``Acked``, ``Sent``, ``Retransmit``, ``WorkerError``). The receiver
+hands a verified data stream to a worker (``StreamJob``, the socket itself travels beside it
+by SCM_RIGHTS), cancels a session's streams (``Cancel``), and hears what landed (``Landed``,
+``StreamFailed``, ``StreamClosed``) and that a worker lives (``Ready``, ``Beat``).
+
+On the wire of a channel a message is the msgpack array ``[VERSION, TAG, field, ...]`` in the
+dataclass's field order: only plain values (ints, floats, strings, bytes, bools, arrays) cross
+the codec boundary; nested records (``FileRef``) travel as arrays of their fields. ``decode``
+is the one boundary where foreign input becomes a message: size and msgpack limits first,
+then the version, the tag (only the kinds the caller expects), the number of fields and each
+field's type; anything else is a ProtocolError, never another exception. The channel a
+message crosses is another module's business (``stxpar.channel``): today a ZeroMQ ``ipc://``
+socket in a private directory, later an authenticated and encrypted network channel; the
+messages do not change with it.
+
+Secrets: ``Setup.secret`` and ``StreamJob.secret`` are the stream secrets of one stream each
+(never the PSK or the session's master secret): a worker holds the keys of its own streams
+only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from .errors import ProtocolError
+
+#: The protocol's version; a message of another version is refused.
+VERSION = 1
+#: The largest encoded message accepted (also ZeroMQ's MAXMSGSIZE on these sockets).
+MAX_MESSAGE = 16 << 20
+#: The most elements in any one array of a message (an ``Acked`` batch, a ``Blocks`` batch).
+MAX_ARRAY = 1 << 20
+#: The longest string (a path, an error message) and the longest byte string in a message.
+MAX_STR = 64 << 10
+MAX_BIN = 64 << 10
+
+
+class Message:
+    """Base of every message; ``TAG`` names the kind on the wire."""
+
+    TAG: ClassVar[str] = ""
+
+
+M = TypeVar("M", bound=Message)
+_KINDS: dict[str, type[Message]] = {}
+
+
+def message(tag: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator (over ``@dataclass(frozen=True)``): register a message kind as ``tag``."""
+
+    def register(cls: type[M]) -> type[M]:
+        if tag in _KINDS or not dataclasses.is_dataclass(cls):
+            raise TypeError(f"message {tag!r}: a frozen dataclass, registered once")
+        cls.TAG = tag
+        _KINDS[tag] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A source file as the sender's coordinator pinned it: a worker must open this very file
+    (``st_dev``, ``st_ino``) in this very state (size, mtime, ctime) or refuse (exit 5)."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+# ------------------------------------------------------------------ sender coordinator <-> worker
+
+
+@message("hello")
+@dataclass(frozen=True)
+class Hello(Message):
+    """Worker -> coordinator, once: ready; asks for its ``Setup``."""
+
+    slot: int
+
+
+@message("get")
+@dataclass(frozen=True)
+class Get(Message):
+    """Worker -> coordinator: the next batch of blocks, please."""
+
+    slot: int
+
+
+@message("setup")
+@dataclass(frozen=True)
+class Setup(Message):
+    """Coordinator -> worker: the stream this worker drives and the files it reads.
+
+    ``files`` are the transfer's entries (one today) in block-space order: block ``b`` of the
+    transfer is located by ``stxpar.blocks.BlockSpace`` built from their sizes and
+    ``block_size``."""
+
+    stream: int
+    secret: bytes
+    session_id: bytes
+    host: str
+    port: int
+    files: tuple[FileRef, ...]
+    block_size: int
+    file_id: bytes
+    rekey_records: int
+    rekey_bytes: int
+    connect_timeout: float
+
+
+@message("blocks")
+@dataclass(frozen=True)
+class Blocks(Message):
+    """Coordinator -> worker: send these blocks (then ask again)."""
+
+    blocks: tuple[int, ...]
+
+
+@message("done")
+@dataclass(frozen=True)
+class Done(Message):
+    """Coordinator -> worker: nothing more to send; finish the stream and exit."""
+
+
+@message("acked")
+@dataclass(frozen=True)
+class Acked(Message):
+    """Worker -> coordinator: the receiver acknowledged these blocks as durable, with the
+    worker's digest of each (``b""`` for a block this worker never sent); ``sent``: the
+    worker's running count of blocks sent."""
+
+    slot: int
+    blocks: tuple[tuple[int, bytes], ...]
+    sent: int
+
+
+@message("sent")
+@dataclass(frozen=True)
+class Sent(Message):
+    """Worker -> coordinator, its last words: how many blocks it sent in all."""
+
+    slot: int
+    count: int
+
+
+@message("retransmit")
+@dataclass(frozen=True)
+class Retransmit(Message):
+    """Worker -> coordinator: the receiver asked for this block again (damaged in transit)."""
+
+    slot: int
+    seq: int
+
+
+@message("error")
+@dataclass(frozen=True)
+class WorkerError(Message):
+    """Worker -> coordinator: the worker's stream failed with this error (wire code)."""
+
+    slot: int
+    code: int
+    message: str
+
+
+# ------------------------------------------------------------------ receiver coordinator <-> worker
+
+
+@message("stream")
+@dataclass(frozen=True)
+class StreamJob(Message):
+    """Coordinator -> worker, with the stream's socket (SCM_RIGHTS): land this stream's
+    blocks in ``path``, but only if it is the inode ``inode`` (``None``: nothing to write,
+    the file is already complete)."""
+
+    session_id: bytes
+    stream: int
+    secret: bytes
+    path: str
+    size: int
+    block_size: int
+    file_id: bytes
+    rekey_records: int
+    rekey_bytes: int
+    sync_bytes: int
+    streams: int
+    inode: tuple[int, int] | None
+
+
+@message("cancel")
+@dataclass(frozen=True)
+class Cancel(Message):
+    """Coordinator -> worker: end every stream of this session now."""
+
+    session_id: bytes
+
+
+@message("ready")
+@dataclass(frozen=True)
+class Ready(Message):
+    """Worker -> coordinator, once: started."""
+
+
+@message("beat")
+@dataclass(frozen=True)
+class Beat(Message):
+    """Worker -> coordinator, every half second: this process still runs."""
+
+
+@message("landed")
+@dataclass(frozen=True)
+class Landed(Message):
+    """Worker -> coordinator: these blocks of the session are durable (index, digest)."""
+
+    session_id: bytes
+    stream: int
+    blocks: tuple[tuple[int, bytes], ...]
+
+
+@message("failed")
+@dataclass(frozen=True)
+class StreamFailed(Message):
+    """Worker -> coordinator: the stream ended with this error (wire code)."""
+
+    session_id: bytes
+    stream: int
+    code: int
+    message: str
+
+
+@message("closed")
+@dataclass(frozen=True)
+class StreamClosed(Message):
+    """Worker -> coordinator: the stream ended cleanly (the sender closed it)."""
+
+    session_id: bytes
+    stream: int
+
+
+#: What each side of each channel may receive.
+SENDER_REQUESTS: tuple[type[Message], ...] = (Hello, Get)
+SENDER_REPLIES: tuple[type[Message], ...] = (Setup, Blocks, Done)
+SENDER_REPORTS: tuple[type[Message], ...] = (Acked, Sent, Retransmit, WorkerError)
+RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel)
+RECEIVER_REPORTS: tuple[type[Message], ...] = (Landed, StreamFailed, StreamClosed)
+RECEIVER_LIVENESS: tuple[type[Message], ...] = (Ready, Beat)
+
+
+# ------------------------------------------------------------------ codec
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """The bytes of ``msg`` on a channel."""
+    kind = _KINDS.get(msg.TAG)
+    if kind is None or type(msg) is not kind:
+        raise TypeError(f"not a registered message: {type(msg).__name__}")
+    return msgpack.packb([VERSION, msg.TAG, *_plain(msg)], use_bin_type=True)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    got = _HINTS.get(cls)
+    if got is None:
+        got = _HINTS[cls] = typing.get_type_hints(cls)
+    return got
+
+
+def _build(cls: type, values: list[Any], what: str) -> Any:
+    fields = dataclasses.fields(cls)
+    if len(values) != len(fields):
+        raise ProtocolError(f"{what}: {len(values)} fields, {len(fields)} expected")
+    hints = _hints(cls)
+    return cls(
+        **{
+            f.name: _convert(v, hints[f.name], f"{what}.{f.name}")
+            for f, v in zip(fields, values, strict=True)
+        }
+    )
+
+
+def _convert(value: Any, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, option, what)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{what}: unexpected {type(value).__name__}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{what}: an array expected")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{what}[]") for v in value)
+        if len(value) != len(args):
+            raise ProtocolError(f"{what}: {len(value)} elements, {len(args)} expected")
+        return tuple(_convert(v, a, f"{what}[]") for v, a in zip(value, args, strict=True))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, list):
+            raise ProtocolError(f"{what}: an array expected")
+        return _build(hint, value, what)  # type: ignore[arg-type]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{what}: a number expected")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{what}: an integer expected")
+        return value
+    if hint in (str, bytes, bool):
+        if type(value) is not hint:
+            raise ProtocolError(f"{what}: {hint.__name__} expected")
+        return value
+    raise TypeError(f"{what}: unsupported field type {hint!r}")
+
+
+def decode(data: bytes, *, expect: tuple[type[M], ...]) -> M:
+    """The message in ``data``, which must be one of the kinds in ``expect``; ProtocolError
+    for anything else (too large, not msgpack, another version, an unexpected kind, wrong
+    fields)."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"worker message of {len(data)} bytes (at most {MAX_MESSAGE})")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_BIN,
+            max_array_len=MAX_ARRAY,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception:  # msgpack raises many kinds; all mean the same here
+        raise ProtocolError("malformed worker message") from None
+    if not isinstance(obj, list) or len(obj) < 2:
+        raise ProtocolError("malformed worker message")
+    version, tag = obj[0], obj[1]
+    if version != VERSION or isinstance(version, bool):
+        raise ProtocolError(f"worker message of version {version!r} (this is {VERSION})")
+    kind = _KINDS.get(tag) if isinstance(tag, str) else None
+    if kind is None or kind not in expect:
+        raise ProtocolError(f"unexpected worker message {tag!r}")
+    return typing.cast(M, _build(kind, obj[2:], tag))
