@@ -45,6 +45,19 @@ class UsageError(LocalError):
     wire_code = 2
 
 
+class SourceChangedError(LocalError):
+    """The local source file changed, or was replaced, while it was being sent (exit 5: what
+    was sent would not be one version of the file)."""
+
+    exit_code = EXIT_INTEGRITY
+    wire_code = 5
+
+
+class StateFileError(LocalError):
+    """A local state file (the receiver's resume log) is damaged or not ours: the transfer
+    starts over rather than trusting it."""
+
+
 class RemoteError(StxError):
     """The peer misbehaved, or reported a failure."""
 
