@@ -1,4 +1,5 @@
-"""STX v1 handshake state machines (sans-IO: frames in, frames out, clock passed in).
+"""The STX handshake state machines, version ``stx2`` (sans-IO: frames in, frames out, clock
+passed in).
 
 Theory of operation
 -------------------

@@ -51,8 +51,9 @@ MAX_NAME_BYTES = 1024
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
 MAX_STREAMS = 4096
-#: Blocks per file. Bounds the receiver's per-transfer memory (33 bytes a block) and the
-#: METADATA_ACK (bitmap + 32-byte digest per held block): 4 Mi blocks = 16 TiB at 4 MiB blocks.
+#: Blocks per file. Bounds the per-transfer memory of each side's block ledger (17 bytes a
+#: block: a have byte and a 16-byte digest, ``blocks.BlockLedger``) and the METADATA_ACK
+#: (bitmap + 16-byte digest per held block): 4 Mi blocks = 16 TiB at 4 MiB blocks.
 MAX_BLOCKS = 1 << 22
 
 

@@ -180,7 +180,7 @@ def test_wycheproof_hmac_sha256_through_hkdf_extract(
 
 
 def _stx_gcm(group: dict[str, Any]) -> bool:
-    """STX v1's one suite: AES-256-GCM, 96-bit nonces, 128-bit tags."""
+    """STX's one suite (version stx2): AES-256-GCM, 96-bit nonces, 128-bit tags."""
     return group["keySize"] == 256 and group["ivSize"] == 96 and group["tagSize"] == 128
 
 
