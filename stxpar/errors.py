@@ -50,7 +50,8 @@ class SourceChangedError(LocalError):
     was sent would not be one version of the file)."""
 
     exit_code = EXIT_INTEGRITY
-    wire_code = 5
+    #: Only between a sender's workers and their coordinator: never in an ERROR frame.
+    wire_code = 7
 
 
 class StateFileError(LocalError):
@@ -104,7 +105,9 @@ _BY_WIRE_CODE: dict[int, type[StxError]] = {
 
 
 def error_from_code(code: int, message: str) -> StxError:
-    """The exception class a wire code stands for, with ``message`` as it is."""
+    """The exception class a code from one of our own workers stands for, ``message`` as it is."""
+    if code == SourceChangedError.wire_code:
+        return SourceChangedError(message)
     return _BY_WIRE_CODE.get(code, StxError)(message)
 
 
