@@ -75,6 +75,14 @@ class Parsed:
     def count(self) -> int:
         return sum(self.have)
 
+    def held_pairs(self) -> list[tuple[int, bytes]]:
+        """The blocks recorded, as (index, digest)."""
+        return [
+            (i, bytes(self.digests[i * BLOCK_DIGEST_LEN : (i + 1) * BLOCK_DIGEST_LEN]))
+            for i, v in enumerate(self.have)
+            if v
+        ]
+
 
 def encode_header(identity: Identity) -> bytes:
     body = identity.encode()
