@@ -283,45 +283,20 @@ class ControlHandler:
 
     def _admit(self, md: Metadata) -> None:
         try:
-            name = safe_name(md.name)
-            names = Names.of(self.dest, name)
-            # Refused before any data moves: a rename could never replace a directory (or
-            # FIFO, socket, device) at the final name.
-            check_final(names.final)
-            old = self.registry.reserve(names.final, md.file_id, name)
+            final, opened = admit(self.dest, md, self.registry, on_event=self._event)
         except StxError as exc:
             self._feed(Refused(exc))
             return
-        if old is not None:
-            # The same source again: a reconnect of the same run, or a sender restarted after
-            # a crash before this receiver noticed the old connection die. The old session
-            # gives way (both would write the very same bytes); its name lock is ours now.
-            old.supersede()
         try:
-            if not self.registry.has_lock(names.final):
-                # Another receiver (process) writing this name into the same destination
-                # holds it: retryable, the sender backs off and comes back.
-                self.registry.set_lock(names.final, NameLock.acquire(self.dest, name))
-            opened = partials.open_partial(
-                self.dest,
-                md,
-                names,
-                remembered=lambda ident: self.registry.remembered(names.final, ident),
-                on_restart=lambda why: self._event("restarting", {"file": name, "reason": why}),
-            )
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except BaseException as exc:
-            self.registry.unreserve(names.final)
-            if isinstance(exc, StxError):
-                self._feed(Refused(exc))
-                return
-            if isinstance(exc, OSError):  # the wake-up pipe: out of descriptors
-                self._feed(Refused(ConnectError(f"receiver busy: {exc.strerror}")))
-                return
-            raise
-        self._opened, self._final = opened, names.final
-        self.registry.activate(names.final, self)
-        self._feed(Admitted(name, opened.ledger, opened.complete))
+        except OSError as exc:  # out of descriptors
+            opened.close()
+            self.registry.unreserve(final)
+            self._feed(Refused(ConnectError(f"receiver busy: {exc.strerror}")))
+            return
+        self._opened, self._final = opened, final
+        self.registry.activate(final, self)
+        self._feed(Admitted(final.name, opened.ledger, opened.complete))
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:
         failed: StxError | None = None
@@ -386,3 +361,38 @@ class ControlHandler:
         if self._opened is not None:
             self._opened.close()
         self._files_closed = True
+
+
+def admit(
+    dest: Path, md: Metadata, registry: SessionRegistry, *, on_event: EventFn
+) -> tuple[Path, partials.Opened]:
+    """Admission (docs/protocol.md §8.3, steps 1-5): the final path, reserved (a session of
+    the same source superseded), locked, and the session's files; StxError with the name
+    released otherwise. The caller activates the session in the registry."""
+    name = safe_name(md.name)
+    names = Names.of(dest, name)
+    # Refused before any data moves: a rename could never replace a directory (or FIFO,
+    # socket, device) at the final name.
+    check_final(names.final)
+    old = registry.reserve(names.final, md.file_id, name)
+    if old is not None:
+        # The same source again: a reconnect of the same run, or a sender restarted after a
+        # crash before this receiver noticed the old connection die. The old session gives
+        # way (both would write the very same bytes); its name lock is ours now.
+        old.supersede()
+    try:
+        if not registry.has_lock(names.final):
+            # Another receiver (process) writing this name into the same destination holds
+            # it: retryable, the sender backs off and comes back.
+            registry.set_lock(names.final, NameLock.acquire(dest, name))
+        opened = partials.open_partial(
+            dest,
+            md,
+            names,
+            remembered=lambda ident: registry.remembered(names.final, ident),
+            on_restart=lambda why: on_event("restarting", {"file": name, "reason": why}),
+        )
+    except BaseException:
+        registry.unreserve(names.final)
+        raise
+    return names.final, opened
