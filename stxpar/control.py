@@ -296,6 +296,7 @@ class ControlHandler:
             return
         self._opened, self._final = opened, final
         self.registry.activate(final, self)
+        self._feed(Tick(time.monotonic()))  # the transfer's time and stall clock start now
         self._feed(Admitted(final.name, opened.ledger, opened.complete))
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:

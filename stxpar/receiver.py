@@ -36,7 +36,6 @@ import zmq
 
 from . import ipc
 from .config import check_workers
-from .control import SEND_TIMEOUT as SEND_TIMEOUT
 from .control import ControlHandler
 from .destination import LOCK_SUFFIX as LOCK_SUFFIX
 from .destination import PART_SUFFIX as PART_SUFFIX
@@ -53,12 +52,8 @@ from .handshake import DEFAULT_WINDOW_MS, ReplayCache, keyring_for
 from .keyschedule import SessionKeys
 from .messages import Landed, StreamFailed
 from .netio import FramedSocket
-from .partials import NullLog as NullLog
-from .recv_session import COMPLETE_TIMEOUT as COMPLETE_TIMEOUT
 from .recv_session import DigestMismatch as DigestMismatch
 from .registry import COMPLETED_KEEP, CompletedList, SessionRegistry
-from .registry import RECENT_KEEP as RECENT_KEEP
-from .registry import RECENT_MAX_BLOCKS as RECENT_MAX_BLOCKS
 from .registry import ReceivedFile as ReceivedFile
 from .state import load as load_state  # noqa: F401  (tests count its calls)
 from .wire import Join

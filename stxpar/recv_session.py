@@ -260,6 +260,7 @@ class ReceiverSession(Machine):
         self.active_at = now
         self.error: StxError | None = None
         self._end: End | None = None
+        self._digest = b""
         self._grace_until = 0.0
         self._complete_by = 0.0
 
@@ -301,7 +302,7 @@ class ReceiverSession(Machine):
         self.name, self.ledger, self.complete = ev.name, ev.ledger, ev.complete
         self.initial = tuple(ev.ledger.held_pairs())
         self.resumed_bytes = ev.ledger.bytes
-        self.active_at = self.now
+        self.started = self.active_at = self.now
         self.state = State.RECEIVING
         out: list[Output] = [
             Event(
@@ -362,8 +363,8 @@ class ReceiverSession(Machine):
         if not ledger.complete:
             return []
         assert self._end is not None
-        digest = ledger.whole_digest(size=self._md().size)
-        if digest != self._end.digest:
+        self._digest = ledger.whole_digest(size=self._md().size)
+        if self._digest != self._end.digest:
             raise DigestMismatch(f"whole-file digest mismatch for {self.name}")
         self.state = State.FINISHING
         return [Finalize(self.complete)]
@@ -410,8 +411,7 @@ class ReceiverSession(Machine):
         raise ev.error
 
     def _on_finalized(self, ev: Finalized) -> list[Output]:
-        md, ledger = self._md(), self._ledger()
-        digest = ledger.whole_digest(size=md.size)
+        md, digest = self._md(), self._digest
         self.state = State.DONE
         receipt = Receipt(digest=digest, size=md.size).encode()
         return [
@@ -503,6 +503,7 @@ def _table() -> dict[tuple[enum.Enum, type[Input]], Handler]:
         (State.WAIT_METADATA, Tick): c._on_tick,
         (State.ADMITTING, Admitted): c._on_admitted,
         (State.ADMITTING, Refused): c._on_refused,
+        (State.ADMITTING, Tick): c._on_tick,
         (State.RECEIVING, FrameIn): c._on_end,
         (State.RECEIVING, ConnectionLost): c._on_lost,
         (State.FINISHING, Finalized): c._on_finalized,
