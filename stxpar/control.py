@@ -209,18 +209,22 @@ class ControlHandler:
     def _wait(self) -> bool:
         """Until the socket is readable (True), a wake-up or the core's next deadline."""
         deadline = self.core.deadline()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        fds = [self._wake_r]
-        if self.core.reads_frames:
-            fds.append(self.fs.sock.fileno())
+        timeout_ms = (
+            None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        )
+        poller = select.poll()  # not select(): descriptors above 1023 are fine
+        poller.register(self._wake_r, select.POLLIN)
+        sock = self.fs.sock.fileno()
+        if self.core.reads_frames and sock >= 0:
+            poller.register(sock, select.POLLIN)
         try:
-            readable, _, _ = select.select(fds, [], [], timeout)
-        except (OSError, ValueError):
-            return True  # the socket was closed: reading it says how
-        if self._wake_r in readable:
+            ready = {fd for fd, _ in poller.poll(timeout_ms)}
+        except OSError:
+            return True  # reading the socket says what is wrong
+        if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
-        return self.fs.sock.fileno() in readable if self.fs.sock.fileno() >= 0 else True
+        return sock in ready or sock < 0
 
     def _poke(self) -> None:
         if self._wake_w >= 0:
