@@ -133,6 +133,14 @@ class BlockLedger:
         self.bytes += self.space.length(block)
         return True
 
+    def copy(self) -> BlockLedger:
+        """An independent ledger holding the same blocks and digests."""
+        other = BlockLedger(self.space)
+        other._have[:] = self._have
+        other._digests[:] = self._digests
+        other.count, other.bytes = self.count, self.bytes
+        return other
+
     def clear(self) -> None:
         """Hold nothing (the digests are forgotten too)."""
         self._have[:] = bytes(self.total)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import StateFileError
 from .fsutil import fsync_dir
 from .wire import BLOCK_DIGEST_LEN, MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
 
@@ -75,6 +75,14 @@ class Parsed:
     def count(self) -> int:
         return sum(self.have)
 
+    def held_pairs(self) -> list[tuple[int, bytes]]:
+        """The blocks recorded, as (index, digest)."""
+        return [
+            (i, bytes(self.digests[i * BLOCK_DIGEST_LEN : (i + 1) * BLOCK_DIGEST_LEN]))
+            for i, v in enumerate(self.have)
+            if v
+        ]
+
 
 def encode_header(identity: Identity) -> bytes:
     body = identity.encode()
@@ -87,7 +95,7 @@ def encode_record(seq: int, digest: bytes) -> bytes:
 
 
 def parse(data: bytes) -> Parsed:
-    """Parse a whole state file; ProtocolError if the header is unusable. Torn tails are fine."""
+    """Parse a whole state file; StateFileError if the header is unusable. Torn tails are fine."""
     ident, pos = parse_header(data)
     total = ident.total_blocks
     have = bytearray(total)
@@ -103,33 +111,33 @@ def parse(data: bytes) -> Parsed:
 
 
 def parse_header(data: bytes) -> tuple[Identity, int]:
-    """The identity in a state file's header and where its records start; ProtocolError if the
+    """The identity in a state file's header and where its records start; StateFileError if the
     header is unusable."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
-        raise ProtocolError("not an stx state file")
+        raise StateFileError("not an stx state file")
     (hlen,) = _U32.unpack_from(data, len(MAGIC))
     start = len(MAGIC) + 4
     if hlen > MAX_HEADER or len(data) < start + hlen + 4:
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     body = data[start : start + hlen]
     (crc,) = _U32.unpack_from(data, start + hlen)
     if zlib.crc32(body) != crc:
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     try:
         fields = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException):
-        raise ProtocolError("damaged state header") from None
+        raise StateFileError("damaged state header") from None
     if not (isinstance(fields, list) and len(fields) == 5):
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     name, size, mtime, bs, fid = fields
     ints_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime, bs))
     if not (isinstance(name, str) and ints_ok and isinstance(fid, bytes)):
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     if len(fid) != 16 or bs <= 0 or size < 0:
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     ident = Identity(name, size, mtime, bs, fid)
     if ident.total_blocks > MAX_BLOCKS:
-        raise ProtocolError("damaged state header")
+        raise StateFileError("damaged state header")
     return ident, start + hlen + 4
 
 
@@ -232,7 +240,7 @@ def load(path: Path) -> Parsed | None:
         limit = max_log_len(ident, end)
         data = head + _read_at_most(fd, limit - len(head)) if len(head) < limit else head[:limit]
         parsed = parse(data)
-    except (OSError, ProtocolError):
+    except (OSError, StateFileError):
         return None
     finally:
         os.close(fd)

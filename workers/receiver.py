@@ -66,6 +66,9 @@ class StreamJob(threading.Thread):
         self.sid: bytes = job["session_id"]
         self.stream = int(job["stream"])
         self.cancelled = False
+        #: Set before this stream reports its own failure: a cancel that the report causes
+        #: must not cut the ERROR this stream is about to send its sender.
+        self.failing = False
 
     def run(self) -> None:
         try:
@@ -93,6 +96,7 @@ class StreamJob(threading.Thread):
             message = str(exc) if isinstance(exc, StxError) else f"receiver worker error: {exc!r}"
             # The coordinator hears first: by the time the sender reacts to the ERROR and hangs
             # up, the coordinator already knows why.
+            self.failing = True
             report(ipc.pack("fail", self.sid, self.stream, code, message))
             if tell_sender:
                 try:
@@ -453,6 +457,8 @@ class Worker:
                 with self.lock:
                     victims = [j for j in self.streams if j.sid == cmd[1]]
                 for j in victims:
+                    if j.failing:
+                        continue  # it ends by itself, once its sender is told why
                     j.cancelled = True
                     try:
                         j.sock.shutdown(socket.SHUT_RDWR)

@@ -41,6 +41,7 @@ from tcp_relay import RelayConnection, TcpRelay
 
 import stxpar
 import stxpar.receiver
+import stxpar.recv_session
 from stxpar.wire import HEADER, Ack, End, ErrorMsg, FrameType
 
 T = FrameType
@@ -177,12 +178,15 @@ def test_number_of_streams_per_session_is_bounded(arena: Arena) -> None:
     """Needs the key: even a key holder gets at most 4 x streams + 64 stream numbers."""
     s = open_session(arena.addr, arena.psk, make_metadata("many.bin", SIZE, streams=1))
     limit = 4 * 1 + 64
-    inc = arena.receiver._sessions[s.session_id]
+
+    def accepted() -> int:
+        return int(arena.receiver.registry.snapshot()["streams"][s.session_id])
+
     streams: list[Stream] = []
     for n in range(limit):  # in batches, to stay under the per-address pre-auth cap
         streams.append(s.stream(n))
         if n % 16 == 15 or n == limit - 1:
-            assert wait_for(lambda: len(inc.streams) == len(streams))
+            assert wait_for(lambda: accepted() == len(streams))
     before = arena.receiver.dropped_streams
     extra = s.stream(limit)
     expect_refused(extra.peer, None)
@@ -414,7 +418,7 @@ def test_garbage_after_a_valid_join(arena: Arena) -> None:
 @pytest.fixture
 def quick_complete(monkeypatch: pytest.MonkeyPatch) -> None:
     """How long the receiver waits after END for missing blocks (10 s by default)."""
-    monkeypatch.setattr(stxpar.receiver, "COMPLETE_TIMEOUT", 0.5)
+    monkeypatch.setattr(stxpar.recv_session, "COMPLETE_TIMEOUT", 0.5)
 
 
 @pytest.mark.timeout(60)

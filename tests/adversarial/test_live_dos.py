@@ -33,6 +33,7 @@ from itest_support import CliReceiver, make_keyfile, wait_for
 
 import stxpar
 import stxpar.handshake
+import stxpar.partials
 import stxpar.receiver
 from stxpar.handshake import ReplayCache
 from stxpar.wire import ClientHello, FrameType, Init, KeyShare, MacOnly, encode_frame
@@ -270,13 +271,11 @@ def receiver_work(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     monkeypatch.setattr(
         stxpar.handshake, "_private_key", counting("ephemeral", stxpar.handshake._private_key)
     )
+    monkeypatch.setattr(stxpar.partials, "load", counting("state", stxpar.partials.load))
     monkeypatch.setattr(
-        stxpar.receiver, "load_state", counting("state", stxpar.receiver.load_state)
-    )
-    monkeypatch.setattr(
-        stxpar.receiver,
-        "_create_preallocated",
-        counting("partial", stxpar.receiver._create_preallocated),
+        stxpar.partials,
+        "create_partial",
+        counting("partial", stxpar.partials.create_partial),
     )
     yield counts
 

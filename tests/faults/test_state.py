@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stxpar.digest import BLOCK_DIGEST_LEN, block_digest
-from stxpar.errors import ProtocolError
+from stxpar.errors import StateFileError
 from stxpar.state import (
     MAGIC,
     RECORD_LEN,
@@ -282,7 +282,7 @@ def test_any_damaged_header_byte_makes_the_state_unusable(scratch: Path, flip: i
     for pos in range(len(hdr)):
         data = bytearray(hdr + records([1, 2]))
         data[pos] ^= flip
-        with pytest.raises(ProtocolError):
+        with pytest.raises(StateFileError):
             parse(bytes(data))
         path.write_bytes(bytes(data))
         assert load(path) is None, f"header byte {pos} damaged, yet the state loaded"
@@ -316,13 +316,13 @@ def test_truncated_header_makes_the_state_unusable(scratch: Path) -> None:
 )
 def test_well_sealed_but_invalid_header_fields_are_refused(fields: object) -> None:
     body = msgpack.packb(fields, use_bin_type=True)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(StateFileError):
         parse(header_with_body(body) + records([0]))
 
 
 def test_garbage_header_body_with_right_crc_is_refused() -> None:
     for body in (b"", b"\xc1", b"\x95", b"\xff" * 40, b"\x95\xa1a\x01\x02\x03"):
-        with pytest.raises(ProtocolError):
+        with pytest.raises(StateFileError):
             parse(header_with_body(body))
 
 
@@ -336,9 +336,9 @@ BAD_TYPED_HEADERS = [
 
 
 @pytest.mark.parametrize("fields", BAD_TYPED_HEADERS)
-def test_wrongly_typed_header_fields_only_raise_protocol_error(fields: object) -> None:
+def test_wrongly_typed_header_fields_only_raise_state_file_error(fields: object) -> None:
     body = msgpack.packb(fields, use_bin_type=True)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(StateFileError):
         parse(header_with_body(body))
 
 
@@ -387,7 +387,7 @@ def check_parsed(p: Parsed, tail: bytes) -> None:
 def try_parse(data: bytes) -> Parsed | None:
     try:
         return parse(data)
-    except ProtocolError:
+    except StateFileError:
         return None
 
 
@@ -516,7 +516,7 @@ def test_fuzz_sealed_header_with_arbitrary_fields(fields: list[object]) -> None:
     data = header_with_body(body) + records([0, 1])
     try:
         p = parse(data)
-    except ProtocolError:
+    except StateFileError:
         return
     assert isinstance(p.identity.file_id, bytes) and len(p.identity.file_id) == 16
     assert p.identity.block_size > 0 and p.identity.size >= 0

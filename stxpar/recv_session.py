@@ -1,0 +1,545 @@
+"""The receiver's session core: one transfer from METADATA to RECEIPT, with no I/O.
+
+Theory of operation
+-------------------
+The control handler (``control.py``) owns one ``ReceiverSession`` per authenticated control
+connection and feeds it, in one thread, everything that happens: frames read from the control
+connection (``FrameIn``), the result of each effect it asked for, the workers' reports for the
+session (``BlocksLanded``, ``StreamBroke``), the clock (``Tick``), a lost connection, a newer
+session of the same file taking over (``Superseded``), the receiver stopping. It carries out
+what the core returns, in order: frames to send, effects (``Admit``, ``AppendLog``,
+``Finalize``, ``CheckPartial``, ``CancelStreams``, ``EndFiles``, ``Completed``) and events
+(``Event``). An effect with a result is answered at once with the matching input.
+
+::
+
+    WAIT_METADATA --METADATA--> ADMITTING --Admitted--> RECEIVING --END--> COMPLETING
+                                    |                     |   ^              | every block held,
+                                    Refused    lost conn. |   | (no)         | digest checked
+                                                          v   |              v
+                                                         GRACE (0.1 s)    FINISHING --Finalized--> DONE
+    a failure once admitted --> CLOSING --PartialChecked--> FAILED   (superseded: quietly FAILED)
+
+The one block ledger (``blocks.BlockLedger``) holds the blocks recorded in the state log and
+their digests; the whole-file digest is computed from it before any file is renamed.
+Failure rules (docs/protocol.md §8.3): a superseded session ends quietly; an ``AuthError``
+(a forged block) reverts the state log to the blocks held at admission (or discards the
+partial if there were none); a ``DigestMismatch`` discards it; a partial that is no longer
+the file written ("gone") has only its state log removed; anything else keeps both.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from .blocks import BlockLedger
+from .digest import BLOCK_DIGEST_LEN
+from .errors import AuthError, ConnectError, IntegrityError, ProtocolError, StxError
+from .keyschedule import SessionKeys
+from .records import ControlChannel
+from .session_base import (
+    ConnectionLost,
+    Failed,
+    FrameIn,
+    Handler,
+    Input,
+    Machine,
+    Output,
+    SendFrame,
+    Succeeded,
+    Tick,
+)
+from .wire import (
+    MAX_HANDSHAKE_PAYLOAD,
+    MAX_NAME_BYTES,
+    End,
+    ErrorMsg,
+    FrameType,
+    Metadata,
+    MetadataAck,
+    Receipt,
+)
+
+#: After END, how long the receiver waits for workers' last reports before it asks the sender
+#: to reconnect and send what is still missing.
+COMPLETE_TIMEOUT = 10.0
+#: How long a lost control connection waits for a worker's failure report (a forged block is
+#: judged as forgery, not as a lost connection).
+LOST_GRACE_S = 0.1
+
+
+class DigestMismatch(IntegrityError):
+    """The whole-file digest did not match: no block of the partial can be trusted."""
+
+
+def metadata_cap(ftype: FrameType) -> int:
+    return MAX_NAME_BYTES + 512 if ftype is FrameType.METADATA else -1
+
+
+def end_cap(ftype: FrameType) -> int:
+    return MAX_HANDSHAKE_PAYLOAD if ftype in (FrameType.END, FrameType.ERROR) else -1
+
+
+class State(enum.Enum):
+    WAIT_METADATA = "wait-metadata"
+    ADMITTING = "admitting"
+    RECEIVING = "receiving"
+    GRACE = "grace"
+    COMPLETING = "completing"
+    FINISHING = "finishing"
+    CLOSING = "closing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, eq=False)
+class Admitted(Input):
+    """Admission succeeded: the blocks already held (``ledger``) and whether the file is a
+    remembered completion."""
+
+    name: str
+    ledger: BlockLedger
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class Refused(Input):
+    """Admission failed (nothing was kept)."""
+
+    error: StxError
+
+
+@dataclass(frozen=True)
+class BlocksLanded(Input):
+    """A worker's report: these blocks are durable in the partial (index, digest)."""
+
+    blocks: Sequence[tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class StreamBroke(Input):
+    """A worker's report: a stream of the session failed with this error."""
+
+    error: StxError
+
+
+@dataclass(frozen=True)
+class Appended(Input):
+    """The state log now records these blocks (durably)."""
+
+    blocks: Sequence[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class AppendFailed(Input):
+    error: StxError
+
+
+@dataclass(frozen=True)
+class Finalized(Input):
+    """The partial has its final name (or was a remembered completion)."""
+
+
+@dataclass(frozen=True)
+class FinalizeFailed(Input):
+    error: StxError
+
+
+@dataclass(frozen=True)
+class PartialChecked(Input):
+    """Whether the partial file is gone (deleted or replaced since admission)."""
+
+    gone: bool
+
+
+@dataclass(frozen=True)
+class Superseded(Input):
+    """A newer session of the same file took over (its files, its name, its streams)."""
+
+
+@dataclass(frozen=True)
+class Stopping(Input):
+    """The receiver is shutting down."""
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class Admit(Output):
+    """Reserve the name and open (resume, remember or create) the partial: answer
+    ``Admitted`` or ``Refused``."""
+
+    md: Metadata
+
+
+@dataclass(frozen=True)
+class AppendLog(Output):
+    """Append these records to the state log: answer ``Appended`` or ``AppendFailed``."""
+
+    blocks: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Finalize(Output):
+    """Give the partial its final name (nothing to do for a remembered completion):
+    answer ``Finalized`` or ``FinalizeFailed``."""
+
+    complete: bool
+
+
+@dataclass(frozen=True)
+class CheckPartial(Output):
+    """Tell whether the partial is still the file written: answer ``PartialChecked``."""
+
+
+@dataclass(frozen=True)
+class CancelStreams(Output):
+    """End the session's data streams, now or after a grace (a completed session)."""
+
+    later: bool = False
+
+
+EndHow = Literal["keep", "discard", "revert", "gone"]
+
+
+@dataclass(frozen=True)
+class EndFiles(Output):
+    """Close the session's files and release its name. ``keep``: partial and state stay;
+    ``discard``: both go; ``revert``: the state log holds exactly ``initial``; ``gone``: the
+    state log goes, the partial path (someone else's now) is left alone."""
+
+    how: EndHow
+    initial: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class Completed(Output):
+    """The file is complete and final: record and report it, remember it, free its name."""
+
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Event(Output):
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the core
+
+
+class ReceiverSession(Machine):
+    """One transfer on the receiving side, after the handshake."""
+
+    FAILED: ClassVar[enum.Enum] = State.FAILED
+    TERMINAL: ClassVar[frozenset[enum.Enum]] = frozenset({State.DONE, State.FAILED})
+
+    def __init__(
+        self, session: SessionKeys, *, peer: str, stall_timeout: float, now: float
+    ) -> None:
+        self.state: State = State.WAIT_METADATA
+        self.session_id = session.session_id
+        self.peer = peer
+        self.stall_timeout = stall_timeout
+        self.channel = ControlChannel(session=session, client=False)
+        self.now = now
+        self.started = now
+        self.md: Metadata | None = None
+        self.name = ""
+        self.ledger: BlockLedger | None = None
+        self.complete = False
+        self.initial: tuple[tuple[int, bytes], ...] = ()
+        self.resumed_bytes = 0
+        self.active_at = now
+        self.error: StxError | None = None
+        self._end: End | None = None
+        self._digest = b""
+        self._grace_until = 0.0
+        self._complete_by = 0.0
+
+    # ------------------------------------------------------------ what the driver asks
+
+    @property
+    def admitted(self) -> bool:
+        return self.ledger is not None
+
+    @property
+    def reads_frames(self) -> bool:
+        """Whether the control connection is read now (not while END's blocks are awaited)."""
+        return self.state in (State.WAIT_METADATA, State.RECEIVING)
+
+    def frame_cap(self, ftype: FrameType) -> int:
+        return metadata_cap(ftype) if self.state is State.WAIT_METADATA else end_cap(ftype)
+
+    def deadline(self) -> float | None:
+        """When the next ``Tick`` matters (None: no timer runs)."""
+        if self.state is State.RECEIVING:
+            return self.active_at + self.stall_timeout
+        if self.state is State.GRACE:
+            return self._grace_until
+        if self.state is State.COMPLETING:
+            return self._complete_by
+        return None
+
+    # ------------------------------------------------------------ handlers
+
+    def _on_metadata(self, ev: FrameIn) -> list[Output]:
+        if ev.ftype is not FrameType.METADATA:
+            raise ProtocolError(f"expected METADATA, got {ev.ftype.name}")
+        self.md = Metadata.decode(self.channel.open(ev.ftype, ev.payload))
+        self.state = State.ADMITTING
+        return [Admit(self.md)]
+
+    def _on_admitted(self, ev: Admitted) -> list[Output]:
+        md = self._md()
+        self.name, self.ledger, self.complete = ev.name, ev.ledger, ev.complete
+        self.initial = tuple(ev.ledger.held_pairs())
+        self.resumed_bytes = ev.ledger.bytes
+        self.started = self.active_at = self.now
+        self.state = State.RECEIVING
+        out: list[Output] = [
+            Event(
+                "accepted",
+                {
+                    "peer": self.peer,
+                    "file": ev.name,
+                    "bytes": md.size,
+                    "streams": md.streams,
+                    "resumed_blocks": ev.ledger.count,
+                },
+            )
+        ]
+        ack = MetadataAck(have=ev.ledger.bitmap(), digests=ev.ledger.held_digests())
+        out.append(SendFrame(self.channel.seal(FrameType.METADATA_ACK, ack.encode())))
+        return out
+
+    def _on_refused(self, ev: Refused) -> list[Output]:
+        return self._fail(ev.error)
+
+    def _on_tick(self, ev: Tick) -> list[Output]:
+        self.now = ev.now
+        if self.state is State.RECEIVING:
+            idle = ev.now - self.active_at
+            if idle > self.stall_timeout:
+                # Retryable: a sender that was only paused reconnects and resumes.
+                raise ConnectError(
+                    f"stalled: no block and no control frame from the sender for {idle:.0f} s"
+                    f" (stall timeout {self.stall_timeout:g} s)"
+                )
+        elif self.state is State.GRACE:
+            if ev.now >= self._grace_until:
+                assert self.error is not None
+                raise self.error
+        elif self.state is State.COMPLETING and ev.now >= self._complete_by:
+            # Acknowledged but never recorded (a worker died between its ACK and its
+            # report): a reconnect shows the sender the true bitmap.
+            missing = self._ledger().total - self._ledger().count
+            raise ConnectError(f"{missing} blocks are missing at END; resend them")
+        return []
+
+    def _on_end(self, ev: FrameIn) -> list[Output]:
+        self.active_at = self.now
+        if ev.ftype is FrameType.ERROR:
+            raise ConnectError("sender aborted the transfer")
+        if ev.ftype is not FrameType.END:
+            raise ProtocolError(f"expected END, got {ev.ftype.name}")
+        end = End.decode(self.channel.open(ev.ftype, ev.payload))
+        if end.total_blocks != self._md().total_blocks:
+            raise ProtocolError("END names a different number of blocks")
+        self._end = end
+        self._complete_by = self.now + COMPLETE_TIMEOUT
+        self.state = State.COMPLETING
+        return self._maybe_finalize()
+
+    def _maybe_finalize(self) -> list[Output]:
+        ledger = self._ledger()
+        if not ledger.complete:
+            return []
+        assert self._end is not None
+        self._digest = ledger.whole_digest(size=self._md().size)
+        if self._digest != self._end.digest:
+            raise DigestMismatch(f"whole-file digest mismatch for {self.name}")
+        self.state = State.FINISHING
+        return [Finalize(self.complete)]
+
+    def _on_lost(self, ev: ConnectionLost) -> list[Output]:
+        if self.state is State.WAIT_METADATA or not isinstance(ev.error, ConnectError):
+            raise ev.error
+        self.error = ev.error
+        self._grace_until = self.now + LOST_GRACE_S
+        self.state = State.GRACE
+        return []
+
+    def _on_landed(self, ev: BlocksLanded) -> list[Output]:
+        total = self._ledger().total
+        fresh = [
+            (item[0], bytes(item[1]))
+            for item in ev.blocks
+            if isinstance(item, tuple | list)
+            and len(item) == 2
+            and isinstance(item[0], int)
+            and 0 <= item[0] < total
+            and isinstance(item[1], bytes)
+            and len(item[1]) == BLOCK_DIGEST_LEN
+        ]
+        return [AppendLog(fresh)]
+
+    def _on_appended(self, ev: Appended) -> list[Output]:
+        self.active_at = self.now
+        record = self._ledger().record
+        for seq, digest in ev.blocks:
+            record(seq, digest)
+        if self.state is State.COMPLETING:
+            return self._maybe_finalize()
+        return []
+
+    def _on_append_failed(self, ev: AppendFailed) -> list[Output]:
+        raise ev.error
+
+    def _on_stream_broke(self, ev: StreamBroke) -> list[Output]:
+        # A stream that merely lost its connection is replaced by the sender; anything else
+        # (forgery, repeated damage, disk errors) ends the whole transfer.
+        if isinstance(ev.error, ConnectError):
+            return []
+        raise ev.error
+
+    def _on_finalized(self, ev: Finalized) -> list[Output]:
+        md, digest = self._md(), self._digest
+        self.state = State.DONE
+        receipt = Receipt(digest=digest, size=md.size).encode()
+        return [
+            CancelStreams(later=True),
+            Completed(digest),
+            SendFrame(self.channel.seal(FrameType.RECEIPT, receipt)),
+            Succeeded(),
+        ]
+
+    def _on_finalize_failed(self, ev: FinalizeFailed) -> list[Output]:
+        raise ev.error
+
+    def _on_superseded(self, ev: Superseded) -> list[Output]:
+        self.state = State.FAILED
+        return [
+            Event("superseded", {"file": self.name}),
+            Failed(ConnectError(f"the transfer of {self.name} was taken over")),
+        ]
+
+    def _on_stopping(self, ev: Stopping) -> list[Output]:
+        if self.state is State.RECEIVING:
+            raise ConnectError("receiver shutting down")
+        return []
+
+    def _on_checked(self, ev: PartialChecked) -> list[Output]:
+        return self._close(gone=ev.gone)
+
+    def _ignore(self, ev: Input) -> list[Output]:
+        return []
+
+    # ------------------------------------------------------------ failure
+
+    def _fail(self, error: StxError) -> list[Output]:
+        if self.state is State.CLOSING:
+            return self._close(gone=False)  # a second fault while closing: finish the first
+        self.error = error
+        body = ErrorMsg(error.wire_code, str(error)).encode()
+        out: list[Output] = [SendFrame(self.channel.seal(FrameType.ERROR, body))]
+        if not self.admitted:
+            self.state = State.FAILED
+            return [*out, Failed(error)]
+        self.state = State.CLOSING
+        if self.complete:
+            return [*out, *self._close(gone=False)]
+        return [*out, CheckPartial()]
+
+    def _close(self, *, gone: bool) -> list[Output]:
+        error, md, ledger = self.error, self._md(), self._ledger()
+        assert error is not None
+        # A wrong whole-file digest: no block of the partial can be trusted. A forged block:
+        # nothing this session recorded is trusted (the state goes back to its admission).
+        forged = isinstance(error, AuthError)
+        discard = isinstance(error, DigestMismatch) or (forged and not self.initial)
+        have = self.resumed_bytes if forged else ledger.bytes
+        partial = "gone" if gone else "discarded" if discard else "kept"
+        how: EndHow = "gone" if gone else "discard" if discard else "revert" if forged else "keep"
+        self.state = State.FAILED
+        return [
+            Event(
+                "failed",
+                {
+                    "file": self.name,
+                    "error": str(error),
+                    "kept": partial == "kept",
+                    "partial": partial,
+                    "have_bytes": have if partial == "kept" else 0,
+                    "bytes": md.size,
+                },
+            ),
+            CancelStreams(),
+            EndFiles(how, self.initial if how == "revert" else ()),
+            Failed(error),
+        ]
+
+    def _md(self) -> Metadata:
+        assert self.md is not None
+        return self.md
+
+    def _ledger(self) -> BlockLedger:
+        assert self.ledger is not None
+        return self.ledger
+
+
+def _table() -> dict[tuple[enum.Enum, type[Input]], Handler]:
+    c = ReceiverSession
+    table: dict[tuple[enum.Enum, type[Input]], Handler] = {
+        (State.WAIT_METADATA, FrameIn): c._on_metadata,
+        (State.WAIT_METADATA, ConnectionLost): c._on_lost,
+        (State.WAIT_METADATA, Tick): c._on_tick,
+        (State.ADMITTING, Admitted): c._on_admitted,
+        (State.ADMITTING, Refused): c._on_refused,
+        (State.ADMITTING, Tick): c._on_tick,
+        (State.RECEIVING, FrameIn): c._on_end,
+        (State.RECEIVING, ConnectionLost): c._on_lost,
+        (State.FINISHING, Finalized): c._on_finalized,
+        (State.FINISHING, FinalizeFailed): c._on_finalize_failed,
+        (State.FINISHING, Superseded): c._on_superseded,
+        (State.FINISHING, Tick): c._ignore,
+        (State.FINISHING, Stopping): c._ignore,
+        (State.CLOSING, PartialChecked): c._on_checked,
+    }
+    for st in (State.RECEIVING, State.GRACE, State.COMPLETING):
+        table[(st, Tick)] = c._on_tick
+        table[(st, BlocksLanded)] = c._on_landed
+        table[(st, Appended)] = c._on_appended
+        table[(st, AppendFailed)] = c._on_append_failed
+        table[(st, StreamBroke)] = c._on_stream_broke
+        table[(st, Superseded)] = c._on_superseded
+        table[(st, Stopping)] = c._on_stopping
+    return table
+
+
+ReceiverSession.TABLE = _table()
+
+#: Every input type the core knows (for the driver's checks and the table sweep).
+INPUTS: tuple[type[Input], ...] = (
+    FrameIn,
+    Tick,
+    ConnectionLost,
+    Admitted,
+    Refused,
+    BlocksLanded,
+    StreamBroke,
+    Appended,
+    AppendFailed,
+    Finalized,
+    FinalizeFailed,
+    PartialChecked,
+    Superseded,
+    Stopping,
+)

@@ -1,0 +1,492 @@
+"""The receiver's session core (``stxpar.recv_session``) driven in memory: no sockets, no
+processes, no files. A sender's control channel seals what the sender would send and opens
+what the core answers; effects are answered by the test."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stxpar.blocks import BlockLedger, BlockSpace
+from stxpar.digest import BLOCK_DIGEST_LEN, block_digest, file_digest
+from stxpar.errors import (
+    AuthError,
+    ConnectError,
+    IntegrityError,
+    ProtocolError,
+    RejectedError,
+    StxError,
+    error_from_code,
+)
+from stxpar.keyschedule import derive_session_keys
+from stxpar.records import ControlChannel
+from stxpar.recv_session import (
+    COMPLETE_TIMEOUT,
+    INPUTS,
+    LOST_GRACE_S,
+    Admit,
+    Admitted,
+    Appended,
+    AppendFailed,
+    AppendLog,
+    BlocksLanded,
+    CancelStreams,
+    CheckPartial,
+    Completed,
+    DigestMismatch,
+    EndFiles,
+    Event,
+    Finalize,
+    Finalized,
+    FinalizeFailed,
+    PartialChecked,
+    ReceiverSession,
+    Refused,
+    State,
+    Stopping,
+    StreamBroke,
+    Superseded,
+)
+from stxpar.session_base import (
+    ConnectionLost,
+    Failed,
+    FrameIn,
+    Input,
+    Output,
+    SendFrame,
+    Succeeded,
+    Tick,
+)
+from stxpar.wire import (
+    HEADER,
+    End,
+    ErrorMsg,
+    FrameType,
+    Metadata,
+    MetadataAck,
+    Receipt,
+    parse_header,
+)
+
+BS = 64 * 1024
+SIZE = 3 * BS + 1000
+TOTAL = 4
+STALL = 60.0
+DIGESTS = [block_digest(bytes([i]) * 64) for i in range(TOTAL)]
+WHOLE = file_digest(block_digests=b"".join(DIGESTS), block_size=BS, size=SIZE)
+
+
+def metadata(**kw: Any) -> Metadata:
+    fields: dict[str, Any] = {
+        "name": "f.bin",
+        "size": SIZE,
+        "mtime_ns": 1_700_000_000_000_000_000,
+        "block_size": BS,
+        "file_id": b"F" * 16,
+        "streams": 2,
+        "rekey_records": 1 << 20,
+        "rekey_bytes": 1 << 36,
+    }
+    fields.update(kw)
+    return Metadata(**fields)
+
+
+def ledger(held: list[int] = []) -> BlockLedger:  # noqa: B006  (never mutated)
+    space = BlockSpace([SIZE], block_size=BS)
+    return BlockLedger.of(space, [(i, DIGESTS[i]) for i in held])
+
+
+def split(frame: bytes) -> tuple[FrameType, bytes]:
+    ftype, length = parse_header(frame[: HEADER.size], cap=lambda _: 1 << 30)
+    return ftype, frame[HEADER.size : HEADER.size + length]
+
+
+class Pair:
+    """A core and the sender's end of its control channel."""
+
+    def __init__(self) -> None:
+        keys = derive_session_keys(master=os.urandom(32))
+        self.core = ReceiverSession(keys, peer="192.0.2.1", stall_timeout=STALL, now=100.0)
+        self.sender = ControlChannel(session=keys, client=True)
+        self.now = 100.0
+
+    def feed(self, event: Input) -> list[Output]:
+        return self.core.handle(event)
+
+    def tick(self, dt: float) -> list[Output]:
+        self.now += dt
+        return self.feed(Tick(self.now))
+
+    def metadata(self, md: Metadata | None = None) -> list[Output]:
+        body = (md or metadata()).encode()
+        return self.feed(FrameIn(*split(self.sender.seal(FrameType.METADATA, body))))
+
+    def end(self, digest: bytes = WHOLE, total: int = TOTAL) -> list[Output]:
+        body = End(total_blocks=total, digest=digest).encode()
+        return self.feed(FrameIn(*split(self.sender.seal(FrameType.END, body))))
+
+    def admit(self, held: list[int] = [], complete: bool = False) -> list[Output]:  # noqa: B006
+        assert isinstance(self.metadata()[0], Admit)
+        out = self.feed(Admitted("f.bin", ledger(held), complete))
+        ftype, body = self.opened(out[-1])
+        assert ftype is FrameType.METADATA_ACK
+        self.ack = MetadataAck.decode(body)
+        return out
+
+    def land(self, blocks: list[int]) -> list[Output]:
+        out = self.feed(BlocksLanded([(i, DIGESTS[i]) for i in blocks]))
+        assert out == [AppendLog([(i, DIGESTS[i]) for i in blocks])]
+        return self.feed(Appended([(i, DIGESTS[i]) for i in blocks]))
+
+    def opened(self, out: Output) -> tuple[FrameType, bytes]:
+        assert isinstance(out, SendFrame)
+        ftype, payload = split(out.data)
+        return ftype, self.sender.open(ftype, payload)
+
+
+def events(outs: list[Output]) -> dict[str, dict[str, Any]]:
+    return {o.kind: o.fields for o in outs if isinstance(o, Event)}
+
+
+def sent_error(pair: Pair, outs: list[Output]) -> StxError:
+    frames = [o for o in outs if isinstance(o, SendFrame)]
+    assert len(frames) == 1
+    ftype, body = pair.opened(frames[0])
+    assert ftype is FrameType.ERROR
+    msg = ErrorMsg.decode(body)
+    return error_from_code(msg.code, msg.message)
+
+
+def failed(outs: list[Output]) -> StxError:
+    assert isinstance(outs[-1], Failed)
+    return outs[-1].error
+
+
+# ---------------------------------------------------------------- whole transfers
+
+
+def test_fresh_transfer_to_receipt() -> None:
+    p = Pair()
+    out = p.admit()
+    ev = events(out)["accepted"]
+    assert ev == {
+        "peer": "192.0.2.1",
+        "file": "f.bin",
+        "bytes": SIZE,
+        "streams": 2,
+        "resumed_blocks": 0,
+    }
+    assert p.ack.held(TOTAL) == []
+    assert p.land([0, 2]) == []
+    assert p.land([1, 3]) == []
+    out = p.end()
+    assert out == [Finalize(complete=False)]
+    out = p.feed(Finalized())
+    assert out[:2] == [CancelStreams(later=True), Completed(WHOLE)]
+    ftype, body = p.opened(out[2])
+    assert ftype is FrameType.RECEIPT and Receipt.decode(body) == Receipt(WHOLE, SIZE)
+    assert out[3] == Succeeded() and p.core.terminal
+
+
+def test_resumed_transfer_acks_what_it_holds_and_reverts_to_it_on_forgery() -> None:
+    p = Pair()
+    out = p.admit(held=[0, 3])
+    assert events(out)["accepted"]["resumed_blocks"] == 2
+    ack = p.ack
+    assert ack.held(TOTAL) == [0, 3] and ack.digests == DIGESTS[0] + DIGESTS[3]
+    p.land([1])
+    out = p.feed(StreamBroke(AuthError("block 2 failed authentication")))
+    assert isinstance(sent_error(p, out), AuthError)
+    assert out[-1] == CheckPartial()
+    out = p.feed(PartialChecked(gone=False))
+    fields = events(out)["failed"]
+    assert fields["partial"] == "kept" and fields["kept"] is True
+    assert fields["have_bytes"] == BS + 1000  # blocks 0 and 3 (the last), not 1
+    assert EndFiles("revert", ((0, DIGESTS[0]), (3, DIGESTS[3]))) in out
+    assert CancelStreams() in out and isinstance(failed(out), AuthError)
+
+
+def test_forged_block_of_a_fresh_session_discards() -> None:
+    p = Pair()
+    p.admit()
+    p.land([0])
+    p.feed(StreamBroke(AuthError("forged")))
+    out = p.feed(PartialChecked(gone=False))
+    assert EndFiles("discard") in out
+    assert events(out)["failed"]["partial"] == "discarded"
+    assert events(out)["failed"]["have_bytes"] == 0
+
+
+def test_remembered_completion_answers_at_once_without_the_partial_check() -> None:
+    p = Pair()
+    p.admit(held=list(range(TOTAL)), complete=True)
+    assert p.ack.held(TOTAL) == list(range(TOTAL))
+    assert p.end() == [Finalize(complete=True)]
+    out = p.feed(Finalized())
+    assert isinstance(out[-1], Succeeded)
+
+
+def test_remembered_completion_failing_never_asks_whether_the_partial_is_gone() -> None:
+    p = Pair()
+    p.admit(held=list(range(TOTAL)), complete=True)
+    out = p.end(digest=bytes(32))
+    assert isinstance(failed(out), DigestMismatch) and CheckPartial() not in out
+
+
+def test_superseded_session_ends_quietly() -> None:
+    p = Pair()
+    p.admit()
+    p.land([0])
+    out = p.feed(Superseded())
+    assert out[0] == Event("superseded", {"file": "f.bin"})
+    assert isinstance(out[-1], Failed)
+    assert not any(isinstance(o, SendFrame | EndFiles | CancelStreams) for o in out)
+    assert p.core.terminal
+
+
+def test_superseded_while_finishing_is_quiet_too() -> None:
+    p = Pair()
+    p.admit(held=list(range(TOTAL)))
+    p.end()
+    out = p.feed(Superseded())
+    assert "superseded" in events(out) and "failed" not in events(out)
+
+
+# ---------------------------------------------------------------- failure paths
+
+
+def test_refused_admission_sends_a_sealed_error_and_fails() -> None:
+    p = Pair()
+    p.metadata()
+    out = p.feed(Refused(RejectedError("a transfer of f.bin is already in progress")))
+    err = sent_error(p, out)
+    assert isinstance(err, RejectedError) and "already in progress" in str(err)
+    assert isinstance(failed(out), RejectedError) and not p.core.admitted
+
+
+def test_frame_other_than_metadata_first() -> None:
+    p = Pair()
+    out = p.feed(FrameIn(FrameType.END, b"x" * 40))
+    assert str(failed(out)) == "expected METADATA, got END"
+
+
+def test_metadata_that_fails_authentication() -> None:
+    p = Pair()
+    out = p.feed(FrameIn(FrameType.METADATA, b"x" * 40))
+    assert isinstance(failed(out), AuthError)
+
+
+def test_digest_mismatch_discards() -> None:
+    p = Pair()
+    p.admit(held=list(range(TOTAL)))
+    out = p.end(digest=bytes(32))
+    assert out[-1] == CheckPartial()
+    assert isinstance(sent_error(p, out), IntegrityError)
+    out = p.feed(PartialChecked(gone=False))
+    assert EndFiles("discard") in out and events(out)["failed"]["partial"] == "discarded"
+    assert str(failed(out)) == "whole-file digest mismatch for f.bin"
+
+
+def test_partial_gone() -> None:
+    p = Pair()
+    p.admit(held=list(range(TOTAL)))
+    p.end()
+    p.feed(FinalizeFailed(RejectedError("the partial file of f.bin was removed")))
+    out = p.feed(PartialChecked(gone=True))
+    assert EndFiles("gone") in out
+    assert events(out)["failed"] | {"error": ""} == {
+        "file": "f.bin",
+        "error": "",
+        "kept": False,
+        "partial": "gone",
+        "have_bytes": 0,
+        "bytes": SIZE,
+    }
+
+
+def test_stall_timeout() -> None:
+    p = Pair()
+    p.admit()
+    assert p.tick(STALL - 1) == []
+    p.land([0])  # a landed block restarts the stall clock
+    assert p.tick(STALL - 1) == []
+    out = p.tick(2)
+    text = str(sent_error(p, out))
+    assert (
+        text.startswith("stalled: no block and no control frame") and "(stall timeout 60 s)" in text
+    )
+    out = p.feed(PartialChecked(gone=False))
+    assert EndFiles("keep") in out and isinstance(failed(out), ConnectError)
+
+
+def test_missing_blocks_at_end() -> None:
+    p = Pair()
+    p.admit()
+    p.land([0, 1])
+    assert p.end() == []
+    assert p.core.deadline() == pytest.approx(p.now + COMPLETE_TIMEOUT)
+    assert p.tick(COMPLETE_TIMEOUT - 1) == []
+    out = p.tick(1)
+    assert str(sent_error(p, out)) == "2 blocks are missing at END; resend them"
+
+
+def test_blocks_landing_after_end_complete_the_transfer() -> None:
+    p = Pair()
+    p.admit(held=[0, 1, 2])
+    assert p.end() == []
+    assert p.feed(BlocksLanded([(3, DIGESTS[3])])) == [AppendLog([(3, DIGESTS[3])])]
+    assert p.feed(Appended([(3, DIGESTS[3])])) == [Finalize(complete=False)]
+
+
+def test_end_with_another_block_count() -> None:
+    p = Pair()
+    p.admit()
+    out = p.end(total=TOTAL + 1)
+    assert str(sent_error(p, out)) == "END names a different number of blocks"
+
+
+def test_error_from_the_sender() -> None:
+    p = Pair()
+    p.admit()
+    body = ErrorMsg(6, "no").encode()
+    out = p.feed(FrameIn(*split(p.sender.seal(FrameType.ERROR, body))))
+    assert str(sent_error(p, out)) == "sender aborted the transfer"
+
+
+def test_unexpected_frame_after_admission() -> None:
+    p = Pair()
+    p.admit()
+    out = p.feed(FrameIn(FrameType.METADATA, b""))
+    assert str(sent_error(p, out)) == "expected END, got METADATA"
+
+
+def test_disk_error_appending_keeps_the_partial() -> None:
+    p = Pair()
+    p.admit()
+    p.feed(BlocksLanded([(0, DIGESTS[0])]))
+    out = p.feed(AppendFailed(RejectedError("cannot record progress: the disk is full")))
+    assert isinstance(sent_error(p, out), RejectedError)
+    out = p.feed(PartialChecked(gone=False))
+    assert EndFiles("keep") in out and events(out)["failed"]["have_bytes"] == 0
+
+
+def test_lost_connection_waits_a_moment_for_a_forgery_report() -> None:
+    p = Pair()
+    p.admit(held=[1])
+    assert p.feed(ConnectionLost(ConnectError("connection closed by the sender"))) == []
+    assert p.core.state is State.GRACE
+    out = p.feed(StreamBroke(AuthError("block 0 failed authentication")))
+    assert isinstance(sent_error(p, out), AuthError)
+    assert EndFiles("revert", ((1, DIGESTS[1]),)) in p.feed(PartialChecked(gone=False))
+
+
+def test_lost_connection_without_a_report_fails_after_the_grace() -> None:
+    p = Pair()
+    p.admit()
+    p.feed(ConnectionLost(ConnectError("connection reset")))
+    assert p.tick(LOST_GRACE_S / 2) == []
+    out = p.tick(LOST_GRACE_S)
+    assert str(sent_error(p, out)) == "connection reset"
+
+
+def test_a_stream_that_lost_its_connection_is_not_a_failure() -> None:
+    p = Pair()
+    p.admit()
+    assert p.feed(StreamBroke(ConnectError("stream reset"))) == []
+    assert p.core.state is State.RECEIVING
+
+
+def test_stopping() -> None:
+    p = Pair()
+    p.admit()
+    out = p.feed(Stopping())
+    assert str(sent_error(p, out)) == "receiver shutting down"
+
+
+def test_reports_with_bad_entries_are_filtered() -> None:
+    p = Pair()
+    p.admit()
+    junk = [(-1, DIGESTS[0]), (TOTAL, DIGESTS[0]), (0, b"short"), ("1", DIGESTS[1]), (2,)]
+    assert p.feed(BlocksLanded([*junk, (3, DIGESTS[3])])) == [AppendLog([(3, DIGESTS[3])])]
+
+
+# ---------------------------------------------------------------- the table, swept
+
+
+def _drive_to(state: State) -> Pair:
+    p = Pair()
+    if state is State.WAIT_METADATA:
+        return p
+    p.metadata()
+    if state is State.ADMITTING:
+        return p
+    if state is State.CLOSING:
+        p.feed(Admitted("f.bin", ledger()))
+        p.feed(Stopping())
+        return p
+    if state is State.FAILED:
+        p.feed(Refused(RejectedError("no")))
+        return p
+    p.feed(Admitted("f.bin", ledger(list(range(TOTAL)) if state is not State.COMPLETING else [0])))
+    if state is State.GRACE:
+        p.feed(ConnectionLost(ConnectError("gone")))
+    elif state in (State.COMPLETING, State.FINISHING, State.DONE):
+        p.end()
+        if state is State.DONE:
+            p.feed(Finalized())
+    assert p.core.state is state
+    return p
+
+
+def _sample(kind: type[Input], data: st.DataObject) -> Input:
+    error = data.draw(
+        st.sampled_from([AuthError("a"), ConnectError("c"), RejectedError("r"), ProtocolError("p")])
+    )
+    blocks = data.draw(
+        st.lists(st.tuples(st.integers(-2, TOTAL + 2), st.binary(max_size=20)), max_size=4)
+    )
+    make: dict[type[Input], Any] = {
+        FrameIn: lambda: FrameIn(
+            data.draw(st.sampled_from(list(FrameType))), data.draw(st.binary(max_size=64))
+        ),
+        Tick: lambda: Tick(data.draw(st.floats(0, 1e6, allow_nan=False))),
+        ConnectionLost: lambda: ConnectionLost(error),
+        Admitted: lambda: Admitted("f.bin", ledger([0])),
+        Refused: lambda: Refused(error),
+        BlocksLanded: lambda: BlocksLanded(blocks),
+        StreamBroke: lambda: StreamBroke(error),
+        Appended: lambda: Appended([(b % TOTAL, bytes(BLOCK_DIGEST_LEN)) for b, _ in blocks]),
+        AppendFailed: lambda: AppendFailed(error),
+        Finalized: Finalized,
+        FinalizeFailed: lambda: FinalizeFailed(error),
+        PartialChecked: lambda: PartialChecked(data.draw(st.booleans())),
+        Superseded: Superseded,
+        Stopping: Stopping,
+    }
+    return make[kind]()  # type: ignore[no-any-return]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    state=st.sampled_from(list(State)),
+    kind=st.sampled_from(INPUTS),
+    data=st.data(),
+)
+def test_every_state_and_input(state: State, kind: type[Input], data: st.DataObject) -> None:
+    """Never an exception; anything not in the table fails the session with ProtocolError."""
+    p = _drive_to(state)
+    event = _sample(kind, data)
+    out = p.feed(event)
+    if p.core.terminal and state in ReceiverSession.TERMINAL:
+        assert out == []
+    elif (state, kind) not in ReceiverSession.TABLE:
+        assert any(isinstance(o, Failed | CheckPartial) for o in out) or state is State.CLOSING
+        errors = [o.error for o in out if isinstance(o, Failed)]
+        if state is not State.CLOSING:
+            assert isinstance(p.core.error or errors[0], ProtocolError)
+    for follow in (PartialChecked(gone=False), Tick(1e9)):
+        p.feed(follow)  # whatever state it is in now, it goes on without raising
