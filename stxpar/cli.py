@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
@@ -301,13 +302,17 @@ def cmd_recv(args: argparse.Namespace) -> int:
         raise UsageError("--listen HOST:PORT is required to receive")
     host, port = args.listen
     key = _key(args)
-    from .gatekeeper import LogLimiter
+    from .limits import LogLimiter
 
-    # A flood of refused connections must not become a flood of log lines.
+    # A flood of refused connections must not become a flood of log lines. Events come from
+    # many threads; the limiter does not lock, this writer does.
     refusals = LogLimiter()
+    refusals_lock = threading.Lock()
 
     def refused(line: str) -> None:
-        if refusals.allow():
+        with refusals_lock:
+            allowed = refusals.allow()
+        if allowed:
             print(line, file=sys.stderr)
 
     def on_event(kind: str, fields: dict[str, Any]) -> None:
@@ -377,7 +382,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
     receiver.start()
 
     def summary(force: bool = False) -> None:
-        line = refusals.flush(force=force)
+        with refusals_lock:
+            line = refusals.flush(force=force)
         if line and not args.quiet:
             print(f"(rejected/dropped connections: {line})", file=sys.stderr)
 
