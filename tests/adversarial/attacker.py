@@ -634,18 +634,19 @@ class Arena:
         r = self.receiver
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with r._lock:
-                done = (
-                    len(r._sessions) == active and len(r._active) == active and not r._preauth_by_ip
-                )
-            if done:
+            snap = r.snapshot()
+            if (
+                snap.sessions_active == active
+                and len(snap.names_active) == active
+                and not snap.preauth_by_source
+            ):
                 return
             time.sleep(0.02)
-        with r._lock:
-            raise AssertionError(
-                f"receiver did not settle: sessions={len(r._sessions)} (expected {active}) "
-                f"names={[p.name for p in r._active]} preauth={r._preauth_by_ip}"
-            )
+        snap = r.snapshot()
+        raise AssertionError(
+            f"receiver did not settle: sessions={snap.sessions_active} (expected {active}) "
+            f"names={list(snap.names_active)} preauth={dict(snap.preauth_by_source)}"
+        )
 
     def listing(self) -> set[str]:
         return {os.fspath(p.relative_to(self.root)) for p in self.root.rglob("*")}
