@@ -192,9 +192,10 @@ class RecvOptions:
     max_handshakes_per_s: float = 50.0
     #: ... and from one source address (None: half of ``max_handshakes_per_s``, at least 2).
     max_handshakes_per_ip_per_s: float | None = None
-    #: Connections that have not authenticated yet, in all and per source address: past
-    #: either, the oldest idle one is evicted for a newcomer.
+    #: Connections that have not authenticated yet, in all: past it, the oldest idle one is
+    #: evicted for a newcomer.
     max_pending: int = 256
+    #: ... and per source address (an IPv6 /64 counts as one).
     max_pending_per_ip: int = 32
     #: Authenticated control connections (transfers) served at once; past it a sender is told
     #: "receiver busy" and retries.

@@ -389,8 +389,8 @@ class Receiver:
                 sync_bytes=self.sync_bytes,
                 on_event=self._event,
             )
-            router = ReportRouter(pull, self._pool, self._on_report)
-            t = threading.Thread(target=router.run, args=(self._stopping,), daemon=True)
+            router = ReportRouter(self._pool, self._on_report)
+            t = threading.Thread(target=router.run, args=(pull, self._stopping), daemon=True)
             t.start()
             self._threads.append(t)
             self._gate = Gatekeeper(

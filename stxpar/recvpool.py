@@ -418,11 +418,17 @@ def _descriptors_free() -> int:
 ReportFn = Callable[[Landed | StreamFailed], None]
 
 
+class Releasing(Protocol):
+    """What the router needs of a pool."""
+
+    def released(self, session_id: bytes, stream: int) -> None: ...
+    def check(self) -> None: ...
+
+
 class ReportRouter:
     """The report thread's work: decode, release, route (see the module's docstring)."""
 
-    def __init__(self, pull: zmq.Socket, pool: WorkerPool, on_report: ReportFn) -> None:
-        self.pull = pull
+    def __init__(self, pool: Releasing, on_report: ReportFn) -> None:
         self.pool = pool
         self.on_report = on_report
         #: Reports that were not a valid message (dropped).
@@ -440,8 +446,9 @@ class ReportRouter:
         if isinstance(msg, Landed | StreamFailed):
             self.on_report(msg)
 
-    def run(self, stopping: threading.Event) -> None:
-        """Until ``stopping`` is set (or the socket is closed under it)."""
+    def run(self, pull: zmq.Socket, stopping: threading.Event) -> None:
+        """Route what arrives on ``pull`` until ``stopping`` is set (or the socket is closed
+        under it)."""
         last_check = 0.0
         while not stopping.is_set():
             if time.monotonic() - last_check > CHECK_EVERY_S:
@@ -451,9 +458,9 @@ class ReportRouter:
                 except Exception:  # this thread must outlive any one check
                     pass
             try:
-                if not self.pull.poll(200):
+                if not pull.poll(200):
                     continue
-                data = self.pull.recv()
+                data = pull.recv()
             except zmq.ZMQError:
                 return
             self.handle(data)
