@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
@@ -304,17 +303,13 @@ def cmd_recv(args: argparse.Namespace) -> int:
         raise UsageError("--listen HOST:PORT is required to receive")
     host, port = args.listen
     key = _key(args)
-    from .limits import LogLimiter
+    from .gatekeeper import LogLimiter
 
-    # A flood of refused connections must not become a flood of log lines. Events come from
-    # many threads; the limiter does not lock, this writer does.
+    # A flood of refused connections must not become a flood of log lines.
     refusals = LogLimiter()
-    refusals_lock = threading.Lock()
 
     def refused(line: str) -> None:
-        with refusals_lock:
-            allowed = refusals.allow()
-        if allowed:
+        if refusals.allow():
             print(line, file=sys.stderr)
 
     def on_event(kind: str, fields: dict[str, Any]) -> None:
@@ -382,8 +377,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     receiver.start()
 
     def summary(force: bool = False) -> None:
-        with refusals_lock:
-            line = refusals.flush(force=force)
+        line = refusals.flush(force=force)
         if line and not args.quiet:
             print(f"(rejected/dropped connections: {line})", file=sys.stderr)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import keyschedule as ks
 from .errors import UsageError
+from .handshake import DEFAULT_WINDOW_MS
 from .netio import Backoff
 from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 
@@ -20,8 +21,6 @@ DEFAULT_STALL_TIMEOUT = 60.0
 #: Default retries after the first attempt: with ``Backoff()``'s equal jitter the waits before
 #: giving up add up to between ``Backoff().min_total(9)`` = 60.75 s and 121.5 s.
 DEFAULT_MAX_RETRIES = 9
-#: How far a peer's clock may be from ours (milliseconds) before a handshake is refused.
-DEFAULT_WINDOW_MS = 300_000
 #: A receiver worker makes landed blocks durable (``fdatasync``) and acknowledges them at the
 #: latest after this many bytes.
 DEFAULT_SYNC_BYTES = 64 << 20

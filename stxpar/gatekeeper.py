@@ -43,7 +43,6 @@ import selectors
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,7 +51,8 @@ from .errors import ConnectError, ProtocolError, StxError
 from .handshake import ReplayCache, ServerHandshake, handshake_cap
 from .limits import FdBudget as FdBudget
 from .limits import GateLimits as GateLimits
-from .limits import LogLimiter as LogLimiter
+from .limits import HandshakeRates, Pending
+from .limits import LogLimiter as _LogLimiter
 from .limits import TokenBucket as TokenBucket
 from .limits import error_text as error_text
 from .limits import source_key as source_key
@@ -121,6 +121,23 @@ class _Conn:
         #: INIT accepted: from now on failures are answered with an ERROR
         self.greeted = False
 
+    def take(self, chunk: bytes) -> tuple[FrameType, bytes] | None:
+        """Add what was read (never more than ``want``); the frame, once it is whole."""
+        self.buf += chunk
+        if len(self.buf) < self.want:
+            return None
+        if self.ftype is None:
+            cap = first_cap if self.hs is None else handshake_cap
+            self.ftype, length = parse_header(bytes(self.buf), cap=cap)
+            self.buf.clear()
+            self.want = length
+            if length:
+                return None
+        frame = self.ftype, bytes(self.buf)
+        self.ftype, self.want = None, HEADER.size
+        self.buf.clear()
+        return frame
+
 
 class Gatekeeper:
     """Listens on ``listeners`` and runs the pre-authentication phase of every connection in one
@@ -146,15 +163,13 @@ class Gatekeeper:
         self._on_join = on_join
         self._on_control = on_control
         self._on_event = on_event
-        self._global = TokenBucket(
-            rate=limits.handshakes_per_s, burst=max(1.0, 2 * limits.handshakes_per_s)
+        self._rates = HandshakeRates(
+            per_s=limits.handshakes_per_s, per_key_per_s=limits.handshakes_per_ip_per_s
         )
-        self._per_ip: OrderedDict[str, TokenBucket] = OrderedDict()
         self._fds = FdBudget(limits.fd_reserve)
         self._sel = selectors.DefaultSelector()
-        self._conns: OrderedDict[_Conn, None] = OrderedDict()  # arrival (= deadline) order
-        self._idle: OrderedDict[_Conn, None] = OrderedDict()  # not one whole frame yet
-        self._by_key: dict[str, OrderedDict[_Conn, None]] = {}
+        self._conns: Pending[_Conn] = Pending()
+        #: ``_conns`` counted per source, for other threads (``pending_by_source``)
         self._counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
         self._stop = threading.Event()
@@ -214,8 +229,9 @@ class Gatekeeper:
         now = time.monotonic()
         self._expire(now)
         timeout = 0.5
-        if self._conns:
-            timeout = max(0.0, min(timeout, next(iter(self._conns)).deadline - now))
+        first = self._conns.oldest()
+        if first is not None:
+            timeout = max(0.0, min(timeout, first.deadline - now))
         for key, _ in self._sel.select(timeout):
             obj = key.fileobj
             if obj is self._wake_r:
@@ -227,11 +243,10 @@ class Gatekeeper:
                 self._accept(obj)  # type: ignore[arg-type]
             else:
                 self._readable(key.data)
-        self._prune_buckets(time.monotonic())
+        self._rates.prune(time.monotonic())
 
     def _expire(self, now: float) -> None:
-        while self._conns:
-            conn = next(iter(self._conns))
+        while (conn := self._conns.oldest()) is not None:
             if conn.deadline > now:
                 return
             self._fail(conn, ConnectError(f"connection to {conn.peer[0]} lost: timed out"))
@@ -264,7 +279,7 @@ class Gatekeeper:
         as when the cap is reached; False if there is none to evict."""
         if not self._conns:
             return False
-        self._evict(self._conns, "a new connection", "out of file descriptors")
+        self._evict(None, "a new connection", "out of file descriptors")
         self._fds.took(-1)
         return True
 
@@ -292,34 +307,26 @@ class Gatekeeper:
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
         key = source_key(peer[0])
         lim = self.limits
-        mine = self._by_key.get(key)
-        if mine is not None and len(mine) >= lim.max_pending_per_ip:
-            self._evict(mine, peer[0], "too many unauthenticated connections from this address")
+        if self._conns.count(key) >= lim.max_pending_per_ip:
+            self._evict(key, peer[0], "too many unauthenticated connections from this address")
         elif len(self._conns) >= lim.max_pending:
-            self._evict(self._conns, peer[0], "too many unauthenticated connections")
+            self._evict(None, peer[0], "too many unauthenticated connections")
         conn = _Conn(sock, peer, key, time.monotonic() + lim.handshake_timeout)
-        self._conns[conn] = None
-        self._idle[conn] = None
-        self._by_key.setdefault(key, OrderedDict())[conn] = None
+        self._conns.add(conn, key)
         with self._counts_lock:
             self._counts[key] = self._counts.get(key, 0) + 1
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _evict(self, among: OrderedDict[_Conn, None], newcomer: str, why: str) -> None:
-        victim = next((c for c in among if not c.spoke), None) or next(iter(among))
+    def _evict(self, key: str | None, newcomer: str, why: str) -> None:
+        victim = self._conns.victim(_spoke, key)
+        if victim is None:
+            return
         self._event("dropped", peer=victim.peer[0], reason=f"evicted for {newcomer}: {why}")
         self._close(victim)
 
     def _forget(self, conn: _Conn) -> None:
-        if conn not in self._conns:
+        if not self._conns.remove(conn):
             return
-        del self._conns[conn]
-        self._idle.pop(conn, None)
-        mine = self._by_key.get(conn.key)
-        if mine is not None:
-            mine.pop(conn, None)
-            if not mine:
-                del self._by_key[conn.key]
         with self._counts_lock:
             left = self._counts.get(conn.key, 1) - 1
             if left:
@@ -359,29 +366,16 @@ class Gatekeeper:
                 raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
             if not chunk:
                 raise ConnectError(f"connection closed by {conn.peer[0]}")
-            conn.buf += chunk
-            if len(conn.buf) < conn.want:
-                return
-            if conn.ftype is None:
-                cap = first_cap if conn.hs is None else handshake_cap
-                conn.ftype, length = parse_header(bytes(conn.buf), cap=cap)
-                conn.buf.clear()
-                conn.want = length
-                if length:
-                    return
-            ftype, payload = conn.ftype, bytes(conn.buf)
-            conn.ftype, conn.want = None, HEADER.size
-            conn.buf.clear()
-            self._frame(conn, ftype, payload)
+            frame = conn.take(chunk)
+            if frame is not None:
+                self._frame(conn, *frame)
         except StxError as exc:
             self._fail(conn, exc)
         except Exception as exc:  # never let one connection take the gatekeeper down
             self._fail(conn, StxError(f"internal error: {type(exc).__name__}"))
 
     def _frame(self, conn: _Conn, ftype: FrameType, payload: bytes) -> None:
-        if not conn.spoke:
-            conn.spoke = True
-            self._idle.pop(conn, None)
+        conn.spoke = True
         if conn.hs is None:
             if ftype is FrameType.JOIN:
                 self._hand_join(conn, payload)
@@ -390,7 +384,7 @@ class Gatekeeper:
                 raise ProtocolError(f"unexpected {ftype.name} as the first frame")
             Init.decode(payload)
             conn.greeted = True
-            if not self._take_handshake(conn.key):
+            if not self._rates.take(conn.key):
                 raise ConnectError(BUSY_HANDSHAKES)
             conn.hs = ServerHandshake(
                 keyring=self._keyring,
@@ -410,26 +404,6 @@ class Gatekeeper:
                 raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
             if sent != len(data):  # a few hundred bytes into an empty buffer: it does not read
                 raise ConnectError(f"connection to {conn.peer[0]} lost: peer is not reading")
-
-    def _take_handshake(self, key: str) -> bool:
-        bucket = self._per_ip.get(key)
-        if bucket is None:
-            rate = self.limits.handshakes_per_ip_per_s
-            bucket = self._per_ip[key] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate))
-        self._per_ip.move_to_end(key)
-        while len(self._per_ip) > 65536:
-            self._per_ip.popitem(last=False)
-        # Spend a token of either bucket only when both have one: a refusal for lack of the
-        # global token must not cost this address its own.
-        return bucket.ready() and self._global.take() and bucket.take()
-
-    def _prune_buckets(self, now: float) -> None:
-        """Forget the buckets of addresses that are quiet again (they would be full anyway)."""
-        while self._per_ip:
-            key, bucket = next(iter(self._per_ip.items()))
-            if not bucket.full(now):
-                return
-            del self._per_ip[key]
 
     def _handed(self, conn: _Conn) -> FramedSocket:
         """Take ``conn`` out of the loop; its socket, blocking again, for the next owner."""
@@ -471,6 +445,27 @@ class Gatekeeper:
             self._on_event(kind, fields)
         except Exception:  # a faulty callback must not take the gatekeeper down
             pass
+
+
+class LogLimiter(_LogLimiter):
+    """``limits.LogLimiter`` for a log writer that hears events from many threads (the
+    receiver's): one call at a time."""
+
+    def __init__(self, *, rate: float = 5.0, burst: float = 10.0, every: float = 1.0) -> None:
+        super().__init__(rate=rate, burst=burst, every=every)
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            return super().allow()
+
+    def flush(self, *, force: bool = False) -> str | None:
+        with self._lock:
+            return super().flush(force=force)
+
+
+def _spoke(conn: _Conn) -> bool:
+    return conn.spoke
 
 
 def _nothing() -> None:

@@ -36,7 +36,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from . import keyschedule as ks
-from .config import DEFAULT_WINDOW_MS as DEFAULT_WINDOW_MS
 from .errors import AuthError, ProtocolError, StxError, error_from_wire
 from .wire import (
     MAX_HANDSHAKE_PAYLOAD,
@@ -51,6 +50,7 @@ from .wire import (
 )
 
 AUTH_FAILED = "authentication failed"
+DEFAULT_WINDOW_MS = 300_000
 
 
 class ClockSkewError(AuthError):

@@ -8,10 +8,11 @@ handshake rates (``TokenBucket``: the clock is passed in, or read from ``time.mo
 key per-address limits count by (``source_key``: an IPv4 address, an IPv6 /64), the
 descriptor headroom (``FdBudget``: it reads ``/proc/self/fd`` and ``RLIMIT_NOFILE``, nothing
 else), what a refused peer is told (``error_text``) and the log-flood guard a log writer uses
-(``LogLimiter``).
+(``LogLimiter``), the handshake rate limits (``HandshakeRates``) and the book of pending
+connections with its eviction rule (``Pending``).
 
 None of these objects locks: each belongs to one thread (the gatekeeper's loop), or its user
-serialises the calls (the CLI's event writer holds its own lock around ``LogLimiter``).
+serialises the calls (``gatekeeper.LogLimiter`` is the locked one the CLI's event writer uses).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .errors import AuthError, ProtocolError, StxError
 from .handshake import ClockSkewError
@@ -174,3 +178,90 @@ def error_text(exc: StxError, *, generic: bool) -> str:
     ):
         return "authentication failed"
     return str(exc)
+
+
+class HandshakeRates:
+    """Handshakes started (INIT), limited globally and per source key: token buckets of
+    ``per_s`` and ``per_key_per_s``, bursts of twice as many. At most ``max_keys`` addresses
+    are remembered (the least recent go first); ``prune`` forgets those that are quiet again."""
+
+    def __init__(
+        self, *, per_s: float, per_key_per_s: float, max_keys: int = 65536, now: float | None = None
+    ) -> None:
+        self._global = TokenBucket(rate=per_s, burst=max(1.0, 2 * per_s), now=now)
+        self._per_key_per_s = per_key_per_s
+        self._max_keys = max_keys
+        self._per_key: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> bool:
+        """Spend a token of either bucket only when both have one: a refusal for lack of the
+        global token must not cost this address its own."""
+        bucket = self._per_key.get(key)
+        if bucket is None:
+            rate = self._per_key_per_s
+            bucket = self._per_key[key] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate), now=now)
+        self._per_key.move_to_end(key)
+        while len(self._per_key) > self._max_keys:
+            self._per_key.popitem(last=False)
+        return bucket.ready(now) and self._global.take(now) and bucket.take(now)
+
+    def prune(self, now: float) -> None:
+        """Forget the buckets of addresses that are quiet again (they would be full anyway)."""
+        while self._per_key:
+            key, bucket = next(iter(self._per_key.items()))
+            if not bucket.full(now):
+                return
+            del self._per_key[key]
+
+    def __len__(self) -> int:
+        return len(self._per_key)
+
+
+C = TypeVar("C", bound=Hashable)
+
+
+class Pending(Generic[C]):
+    """Connections that have not authenticated yet, in arrival order (which is deadline
+    order), and grouped by source key."""
+
+    def __init__(self) -> None:
+        self._all: OrderedDict[C, str] = OrderedDict()
+        self._by_key: dict[str, OrderedDict[C, None]] = {}
+
+    def add(self, conn: C, key: str) -> None:
+        self._all[conn] = key
+        self._by_key.setdefault(key, OrderedDict())[conn] = None
+
+    def remove(self, conn: C) -> bool:
+        """Whether ``conn`` was pending (it is not now)."""
+        key = self._all.pop(conn, None)
+        if key is None:
+            return False
+        mine = self._by_key[key]
+        del mine[conn]
+        if not mine:
+            del self._by_key[key]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[C]:
+        return iter(self._all)
+
+    def oldest(self) -> C | None:
+        return next(iter(self._all), None)
+
+    def count(self, key: str) -> int:
+        return len(self._by_key.get(key, ()))
+
+    def victim(self, spoke: Callable[[C], bool], key: str | None = None) -> C | None:
+        """Whom to evict for a newcomer (of ``key``'s address, or of anyone): the oldest that
+        has not sent one whole frame yet (an idle or trickling connection), else the oldest.
+        Idle connections cannot hold the door shut, and an honest sender, which speaks at
+        once, is not the one evicted."""
+        among = self._all if key is None else self._by_key.get(key, OrderedDict())
+        for conn in among:
+            if not spoke(conn):
+                return conn
+        return next(iter(among), None)

@@ -79,12 +79,13 @@ from .handshake import ReplayCache, keyring_for
 from .keyschedule import SessionKeys
 from .messages import Landed, StreamFailed
 from .netio import FramedSocket
+from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
+from .placement import WORKER_QUIET_S as WORKER_QUIET_S
+from .placement import WORKER_START_S as WORKER_START_S
+from .placement import ReportRouter
 from .records import ControlChannel, verify_join
-from .recvpool import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .recvpool import SPAWN_DESCRIPTORS as SPAWN_DESCRIPTORS
-from .recvpool import WORKER_QUIET_S as WORKER_QUIET_S
-from .recvpool import WORKER_START_S as WORKER_START_S
-from .recvpool import ReportRouter, WorkerPool
+from .recvpool import WorkerPool, route_reports
 from .state import Identity, StateLog
 from .state import load as load_state
 from .wire import (
@@ -355,7 +356,7 @@ class Receiver:
         if pool is not None:
             with pool.lock:
                 pids = tuple(m.pid for m in pool.members)
-                load = tuple(pool.load)
+                load = tuple(pool.placement.load)
                 replaced = pool.replaced
         with self._lock:
             sessions = len(self._sessions)
@@ -389,8 +390,10 @@ class Receiver:
                 sync_bytes=self.sync_bytes,
                 on_event=self._event,
             )
-            router = ReportRouter(self._pool, self._on_report)
-            t = threading.Thread(target=router.run, args=(pull, self._stopping), daemon=True)
+            router = ReportRouter(self._pool.released, self._on_report)
+            t = threading.Thread(
+                target=route_reports, args=(pull, router, self._pool, self._stopping), daemon=True
+            )
             t.start()
             self._threads.append(t)
             self._gate = Gatekeeper(

@@ -1,4 +1,4 @@
-"""The receiver's worker pool and the router of what its workers report.
+"""The receiver's worker processes, their channels, and the thread that reads their reports.
 
 Theory of operation
 -------------------
@@ -7,19 +7,13 @@ coordinator, a SEQPACKET socketpair: it carries ``StreamJob`` (with the verified
 socket beside it, by SCM_RIGHTS: a kernel socket cannot travel over ZeroMQ) and ``Cancel``
 down, ``Ready`` and ``Beat`` up. What a worker landed goes up on the coordinator's one ZeroMQ
 PULL socket (``Landed``, ``StreamFailed``, ``StreamClosed``). Every message is a typed
-``stxpar.messages`` message; nothing here knows a message's bytes.
+``stxpar.messages`` message.
 
-``WorkerPool`` hands a stream to the least busy live worker, within two caps (streams open in
-all and per worker; past either the stream is refused with a retryable "receiver busy"), and
-replaces a worker that exited or went silent. ``Liveness`` is the pure bookkeeping of that
-silence: when each worker was last heard from, who is quiet (left out of new hand-overs while
-another can take them) and who is stuck (killed and replaced). ``WorkerHandle`` is the one
-place that touches a worker's process and channel: a local process today, the seam where a
-worker on another host would plug in.
-
-``ReportRouter`` is the report thread: it decodes each report (garbage is counted and
-dropped, never raised), gives back a stream's slot on ``StreamClosed``/``StreamFailed``, hands
-``Landed`` and ``StreamFailed`` to ``on_report``, and runs the pool's check every half second.
+``WorkerHandle`` is the one place that touches a worker's process and channel: a local process
+today, the seam where a worker on another host would plug in. ``WorkerPool`` hands streams
+over, cancels sessions, and replaces workers that exited or went silent; what it decides
+(placement within the caps, liveness, report routing) is pure and lives in ``placement.py``.
+``route_reports`` is the report thread.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
@@ -43,97 +37,24 @@ from .config import (
     DEFAULT_SYNC_BYTES,
     WORKER_TIMEOUT,
 )
-from .errors import ConnectError, ProtocolError
-from .messages import Cancel, Landed, StreamClosed, StreamFailed, StreamJob
-from .wire import Metadata
+from .errors import ConnectError
+from .messages import Cancel, StreamJob
+from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
+from .placement import WORKER_QUIET_S as WORKER_QUIET_S
+from .placement import WORKER_START_S as WORKER_START_S
+from .placement import Liveness, Placement, ReportRouter, StreamTarget, is_liveness, stream_job
 
-#: ... and one not heard from for this long gets new streams only if no other worker can.
-WORKER_QUIET_S = 1.5
-#: A new worker may take this long to start before its silence counts.
-WORKER_START_S = 15.0
 #: Descriptors that must be free before a replacement worker is started: its socketpair, the
 #: pipe ``subprocess`` uses while it starts it, and the IPC connection its reports arrive on.
 #: libzmq aborts the whole process when it cannot accept that last one (EMFILE), so a worker is
 #: rather not replaced yet (the next check tries again).
 SPAWN_DESCRIPTORS = 8
-#: The data streams of a completed session still open this long after its RECEIPT are cut:
-#: an honest sender closes them within milliseconds, one that vanished never does.
-FINISHED_GRACE_S = 2.0
 #: How often the report thread checks the pool (dead or silent workers, due cancels).
 CHECK_EVERY_S = 0.5
 #: The largest message a worker sends on its channel (``Ready``, ``Beat``: a few bytes).
 _LIVENESS_MAX = 64
 
 EventFn = Callable[..., None]
-
-
-class StreamTarget(Protocol):
-    """What a verified JOIN names (the session registry's ``accept_stream`` answers with it)."""
-
-    @property
-    def session_id(self) -> bytes: ...
-    @property
-    def stream(self) -> int: ...
-    @property
-    def secret(self) -> bytes: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def md(self) -> Metadata: ...
-    @property
-    def inode(self) -> tuple[int, int] | None: ...
-
-
-def stream_job(target: StreamTarget, *, sync_bytes: int) -> StreamJob:
-    """The job a worker gets for ``target``: the partial file by path and inode (the worker
-    writes nothing unless the file it opens is that inode), the transfer's parameters."""
-    md = target.md
-    return StreamJob(
-        session_id=target.session_id,
-        stream=target.stream,
-        secret=target.secret,
-        path=target.path,
-        size=md.size,
-        block_size=md.block_size,
-        file_id=md.file_id,
-        rekey_records=md.rekey_records,
-        rekey_bytes=md.rekey_bytes,
-        sync_bytes=sync_bytes,
-        streams=md.streams,  # the worker lands blocks by mapping when there are many
-        inode=target.inode,
-    )
-
-
-class Liveness:
-    """When each worker was last heard from, and what that silence means (no I/O, the clock
-    passed in). A time in the future: the worker is still starting."""
-
-    def __init__(self, n: int, *, stuck_after: float, now: float) -> None:
-        self.stuck_after = stuck_after
-        self.quiet_after = min(WORKER_QUIET_S, stuck_after / 2)
-        self.heard = [now + WORKER_START_S] * n
-        self._last_check = now
-
-    def started(self, i: int, now: float) -> None:
-        self.heard[i] = now + WORKER_START_S
-
-    def hear(self, i: int, now: float) -> None:
-        self.heard[i] = max(self.heard[i], now)
-
-    def checking(self, now: float) -> None:
-        """A check begins. If this process itself did not run for a while (stopped with its
-        workers by ^Z, or its report thread held up), it cannot tell who else was silent."""
-        if now - self._last_check > self.stuck_after / 2:
-            self.heard = [max(h, now) for h in self.heard]
-        self._last_check = now
-
-    def quiet(self, i: int, now: float) -> bool:
-        return now - self.heard[i] > self.quiet_after
-
-    def silence(self, i: int, now: float) -> float | None:
-        """Seconds worker ``i`` has been silent, if that makes it stuck; else None."""
-        silent = now - self.heard[i]
-        return silent if silent > self.stuck_after else None
 
 
 class WorkerHandle:
@@ -171,7 +92,7 @@ class WorkerHandle:
             return False
         finally:
             self.chan.settimeout(None)
-        return _liveness(data)
+        return is_liveness(data)
 
     def heard(self) -> bool:
         """Read what it sent (heartbeats) without waiting: whether it said anything."""
@@ -183,7 +104,7 @@ class WorkerHandle:
                 return said  # nothing queued (or a closed channel)
             if not data:
                 return said  # the worker exited; exited() says so
-            said = said or _liveness(data)
+            said = said or is_liveness(data)
 
     def send(self, msg: messages.Message, fds: tuple[int, ...] = ()) -> None:
         """Without blocking (OSError if it cannot take it now): a stopped worker whose channel
@@ -214,14 +135,6 @@ class WorkerHandle:
             self.proc.wait()
 
 
-def _liveness(data: bytes) -> bool:
-    try:
-        messages.decode(data, expect=messages.RECEIVER_LIVENESS)
-    except ProtocolError:
-        return False
-    return True
-
-
 class WorkerPool:
     """Receiver worker processes: hand-overs within caps, cancels, replacement of workers that
     exited or stopped beating (see the module's docstring).
@@ -246,14 +159,13 @@ class WorkerPool:
         on_event: EventFn | None = None,
     ) -> None:
         self.report_endpoint = report_endpoint
-        self.max_streams = max_streams
-        self.max_worker_streams = max_worker_streams
         self.sync_bytes = sync_bytes
         self._on_event = on_event
         self.members: list[WorkerHandle] = []
-        self.load = [0] * n
+        self.placement = Placement(
+            n, max_streams=max_streams, max_worker_streams=max_worker_streams
+        )
         self.live = Liveness(n, stuck_after=stuck_after, now=time.monotonic())
-        self.where: dict[tuple[bytes, int], int] = {}
         self.lock = threading.Lock()
         self.replaced = 0
         self._cancels: list[tuple[float, bytes]] = []
@@ -318,8 +230,7 @@ class WorkerPool:
         if stuck is not None:
             old.kill()
         old.close()
-        self.load[i] = 0
-        self.where = {k: v for k, v in self.where.items() if v != i}
+        self.placement.clear(i)
         try:
             if _descriptors_free() < SPAWN_DESCRIPTORS:
                 raise OSError(errno.EMFILE, "too few file descriptors free")
@@ -349,36 +260,30 @@ class WorkerPool:
         ConnectError if the receiver serves as many streams as it may, or if no worker takes
         it (the sender then replaces the stream, later)."""
         with self.lock:
-            open_streams = sum(self.load)
-            if open_streams >= self.max_streams:
+            if self.placement.full():
                 raise ConnectError(
-                    f"receiver busy: {open_streams} data streams open, the most it serves;"
-                    " try again shortly"
+                    f"receiver busy: {self.placement.open_streams()} data streams open, the most"
+                    " it serves; try again shortly"
                 )
             now = time.monotonic()
             for i in range(len(self.members)):
                 self._hear(i, now)
 
-            def rank(k: int) -> tuple[bool, bool, int]:
-                return self.members[k].exited(), self.live.quiet(k, now), self.load[k]
+            def health(k: int) -> tuple[bool, bool]:
+                return self.members[k].exited(), self.live.quiet(k, now)
 
-            for i in sorted(range(len(self.members)), key=rank):
-                if self.load[i] >= self.max_worker_streams:
-                    continue
+            for i in self.placement.order(health):
                 try:
                     self.members[i].send(job, (conn.fileno(),))
                 except OSError:
                     continue  # that worker just died, or is not reading: check() replaces it
-                self.load[i] += 1
-                self.where[(job.session_id, job.stream)] = i
+                self.placement.assign(i, job.session_id, job.stream)
                 return
         raise ConnectError("receiver busy: no worker could take the data stream; try again shortly")
 
     def released(self, session_id: bytes, stream: int) -> None:
         with self.lock:
-            i = self.where.pop((session_id, stream), None)
-            if i is not None:
-                self.load[i] -= 1
+            self.placement.release(session_id, stream)
 
     def cancel(self, session_id: bytes) -> None:
         """End every stream of a session, now."""
@@ -414,53 +319,23 @@ def _descriptors_free() -> int:
         return 1 << 30
 
 
-#: on_report(msg): a worker's ``Landed`` or ``StreamFailed``.
-ReportFn = Callable[[Landed | StreamFailed], None]
-
-
-class Releasing(Protocol):
-    """What the router needs of a pool."""
-
-    def released(self, session_id: bytes, stream: int) -> None: ...
-    def check(self) -> None: ...
-
-
-class ReportRouter:
-    """The report thread's work: decode, release, route (see the module's docstring)."""
-
-    def __init__(self, pool: Releasing, on_report: ReportFn) -> None:
-        self.pool = pool
-        self.on_report = on_report
-        #: Reports that were not a valid message (dropped).
-        self.garbage = 0
-
-    def handle(self, data: bytes) -> None:
-        """One report: never raises for what a worker sent."""
-        try:
-            msg = messages.decode(data, expect=messages.RECEIVER_REPORTS)
-        except ProtocolError:
-            self.garbage += 1
-            return
-        if isinstance(msg, StreamClosed | StreamFailed):
-            self.pool.released(msg.session_id, msg.stream)
-        if isinstance(msg, Landed | StreamFailed):
-            self.on_report(msg)
-
-    def run(self, pull: zmq.Socket, stopping: threading.Event) -> None:
-        """Route what arrives on ``pull`` until ``stopping`` is set (or the socket is closed
-        under it)."""
-        last_check = 0.0
-        while not stopping.is_set():
-            if time.monotonic() - last_check > CHECK_EVERY_S:
-                last_check = time.monotonic()
-                try:
-                    self.pool.check()
-                except Exception:  # this thread must outlive any one check
-                    pass
+def route_reports(
+    pull: zmq.Socket, router: ReportRouter, pool: WorkerPool, stopping: threading.Event
+) -> None:
+    """The report thread: what arrives on ``pull`` goes to ``router``, and the pool is checked
+    every ``CHECK_EVERY_S``, until ``stopping`` is set (or the socket is closed under it)."""
+    last_check = 0.0
+    while not stopping.is_set():
+        if time.monotonic() - last_check > CHECK_EVERY_S:
+            last_check = time.monotonic()
             try:
-                if not pull.poll(200):
-                    continue
-                data = pull.recv()
-            except zmq.ZMQError:
-                return
-            self.handle(data)
+                pool.check()
+            except Exception:  # this thread must outlive any one check
+                pass
+        try:
+            if not pull.poll(200):
+                continue
+            data = pull.recv()
+        except zmq.ZMQError:
+            return
+        router.handle(data)

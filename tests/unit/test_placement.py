@@ -1,4 +1,5 @@
-"""The receiver's report router and the pool's pure parts, without processes or sockets."""
+"""The receiver worker pool's pure parts (placement, liveness, report routing, jobs), without
+processes or sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from hypothesis import strategies as st
 
 from stxpar import messages
 from stxpar.messages import Beat, Landed, StreamClosed, StreamFailed, StreamJob
-from stxpar.recvpool import WORKER_START_S, Liveness, ReportRouter, stream_job
+from stxpar.placement import (
+    WORKER_START_S,
+    Liveness,
+    Placement,
+    ReportRouter,
+    is_liveness,
+    stream_job,
+)
 from stxpar.wire import Metadata
 
 SID = bytes(range(16))
@@ -19,19 +27,15 @@ SID = bytes(range(16))
 class FakePool:
     def __init__(self) -> None:
         self.released_streams: list[tuple[bytes, int]] = []
-        self.checks = 0
 
     def released(self, session_id: bytes, stream: int) -> None:
         self.released_streams.append((session_id, stream))
-
-    def check(self) -> None:
-        self.checks += 1
 
 
 def _router() -> tuple[ReportRouter, FakePool, list[Landed | StreamFailed]]:
     pool = FakePool()
     got: list[Landed | StreamFailed] = []
-    return ReportRouter(pool, got.append), pool, got
+    return ReportRouter(pool.released, got.append), pool, got
 
 
 def test_landed_goes_to_the_session_and_keeps_the_stream() -> None:
@@ -164,3 +168,37 @@ def test_stream_job_from_a_target() -> None:
     )
     # it crosses the channel and comes back the same
     assert messages.decode(messages.encode(job), expect=messages.RECEIVER_JOBS) == job
+
+
+def test_liveness_messages() -> None:
+    assert is_liveness(messages.encode(Beat()))
+    assert is_liveness(messages.encode(messages.Ready()))
+    assert not is_liveness(b"beat")  # the old bytes
+    assert not is_liveness(messages.encode(StreamClosed(SID, 0)))
+
+
+def test_placement_caps_and_order() -> None:
+    place = Placement(3, max_streams=4, max_worker_streams=2)
+
+    def healthy(k: int) -> tuple[bool, bool]:
+        return False, False
+
+    assert place.order(healthy) == [0, 1, 2]
+    place.assign(0, SID, 0)
+    place.assign(0, SID, 1)
+    place.assign(1, SID, 2)
+    # worker 0 is at its cap; the least loaded comes first
+    assert place.order(healthy) == [2, 1]
+    # an exited worker comes last, a quiet one after those heard from
+    assert place.order(lambda k: (k == 2, False)) == [1, 2]
+    assert place.order(lambda k: (False, k == 2)) == [1, 2]
+    assert not place.full()
+    place.assign(2, SID, 3)
+    assert place.full() and place.open_streams() == 4
+    place.release(SID, 0)
+    place.release(SID, 0)  # twice: counted once
+    assert place.load == [1, 1, 1] and not place.full()
+    place.clear(1)
+    assert place.load == [1, 0, 1] and (SID, 2) not in place.where
+    place.release(SID, 2)  # a stream of a replaced worker: nothing left to give back
+    assert place.load == [1, 0, 1]
