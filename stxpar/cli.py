@@ -18,14 +18,14 @@ from typing import Any, NoReturn, TextIO
 from . import __version__
 from .config import (
     DEFAULT_BLOCK_SIZE,
-    DEFAULT_MAX_RETRIES,
+    RecvOptions,
     SendOptions,
     TransferResult,
     default_workers,
     parse_size,
 )
 from .errors import EXIT_OTHER, StxError, UsageError
-from .netio import Backoff, parse_hostport
+from .netio import parse_hostport
 from .psk import load_key_file, write_key_file
 
 EXIT_CODES = """exit codes:
@@ -231,8 +231,10 @@ def send_summary(result: TransferResult) -> str:
     )
 
 
-#: ``receiver.DEFAULT_STALL_TIMEOUT`` (not imported: ``stx --help`` stays quick without ZeroMQ).
-_STALL_TIMEOUT_DEFAULT = 60.0
+#: The defaults the options' fields carry, shown in ``--help`` (``stxpar.config`` imports no
+#: ZeroMQ: ``stx --help`` stays quick).
+_SEND = SendOptions()
+_RECV = RecvOptions()
 
 
 def _stall_timeout(text: str) -> float:
@@ -293,7 +295,7 @@ def _partials(args: argparse.Namespace) -> int:
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from .receiver import DEFAULT_MAX_STREAMS, Receiver
+    from .receiver import Receiver
 
     if args.list_partial or args.purge_partial is not None:
         return _partials(args)
@@ -361,18 +363,16 @@ def cmd_recv(args: argparse.Namespace) -> int:
         elif kind == "worker_replaced" and not args.quiet:
             print(f"replaced receiver worker {fields['pid']}: {fields['reason']}", file=sys.stderr)
 
-    receiver = Receiver(
-        args.dest,
-        psk=key,
-        host=host,
-        port=port,
+    options = RecvOptions(
         workers=args.workers,
         once=args.once,
-        on_event=on_event,
         window_ms=int(args.clock_window * 1000),
-        max_streams=args.max_streams or DEFAULT_MAX_STREAMS,
+        max_streams=args.max_streams,
         stall_timeout=args.stall_timeout,
         allow_shared_dest=args.allow_shared_dest,
+    )
+    receiver = Receiver(
+        args.dest, psk=key, options=options, host=host, port=port, on_event=on_event
     )
     receiver.start()
 
@@ -430,27 +430,28 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-retries",
         type=_nonneg_int,
-        default=DEFAULT_MAX_RETRIES,
+        default=_SEND.max_retries,
         metavar="N",
         help="consecutive failed connection attempts (or reconnects without progress) after the"
         " first before giving up with exit 4; 0: no retry. The wait before retry n is random"
         " between half and all of min(30, 0.5 * 2^(n-1)) s (0.25-0.5 s, 0.5-1 s, 1-2 s, ...),"
         " also when attempts fail at once; with the default"
-        f" ({DEFAULT_MAX_RETRIES}) the waits add up to {Backoff().min_total(DEFAULT_MAX_RETRIES):.0f}-"
-        f"{Backoff().max_total(DEFAULT_MAX_RETRIES):.0f} s, riding out a minute-long"
+        f" ({_SEND.max_retries}) the waits add up to"
+        f" {_SEND.backoff.min_total(_SEND.max_retries):.0f}-"
+        f"{_SEND.backoff.max_total(_SEND.max_retries):.0f} s, riding out a minute-long"
         " outage. Progress resets the count",
     )
     p.add_argument(
         "--stall-timeout",
         type=float,
-        default=60.0,
+        default=_SEND.stall_timeout,
         metavar="SECONDS",
-        help="reconnect when nothing is acknowledged for this long (default 60)",
+        help=f"reconnect when nothing is acknowledged for this long (default {_SEND.stall_timeout:g})",
     )
     p.add_argument(
         "--deadline",
         type=float,
-        default=0.0,
+        default=_SEND.deadline,
         metavar="SECONDS",
         help="give up with exit 4 when the whole transfer takes longer than this, or as soon as"
         " the next retry's wait would end past it (default: no limit); with a large"
@@ -496,26 +497,28 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clock-window",
         type=_clock_window,
-        default=300.0,
+        default=_RECV.window_ms / 1000,
         metavar="SECONDS",
-        help="how far a sender's clock may be from this one's (default 300); a sender outside"
+        help="how far a sender's clock may be from this one's"
+        f" (default {_RECV.window_ms / 1000:g}); a sender outside"
         " it fails with exit 3 and 'clock skew: ...'",
     )
     p.add_argument(
         "--max-streams",
         type=_positive_int,
+        default=_RECV.max_streams,
         metavar="N",
         help="data streams served at once over all transfers; more are refused and retried"
-        " by their senders (default 256)",
+        f" by their senders (default {_RECV.max_streams})",
     )
     p.add_argument(
         "--stall-timeout",
         type=_stall_timeout,
-        default=_STALL_TIMEOUT_DEFAULT,
+        default=_RECV.stall_timeout,
         metavar="S",
         help="end a transfer whose sender sent no block and no control message for S seconds"
         " (e.g. 90, 2m; its partial is kept for a resume, and the name is free again for a new"
-        f" sender; default {_STALL_TIMEOUT_DEFAULT:g}); raise it for very slow links with big"
+        f" sender; default {_RECV.stall_timeout:g}); raise it for very slow links with big"
         " blocks",
     )
     p.add_argument(

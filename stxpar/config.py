@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -9,6 +10,7 @@ from typing import Any
 
 from . import keyschedule as ks
 from .errors import UsageError
+from .handshake import DEFAULT_WINDOW_MS
 from .netio import Backoff
 from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 
@@ -19,6 +21,17 @@ DEFAULT_STALL_TIMEOUT = 60.0
 #: Default retries after the first attempt: with ``Backoff()``'s equal jitter the waits before
 #: giving up add up to between ``Backoff().min_total(9)`` = 60.75 s and 121.5 s.
 DEFAULT_MAX_RETRIES = 9
+#: A receiver worker makes landed blocks durable (``fdatasync``) and acknowledges them at the
+#: latest after this many bytes.
+DEFAULT_SYNC_BYTES = 64 << 20
+#: Data streams a receiver serves at once, over all its sessions: each is a thread in a worker
+#: with a block-sized buffer or two.
+DEFAULT_MAX_STREAMS = 256
+#: Data streams one receiver worker process serves at once.
+DEFAULT_MAX_WORKER_STREAMS = 128
+#: A receiver worker not heard from (its heartbeat) for this many seconds is killed and
+#: replaced.
+WORKER_TIMEOUT = 5.0
 
 
 def default_workers(*, peer_on_this_machine: bool = False) -> int:
@@ -157,3 +170,85 @@ class TransferResult:
         d["seconds"] = round(self.seconds, 3)
         d.update(extra)
         return d
+
+
+@dataclass(frozen=True)
+class RecvOptions:
+    """How a receiver behaves (``Receiver(dest, psk=..., options=...)``, ``stx recv``). Every
+    field has a safe default; ``resolved()`` checks them all and fills in what is automatic."""
+
+    #: Worker processes that land blocks (None: one per CPU, see ``default_workers``).
+    workers: int | None = None
+    #: Stop after the first completed transfer (``Receiver.wait()`` returns then).
+    once: bool = False
+    #: Seconds from accept until a connection must have authenticated, and then until its
+    #: METADATA arrives.
+    handshake_timeout: float = 10.0
+    #: How far a sender's clock may be from this one's, in milliseconds (``stx recv
+    #: --clock-window`` in seconds); a sender outside it fails with "clock skew".
+    window_ms: int = DEFAULT_WINDOW_MS
+    #: Handshakes started (INIT) per second from everyone, bursts of twice as many.
+    max_handshakes_per_s: float = 50.0
+    #: ... and from one source address (None: half of ``max_handshakes_per_s``, at least 2).
+    max_handshakes_per_ip_per_s: float | None = None
+    #: Connections that have not authenticated yet, in all: past it, the oldest idle one is
+    #: evicted for a newcomer.
+    max_pending: int = 256
+    #: ... and per source address (an IPv6 /64 counts as one).
+    max_pending_per_ip: int = 32
+    #: Authenticated control connections (transfers) served at once; past it a sender is told
+    #: "receiver busy" and retries.
+    max_sessions: int = 64
+    #: Descriptors kept free below RLIMIT_NOFILE (None: a quarter of the limit, at most 32,
+    #: judged against the limit in force when it is checked).
+    fd_reserve: int | None = None
+    #: Data streams served at once over all sessions; past it a stream is refused with a
+    #: retryable "receiver busy".
+    max_streams: int = DEFAULT_MAX_STREAMS
+    #: Data streams one worker serves at once.
+    max_worker_streams: int = DEFAULT_MAX_WORKER_STREAMS
+    #: Seconds a worker may go without a heartbeat before it is killed and replaced.
+    worker_timeout: float = WORKER_TIMEOUT
+    #: Seconds a session may go without a landed block and without a control frame before it
+    #: is ended (its partial kept for a resume): a stopped sender must not hold the file's
+    #: name forever.
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    #: Accept a destination other users can write into (with a "warning" event); refused
+    #: otherwise: such a user can plant, swap or delete files there.
+    allow_shared_dest: bool = False
+    #: Bytes a worker lands before it makes them durable and acknowledges them.
+    sync_bytes: int = DEFAULT_SYNC_BYTES
+
+    def resolved(self) -> ResolvedRecvOptions:
+        """These options checked (UsageError for the first bad one) and made concrete."""
+        if self.max_streams < 1 or self.max_worker_streams < 1 or not self.worker_timeout > 0:
+            raise UsageError("max_streams, max_worker_streams and worker_timeout must be positive")
+        workers = check_workers(self.workers)
+        if self.window_ms <= 0 or self.handshake_timeout <= 0 or self.max_handshakes_per_s <= 0:
+            raise UsageError("window, handshake timeout and handshake rate must be positive")
+        if min(self.max_pending, self.max_pending_per_ip, self.max_sessions) < 1:
+            raise UsageError("connection and session caps must be at least 1")
+        per_ip = (
+            min(self.max_handshakes_per_s, max(2.0, self.max_handshakes_per_s / 2))
+            if self.max_handshakes_per_ip_per_s is None
+            else self.max_handshakes_per_ip_per_s
+        )
+        if per_ip <= 0:
+            raise UsageError("the per-address handshake rate must be positive")
+        if not self.stall_timeout > 0:
+            raise UsageError("the stall timeout must be a positive number of seconds")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecvOptions)}
+        fields.update(
+            workers=workers,
+            max_handshakes_per_ip_per_s=float(per_ip),
+            stall_timeout=float(self.stall_timeout),
+        )
+        return ResolvedRecvOptions(**fields)
+
+
+@dataclass(frozen=True)
+class ResolvedRecvOptions(RecvOptions):
+    """``RecvOptions.resolved()``: every automatic value filled in."""
+
+    workers: int = 1
+    max_handshakes_per_ip_per_s: float = 1.0

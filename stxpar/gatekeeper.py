@@ -38,20 +38,24 @@ writer uses to keep a flood of them to a few lines a second plus a count.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import selectors
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from . import keyschedule as ks
-from .errors import AuthError, ConnectError, ProtocolError, StxError
-from .handshake import ClockSkewError, ReplayCache, ServerHandshake, handshake_cap
+from .errors import ConnectError, ProtocolError, StxError
+from .handshake import ReplayCache, ServerHandshake, handshake_cap
+from .limits import FdBudget as FdBudget
+from .limits import GateLimits as GateLimits
+from .limits import HandshakeRates, Pending
+from .limits import LogLimiter as _LogLimiter
+from .limits import TokenBucket as TokenBucket
+from .limits import error_text as error_text
+from .limits import source_key as source_key
 from .netio import FramedSocket, keepalive
 from .wire import (
     HEADER,
@@ -74,164 +78,6 @@ JoinFn = Callable[[FramedSocket, bytes, Callable[[], None]], None]
 #: on_control(fs, session, peer, frames): start serving an authenticated control connection
 #: (``frames``, the handshake's last, are to be sent first), or raise StxError.
 ControlFn = Callable[[FramedSocket, ks.SessionKeys, tuple, list[bytes]], None]
-
-
-@dataclass(frozen=True)
-class GateLimits:
-    """Pre-authentication limits (one object, validated by the receiver that builds it)."""
-
-    #: Seconds from accept until the connection must have authenticated.
-    handshake_timeout: float = 10.0
-    #: Connections that have not authenticated yet, in total and per source address.
-    max_pending: int = 256
-    max_pending_per_ip: int = 32
-    #: Handshakes started (INIT) per second, in total and per source address; bursts of twice.
-    handshakes_per_s: float = 50.0
-    handshakes_per_ip_per_s: float = 25.0
-    #: Descriptors kept free below RLIMIT_NOFILE (None: a quarter of a small limit, at most 32).
-    fd_reserve: int | None = None
-
-
-class TokenBucket:
-    """``rate`` tokens a second up to ``burst``; ``take`` spends one if there is one."""
-
-    def __init__(self, *, rate: float, burst: float, now: float | None = None) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = time.monotonic() if now is None else now
-        self.lock = threading.Lock()
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, now: float | None = None) -> bool:
-        with self.lock:
-            self._refill(time.monotonic() if now is None else now)
-            if self.tokens < 1:
-                return False
-            self.tokens -= 1
-            return True
-
-    def ready(self, now: float | None = None) -> bool:
-        """Whether ``take`` would succeed now (nothing is spent)."""
-        with self.lock:
-            self._refill(time.monotonic() if now is None else now)
-            return self.tokens >= 1
-
-    def full(self, now: float) -> bool:
-        with self.lock:
-            self._refill(now)
-            return self.tokens >= self.burst
-
-
-class LogLimiter:
-    """Keeps a flood of log lines to ``rate`` a second (bursts of ``burst``). What is held back
-    is counted; ``flush`` returns one summary line for it, at most once every ``every`` s."""
-
-    def __init__(self, *, rate: float = 5.0, burst: float = 10.0, every: float = 1.0) -> None:
-        self._bucket = TokenBucket(rate=rate, burst=burst)
-        self._every = every
-        self._lock = threading.Lock()
-        self._held = 0
-        self._since = 0.0
-
-    def allow(self) -> bool:
-        """Whether one more line may be written now (else it is counted as suppressed)."""
-        if self._bucket.take():
-            return True
-        with self._lock:
-            if not self._held:
-                self._since = time.monotonic()
-            self._held += 1
-        return False
-
-    def flush(self, *, force: bool = False) -> str | None:
-        """The summary of what was suppressed, once ``every`` s passed since the first of it."""
-        with self._lock:
-            if not self._held:
-                return None
-            took = time.monotonic() - self._since
-            if took < self._every and not force:
-                return None
-            held, self._held = self._held, 0
-        return f"{held} more similar lines suppressed in the last {took:.0f} s"
-
-
-def source_key(ip: str) -> str:
-    """What per-address limits count by: the IPv4 address (also when IPv4-mapped), or the
-    IPv6 /64 (one host usually holds a whole /64)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
-
-
-class FdBudget:
-    """Whether the process may take one more descriptor and still keep ``reserve`` free below
-    its soft ``RLIMIT_NOFILE``. Counting ``/proc/self/fd`` costs a directory read, so the count
-    is refreshed at most every ``refresh`` s, or when the estimate (the last count plus every
-    descriptor taken since) comes near the limit."""
-
-    def __init__(self, reserve: int | None = None, *, refresh: float = 0.25) -> None:
-        self._reserve = reserve
-        self._refresh = refresh
-        self._count = 0
-        self._taken = 0
-        self._stamp = -1e9
-        self._limit = -1
-
-    @staticmethod
-    def soft_limit() -> int:
-        try:
-            import resource
-
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        except (ImportError, OSError, ValueError):
-            return -1
-        return -1 if soft == resource.RLIM_INFINITY else int(soft)
-
-    @staticmethod
-    def open_count() -> int:
-        try:
-            return len(os.listdir("/proc/self/fd")) - 1  # less the directory's own
-        except OSError:
-            return -1
-
-    def reserve(self, limit: int) -> int:
-        return self._reserve if self._reserve is not None else max(4, min(32, limit // 4))
-
-    def took(self, n: int = 1) -> None:
-        self._taken += n
-
-    def ok(self) -> bool:
-        now = time.monotonic()
-        if now - self._stamp > self._refresh or (
-            self._limit > 0 and self._count + self._taken + self.reserve(self._limit) >= self._limit
-        ):
-            self._limit, self._count = self.soft_limit(), self.open_count()
-            self._taken, self._stamp = 0, now
-        if self._limit <= 0 or self._count < 0:
-            return True  # no limit, or no way to count: nothing to check against
-        return self._count + self._taken + self.reserve(self._limit) < self._limit
-
-
-def error_text(exc: StxError, *, generic: bool) -> str:
-    """What the peer is told: before authentication, one text for every authentication and
-    protocol failure, so a guesser learns nothing; the clock-skew error is raised only after the
-    key was proven, so its own text leaks nothing."""
-    if (
-        generic
-        and isinstance(exc, AuthError | ProtocolError)
-        and not isinstance(exc, ClockSkewError)
-    ):
-        return "authentication failed"
-    return str(exc)
 
 
 def error_frame(exc: StxError, *, generic: bool) -> bytes:
@@ -275,6 +121,23 @@ class _Conn:
         #: INIT accepted: from now on failures are answered with an ERROR
         self.greeted = False
 
+    def take(self, chunk: bytes) -> tuple[FrameType, bytes] | None:
+        """Add what was read (never more than ``want``); the frame, once it is whole."""
+        self.buf += chunk
+        if len(self.buf) < self.want:
+            return None
+        if self.ftype is None:
+            cap = first_cap if self.hs is None else handshake_cap
+            self.ftype, length = parse_header(bytes(self.buf), cap=cap)
+            self.buf.clear()
+            self.want = length
+            if length:
+                return None
+        frame = self.ftype, bytes(self.buf)
+        self.ftype, self.want = None, HEADER.size
+        self.buf.clear()
+        return frame
+
 
 class Gatekeeper:
     """Listens on ``listeners`` and runs the pre-authentication phase of every connection in one
@@ -300,15 +163,13 @@ class Gatekeeper:
         self._on_join = on_join
         self._on_control = on_control
         self._on_event = on_event
-        self._global = TokenBucket(
-            rate=limits.handshakes_per_s, burst=max(1.0, 2 * limits.handshakes_per_s)
+        self._rates = HandshakeRates(
+            per_s=limits.handshakes_per_s, per_key_per_s=limits.handshakes_per_ip_per_s
         )
-        self._per_ip: OrderedDict[str, TokenBucket] = OrderedDict()
         self._fds = FdBudget(limits.fd_reserve)
         self._sel = selectors.DefaultSelector()
-        self._conns: OrderedDict[_Conn, None] = OrderedDict()  # arrival (= deadline) order
-        self._idle: OrderedDict[_Conn, None] = OrderedDict()  # not one whole frame yet
-        self._by_key: dict[str, OrderedDict[_Conn, None]] = {}
+        self._conns: Pending[_Conn] = Pending()
+        #: ``_conns`` counted per source, for other threads (``pending_by_source``)
         self._counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
         self._stop = threading.Event()
@@ -368,8 +229,9 @@ class Gatekeeper:
         now = time.monotonic()
         self._expire(now)
         timeout = 0.5
-        if self._conns:
-            timeout = max(0.0, min(timeout, next(iter(self._conns)).deadline - now))
+        first = self._conns.oldest()
+        if first is not None:
+            timeout = max(0.0, min(timeout, first.deadline - now))
         for key, _ in self._sel.select(timeout):
             obj = key.fileobj
             if obj is self._wake_r:
@@ -381,11 +243,10 @@ class Gatekeeper:
                 self._accept(obj)  # type: ignore[arg-type]
             else:
                 self._readable(key.data)
-        self._prune_buckets(time.monotonic())
+        self._rates.prune(time.monotonic())
 
     def _expire(self, now: float) -> None:
-        while self._conns:
-            conn = next(iter(self._conns))
+        while (conn := self._conns.oldest()) is not None:
             if conn.deadline > now:
                 return
             self._fail(conn, ConnectError(f"connection to {conn.peer[0]} lost: timed out"))
@@ -418,7 +279,7 @@ class Gatekeeper:
         as when the cap is reached; False if there is none to evict."""
         if not self._conns:
             return False
-        self._evict(self._conns, "a new connection", "out of file descriptors")
+        self._evict(None, "a new connection", "out of file descriptors")
         self._fds.took(-1)
         return True
 
@@ -446,34 +307,26 @@ class Gatekeeper:
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
         key = source_key(peer[0])
         lim = self.limits
-        mine = self._by_key.get(key)
-        if mine is not None and len(mine) >= lim.max_pending_per_ip:
-            self._evict(mine, peer[0], "too many unauthenticated connections from this address")
+        if self._conns.count(key) >= lim.max_pending_per_ip:
+            self._evict(key, peer[0], "too many unauthenticated connections from this address")
         elif len(self._conns) >= lim.max_pending:
-            self._evict(self._conns, peer[0], "too many unauthenticated connections")
+            self._evict(None, peer[0], "too many unauthenticated connections")
         conn = _Conn(sock, peer, key, time.monotonic() + lim.handshake_timeout)
-        self._conns[conn] = None
-        self._idle[conn] = None
-        self._by_key.setdefault(key, OrderedDict())[conn] = None
+        self._conns.add(conn, key)
         with self._counts_lock:
             self._counts[key] = self._counts.get(key, 0) + 1
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _evict(self, among: OrderedDict[_Conn, None], newcomer: str, why: str) -> None:
-        victim = next((c for c in among if not c.spoke), None) or next(iter(among))
+    def _evict(self, key: str | None, newcomer: str, why: str) -> None:
+        victim = self._conns.victim(_spoke, key)
+        if victim is None:
+            return
         self._event("dropped", peer=victim.peer[0], reason=f"evicted for {newcomer}: {why}")
         self._close(victim)
 
     def _forget(self, conn: _Conn) -> None:
-        if conn not in self._conns:
+        if not self._conns.remove(conn):
             return
-        del self._conns[conn]
-        self._idle.pop(conn, None)
-        mine = self._by_key.get(conn.key)
-        if mine is not None:
-            mine.pop(conn, None)
-            if not mine:
-                del self._by_key[conn.key]
         with self._counts_lock:
             left = self._counts.get(conn.key, 1) - 1
             if left:
@@ -513,29 +366,16 @@ class Gatekeeper:
                 raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
             if not chunk:
                 raise ConnectError(f"connection closed by {conn.peer[0]}")
-            conn.buf += chunk
-            if len(conn.buf) < conn.want:
-                return
-            if conn.ftype is None:
-                cap = first_cap if conn.hs is None else handshake_cap
-                conn.ftype, length = parse_header(bytes(conn.buf), cap=cap)
-                conn.buf.clear()
-                conn.want = length
-                if length:
-                    return
-            ftype, payload = conn.ftype, bytes(conn.buf)
-            conn.ftype, conn.want = None, HEADER.size
-            conn.buf.clear()
-            self._frame(conn, ftype, payload)
+            frame = conn.take(chunk)
+            if frame is not None:
+                self._frame(conn, *frame)
         except StxError as exc:
             self._fail(conn, exc)
         except Exception as exc:  # never let one connection take the gatekeeper down
             self._fail(conn, StxError(f"internal error: {type(exc).__name__}"))
 
     def _frame(self, conn: _Conn, ftype: FrameType, payload: bytes) -> None:
-        if not conn.spoke:
-            conn.spoke = True
-            self._idle.pop(conn, None)
+        conn.spoke = True
         if conn.hs is None:
             if ftype is FrameType.JOIN:
                 self._hand_join(conn, payload)
@@ -544,7 +384,7 @@ class Gatekeeper:
                 raise ProtocolError(f"unexpected {ftype.name} as the first frame")
             Init.decode(payload)
             conn.greeted = True
-            if not self._take_handshake(conn.key):
+            if not self._rates.take(conn.key):
                 raise ConnectError(BUSY_HANDSHAKES)
             conn.hs = ServerHandshake(
                 keyring=self._keyring,
@@ -564,26 +404,6 @@ class Gatekeeper:
                 raise ConnectError(f"connection to {conn.peer[0]} lost: {exc.strerror}") from None
             if sent != len(data):  # a few hundred bytes into an empty buffer: it does not read
                 raise ConnectError(f"connection to {conn.peer[0]} lost: peer is not reading")
-
-    def _take_handshake(self, key: str) -> bool:
-        bucket = self._per_ip.get(key)
-        if bucket is None:
-            rate = self.limits.handshakes_per_ip_per_s
-            bucket = self._per_ip[key] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate))
-        self._per_ip.move_to_end(key)
-        while len(self._per_ip) > 65536:
-            self._per_ip.popitem(last=False)
-        # Spend a token of either bucket only when both have one: a refusal for lack of the
-        # global token must not cost this address its own.
-        return bucket.ready() and self._global.take() and bucket.take()
-
-    def _prune_buckets(self, now: float) -> None:
-        """Forget the buckets of addresses that are quiet again (they would be full anyway)."""
-        while self._per_ip:
-            key, bucket = next(iter(self._per_ip.items()))
-            if not bucket.full(now):
-                return
-            del self._per_ip[key]
 
     def _handed(self, conn: _Conn) -> FramedSocket:
         """Take ``conn`` out of the loop; its socket, blocking again, for the next owner."""
@@ -625,6 +445,27 @@ class Gatekeeper:
             self._on_event(kind, fields)
         except Exception:  # a faulty callback must not take the gatekeeper down
             pass
+
+
+class LogLimiter(_LogLimiter):
+    """``limits.LogLimiter`` for a log writer that hears events from many threads (the
+    receiver's): one call at a time."""
+
+    def __init__(self, *, rate: float = 5.0, burst: float = 10.0, every: float = 1.0) -> None:
+        super().__init__(rate=rate, burst=burst, every=every)
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            return super().allow()
+
+    def flush(self, *, force: bool = False) -> str | None:
+        with self._lock:
+            return super().flush(force=force)
+
+
+def _spoke(conn: _Conn) -> bool:
+    return conn.spoke
 
 
 def _nothing() -> None:

@@ -278,7 +278,32 @@ def encode(msg: Message) -> bytes:
     kind = _KINDS.get(msg.TAG)
     if kind is None or type(msg) is not kind:
         raise TypeError(f"not a registered message: {type(msg).__name__}")
-    return msgpack.packb([VERSION, msg.TAG, *_plain(msg)], use_bin_type=True)
+    # msgpack packs tuples as arrays itself: only fields that hold records need _plain (a
+    # report's batch of blocks is packed as it is, no Python object made per block).
+    values = [
+        _plain(getattr(msg, name)) if deep else getattr(msg, name) for name, deep in _layout(kind)
+    ]
+    return msgpack.packb([VERSION, msg.TAG, *values], use_bin_type=True)
+
+
+_LAYOUTS: dict[type, tuple[tuple[str, bool], ...]] = {}
+
+
+def _layout(cls: type) -> tuple[tuple[str, bool], ...]:
+    """Each field's name, and whether its value may hold a record (a dataclass)."""
+    got = _LAYOUTS.get(cls)
+    if got is None:
+        hints = _hints(cls)
+        got = _LAYOUTS[cls] = tuple(
+            (f.name, _holds_record(hints[f.name])) for f in dataclasses.fields(cls)
+        )
+    return got
+
+
+def _holds_record(hint: Any) -> bool:
+    if dataclasses.is_dataclass(hint):
+        return True
+    return any(_holds_record(a) for a in typing.get_args(hint) if a is not Ellipsis)
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -322,6 +347,9 @@ def _convert(value: Any, hint: Any, what: str) -> Any:
             raise ProtocolError(f"{what}: an array expected")
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
+            flat = _flat_record(args[0])
+            if flat is not None:
+                return _flat_records(value, flat, what)
             return tuple(_convert(v, args[0], f"{what}[]") for v in value)
         if len(value) != len(args):
             raise ProtocolError(f"{what}: {len(value)} elements, {len(args)} expected")
@@ -343,6 +371,33 @@ def _convert(value: Any, hint: Any, what: str) -> Any:
             raise ProtocolError(f"{what}: {hint.__name__} expected")
         return value
     raise TypeError(f"{what}: unsupported field type {hint!r}")
+
+
+def _flat_record(hint: Any) -> tuple[type, ...] | None:
+    """The element types of a fixed tuple of ints, bytes and strings (a block and its
+    digest), checked by ``_flat_records`` without a call per element; else None."""
+    if typing.get_origin(hint) is not tuple:
+        return None
+    args = typing.get_args(hint)
+    if not args or not all(a in (int, bytes, str) for a in args):
+        return None
+    return args
+
+
+def _flat_records(value: list[Any], types: tuple[type, ...], what: str) -> tuple[Any, ...]:
+    n = len(types)
+    out = []
+    for v in value:
+        # type() is: exactly these types (a bool is no int here, as in _convert)
+        if type(v) is not list or len(v) != n or any(map(_wrong_type, v, types)):
+            names = ", ".join(t.__name__ for t in types)
+            raise ProtocolError(f"{what}[]: an array of ({names}) expected")
+        out.append(tuple(v))
+    return tuple(out)
+
+
+def _wrong_type(value: Any, kind: type) -> bool:
+    return type(value) is not kind
 
 
 def decode(data: bytes, *, expect: tuple[type[M], ...]) -> M:

@@ -634,17 +634,18 @@ class Arena:
         r = self.receiver
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            snap = r.registry.snapshot()
-            done = (
-                snap["sessions"] == active and len(snap["names"]) == active and not r._preauth_by_ip
-            )
-            if done:
+            snap = r.snapshot()
+            if (
+                snap.sessions_active == active
+                and len(snap.names_active) == active
+                and not snap.preauth_by_source
+            ):
                 return
             time.sleep(0.02)
-        snap = r.registry.snapshot()
+        snap = r.snapshot()
         raise AssertionError(
-            f"receiver did not settle: sessions={snap['sessions']} (expected {active}) "
-            f"names={snap['names']} preauth={r._preauth_by_ip}"
+            f"receiver did not settle: sessions={snap.sessions_active} (expected {active}) "
+            f"names={list(snap.names_active)} preauth={dict(snap.preauth_by_source)}"
         )
 
     def listing(self) -> set[str]:

@@ -45,8 +45,7 @@ def _close_peers() -> Iterator[None]:
 
 def _workers(r: stxpar.Receiver) -> list[psutil.Process]:
     """The receiver's worker processes (not any other process this test process started)."""
-    assert r._pool is not None
-    return [psutil.Process(proc.pid) for _, proc in r._pool.members]
+    return [psutil.Process(pid) for pid in r.snapshot().worker_pids]
 
 
 def _settled_threads(procs: list[psutil.Process]) -> int:
@@ -113,7 +112,7 @@ def test_global_stream_cap(scratch: Path, psk: bytes) -> None:
         a, _ = _session(r, psk, "a.bin", streams=2)
         b, _ = _session(r, psk, "b.bin", streams=2)
         held = [a.stream(0), a.stream(1), b.stream(0)]
-        assert wait_for(lambda: r._pool is not None and sum(r._pool.load) == 3, timeout=10)
+        assert wait_for(lambda: r.snapshot().streams_open == 3, timeout=10)
         # a fourth stream, of either session, is refused as busy (the sender retries it)
         extra = b.stream(1)
         assert _refused_busy(extra)
@@ -121,9 +120,9 @@ def test_global_stream_cap(scratch: Path, psk: bytes) -> None:
         assert sum(p.num_threads() for p in workers) == base + 3
         # once one is gone, a new one is taken
         held.pop().close()
-        assert wait_for(lambda: sum(r._pool.load) == 2, timeout=10)  # type: ignore[union-attr]
+        assert wait_for(lambda: r.snapshot().streams_open == 2, timeout=10)
         again = b.stream(2)
-        assert wait_for(lambda: sum(r._pool.load) == 3, timeout=10)  # type: ignore[union-attr]
+        assert wait_for(lambda: r.snapshot().streams_open == 3, timeout=10)
         assert not again.peer.closed_by_peer(wait=0.5)
 
 
@@ -134,7 +133,7 @@ def test_per_worker_stream_cap(scratch: Path, psk: bytes) -> None:
     with stxpar.Receiver(dest, psk=psk, workers=1, max_worker_streams=2) as r:
         s, _ = _session(r, psk, "w.bin", streams=4)
         held = [s.stream(0), s.stream(1)]
-        assert wait_for(lambda: r._pool is not None and sum(r._pool.load) == 2, timeout=10)
+        assert wait_for(lambda: r.snapshot().streams_open == 2, timeout=10)
         assert _refused_busy(s.stream(2))
         assert len(held) == 2
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from itest_support import (
     BLOCK,
@@ -111,11 +112,10 @@ def test_receiver_is_ready_when_start_returns(shm_dir: Path, module_key: bytes) 
     dest = shm_dir / "ready"
     dest.mkdir()
     with stxpar.Receiver(dest, psk=module_key, host="127.0.0.1", port=0, workers=2) as r:
-        assert r._pool is not None
-        procs = [proc for _, proc in r._pool.members]
+        procs = [psutil.Process(pid) for pid in r.snapshot().worker_pids]
         assert len(procs) == 2
         for proc in procs:
-            assert proc.poll() is None, "a worker died at start"
+            assert proc.status() != psutil.STATUS_ZOMBIE, "a worker died at start"
             maps = Path(f"/proc/{proc.pid}/maps").read_text()
             assert "cryptography" in maps and "zmq" in maps, "worker still starting"
 

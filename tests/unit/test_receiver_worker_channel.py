@@ -1,0 +1,103 @@
+"""A receiver worker's channel, in this process (no worker process): typed jobs and cancels in,
+typed reports out; what is not a job is dropped with any descriptor that came with it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from stxpar.workers.receiver import Worker
+
+from stxpar import ipc, messages
+from stxpar.errors import ConnectError
+from stxpar.messages import Cancel, StreamFailed, StreamJob
+
+pytestmark = pytest.mark.timeout(30)
+
+SID = b"\x05" * 16
+
+
+def _job(stream: int) -> StreamJob:
+    return StreamJob(
+        session_id=SID,
+        stream=stream,
+        secret=b"\x01" * 32,
+        path="/nonexistent/.f.stxpart",
+        size=1,
+        block_size=1 << 20,
+        file_id=b"\x02" * 16,
+        rekey_records=1 << 20,
+        rekey_bytes=1 << 30,
+        sync_bytes=1 << 20,
+        streams=1,
+        inode=None,
+    )
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[socket.socket, zmq.Socket, Worker]]:
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/report"
+    pull = ipc.configure(ctx.socket(zmq.PULL))
+    pull.bind(endpoint)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = Worker(theirs.detach(), endpoint)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield mine, pull, worker
+    finally:
+        mine.close()
+        thread.join(5)
+        worker.close()
+        worker.ctx.destroy(linger=0)
+        pull.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+def _report(pull: zmq.Socket) -> messages.Message:
+    assert pull.poll(5000), "no report"
+    return messages.decode(pull.recv(), expect=messages.RECEIVER_REPORTS)
+
+
+def test_garbage_on_the_channel_is_dropped_with_its_descriptor(
+    rig: tuple[socket.socket, zmq.Socket, Worker],
+) -> None:
+    chan, pull, worker = rig
+    a, b = socket.socketpair()
+    try:
+        socket.send_fds(chan, [b"stream"], [a.fileno()])  # the old positional format
+        socket.send_fds(chan, [messages.encode(messages.Beat())], [a.fileno()])
+        a.close()
+        # the worker closed its copies: the peer sees EOF once ours is closed too
+        b.settimeout(5)
+        assert b.recv(1) == b""
+        assert not worker.streams
+        # and it still serves its channel: a job that lost its descriptor is reported
+        chan.send(messages.encode(_job(7)))
+        got = _report(pull)
+        assert isinstance(got, StreamFailed) and (got.session_id, got.stream) == (SID, 7)
+        assert got.code == ConnectError.wire_code and "out of file descriptors" in got.message
+    finally:
+        b.close()
+
+
+def test_a_job_runs_and_a_cancel_ends_it(rig: tuple[socket.socket, zmq.Socket, Worker]) -> None:
+    chan, pull, worker = rig
+    ours, theirs = socket.socketpair()
+    try:
+        # the partial file does not exist: the stream fails at once, and says so
+        socket.send_fds(chan, [messages.encode(_job(3))], [theirs.fileno()])
+        theirs.close()
+        got = _report(pull)
+        assert isinstance(got, StreamFailed) and got.stream == 3
+        assert "cannot open the partial file" in got.message
+        chan.send(messages.encode(Cancel(SID)))  # nothing left to cancel: no harm
+        chan.send(messages.encode(_job(4)))
+        assert isinstance(_report(pull), StreamFailed)
+    finally:
+        ours.close()
