@@ -241,8 +241,9 @@ class SenderSession(Machine):
 
     def _on_data_complete(self, event: DataComplete) -> list[Output]:
         if not self.ledger.complete:
-            raise ProtocolError(f"the data phase ended with {self.ledger.total - self.ledger.count}"
-                                " blocks missing")
+            raise ProtocolError(
+                f"the data phase ended with {self.ledger.total - self.ledger.count} blocks missing"
+            )
         return self._check_source()
 
     def _on_source_checked(self, event: SourceChecked) -> list[Output]:

@@ -120,9 +120,9 @@ def test_every_block_is_sent_or_queued_exactly_once(
         if op == "t":
             s.take(slot)
         elif op == "a":
-            got = s.slots.get(slot)
-            if got and got.assigned:
-                b = min(got.assigned)
+            held = s.slots.get(slot)
+            if held and held.assigned:
+                b = min(held.assigned)
                 s.acked(slot, [(b, os.urandom(16))])
         elif op == "r" and s.is_live(slot) and len(s.live) > 1:
             s.retire(slot)
@@ -138,11 +138,11 @@ def test_every_block_is_sent_or_queued_exactly_once(
     # drain: one live worker finishes everything
     slot = min(s.live)
     for _ in range(total * 2 + 2):
-        got = s.take(slot)
-        if isinstance(got, Done):
+        answer = s.take(slot)
+        if isinstance(answer, Done):
             break
-        if isinstance(got, Blocks):
-            s.acked(slot, [(b, _d(b)) for b in got.blocks])
+        if isinstance(answer, Blocks):
+            s.acked(slot, [(b, _d(b)) for b in answer.blocks])
         else:
             for other in list(s.live):
                 for b in sorted(s.slots[other].assigned):
