@@ -21,7 +21,7 @@ Outputs, in the order given: ``SendFrame(data)`` (write it on the control connec
 ``Reconciled(held, held_bytes)`` (the receiver's METADATA_ACK was applied to the run's
 ledger: it now holds exactly the receiver's blocks, with the receiver's digests);
 ``StartData(needed)`` (start the data phase for these block ids; feed ``Progressed(now)``
-whenever blocks complete and ``DataComplete()`` when the ledger is complete);
+whenever blocks complete and ``DataComplete()`` when the ledger is complete, or ``DataFailed(error)``);
 ``CheckSource()`` (check that the source is unchanged, then feed ``SourceChecked(error)``);
 ``StopWorkers()`` (the data phase is abandoned: stop the workers now); ``Failed(error)`` and
 ``Succeeded()`` end the session.
@@ -87,6 +87,14 @@ class Progressed(Input):
     """Blocks completed in the data phase (at ``now``): the stall timer starts again."""
 
     now: float
+
+
+@dataclass(frozen=True)
+class DataFailed(Input):
+    """The data phase failed with ``error`` (a worker's fatal error, streams that keep
+    failing)."""
+
+    error: StxError
 
 
 @dataclass(frozen=True)
@@ -266,7 +274,7 @@ class SenderSession(Machine):
         self.state = State.DONE
         return [Succeeded()]
 
-    def _on_lost(self, event: ConnectionLost) -> list[Output]:
+    def _on_lost(self, event: ConnectionLost | DataFailed) -> list[Output]:
         raise event.error
 
     def _fail(self, error: StxError) -> list[Output]:
@@ -283,6 +291,7 @@ class SenderSession(Machine):
         (State.DATA, Progressed): _on_progress,
         (State.DATA, DataComplete): _on_data_complete,
         (State.DATA, ConnectionLost): _on_lost,
+        (State.DATA, DataFailed): _on_lost,
         (State.VERIFY, SourceChecked): _on_source_checked,
         (State.VERIFY, Tick): _on_tick_idle,
         (State.VERIFY, FrameIn): _on_verify_frame,

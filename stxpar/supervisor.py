@@ -123,9 +123,7 @@ class Supervisor:
 
     def exited(self, ignore: Callable[[int], bool]) -> bool:
         """Whether a worker that matters exited (the fast path: nothing else is read)."""
-        return any(
-            h.exit_status() is not None and not ignore(s) for s, h in self.workers.items()
-        )
+        return any(h.exit_status() is not None and not ignore(s) for s, h in self.workers.items())
 
     def replace(self, slot: int, why: str) -> WorkerHandle:
         """Stop ``slot`` (it reports its count of blocks sent and exits) and start another;

@@ -25,6 +25,7 @@ from stxpar.records import ControlChannel
 from stxpar.send_session import (
     CheckSource,
     DataComplete,
+    DataFailed,
     DeadlineReached,
     Progressed,
     Reconciled,
@@ -277,6 +278,14 @@ def test_connection_lost_and_inputs_out_of_place() -> None:
     assert isinstance(s.start(0.0)[-1], Failed)
 
 
+def test_data_failed() -> None:
+    s, peer = _make()
+    _to(s, peer, State.DATA)
+    out = s.handle(DataFailed(IntegrityError("bad")))
+    assert out[0] == StopWorkers() and isinstance(out[1], Failed)
+    assert str(out[1].error) == "bad"
+
+
 def test_data_complete_with_blocks_missing_is_refused() -> None:
     s, peer = _make()
     _to(s, peer, State.DATA)
@@ -314,6 +323,7 @@ _inputs: st.SearchStrategy[Input] = st.one_of(
     st.builds(Tick, st.floats(-1e12, 1e12, allow_nan=False)),
     st.builds(ConnectionLost, st.just(ConnectError("lost"))),
     st.just(DataComplete()),
+    st.builds(DataFailed, st.just(ConnectError("streams"))),
     st.builds(Progressed, st.floats(0, 1e6)),
     st.builds(SourceChecked, st.sampled_from([None, SourceChangedError("x")])),
 )
