@@ -197,6 +197,9 @@ class WorkerPool:
     def workers(self) -> dict[int, WorkerHandle]:
         return self.supervisor.workers
 
+    #: The earlier name (slot -> worker; a local worker's process is its ``proc``).
+    streams = workers
+
     def top_up(self, width: int) -> None:
         """Start workers until there are ``width`` (prestarted for other arguments)."""
         while len(self.supervisor.workers) < width:
