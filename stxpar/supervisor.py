@@ -94,6 +94,8 @@ class Supervisor:
         self.last_heard: dict[int, float] = {}
         self.replacements_left = 0
         self.replaced = 0
+        #: workers found silent: stopped or hung, they would not act on a SIGTERM
+        self.silent: set[int] = set()
 
     def spawn(self, start: Callable[[int], WorkerHandle] | None = None) -> WorkerHandle:
         slot = self.next_slot
@@ -118,6 +120,7 @@ class Supervisor:
                 continue
             heard = self.last_heard.get(slot)
             if heard is not None and now - heard > SILENCE_TIMEOUT:
+                self.silent.add(slot)
                 out.append((slot, f"sender worker {slot} silent for {now - heard:.0f} s"))
         return out
 
@@ -126,9 +129,13 @@ class Supervisor:
         return any(h.exit_status() is not None and not ignore(s) for s, h in self.workers.items())
 
     def replace(self, slot: int, why: str) -> WorkerHandle:
-        """Stop ``slot`` (it reports its count of blocks sent and exits) and start another;
-        ConnectError once the session's budget of replacements is spent."""
-        self.workers[slot].terminate()
+        """Stop ``slot`` (it reports its count of blocks sent and exits; a silent one is
+        killed) and start another; ConnectError once the session's budget of replacements is
+        spent."""
+        if slot in self.silent:
+            self.workers[slot].kill()
+        else:
+            self.workers[slot].terminate()
         self.last_heard.pop(slot, None)
         if self.replacements_left <= 0:
             raise ConnectError(f"data streams keep failing ({why})")

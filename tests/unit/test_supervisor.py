@@ -52,13 +52,16 @@ def test_an_exit_is_lost_a_clean_exit_is_not() -> None:
 
 
 def test_a_silent_worker_is_lost_once_it_was_heard() -> None:
-    sup, _ = _sup(2)
+    sup, made = _sup(2)
     assert sup.lost(1e6, lambda s: False) == []  # never heard: its start-up is not judged
     sup.heard(0, 100.0)
     sup.heard(1, 100.0)
     sup.heard(1, 100.0 + SILENCE_TIMEOUT)
     lost = sup.lost(100.0 + SILENCE_TIMEOUT + 1, lambda s: False)
     assert [slot for slot, _ in lost] == [0] and "silent" in lost[0][1]
+    sup.replacements_left = 1
+    sup.replace(0, "silent")
+    assert made[0].status == -9  # killed: a stopped process would not act on SIGTERM
 
 
 def test_replacement_budget() -> None:
