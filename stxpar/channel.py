@@ -20,11 +20,11 @@ messages do not.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TypeVar
 
 import zmq
-import zmq.utils.monitor
 
 from . import ipc
 from .messages import (
@@ -129,8 +129,10 @@ class WorkerLink:
         """Whether the request connection dropped: the coordinator exited, or stopped
         answering ZeroMQ's heartbeats for ``HEARTBEAT_TIMEOUT_MS`` (called from one thread)."""
         while self.monitor.poll(0):
-            event = zmq.utils.monitor.recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            # [event (u16) + value (u32), endpoint] (zmq_socket_monitor); parsed here, since
+            # zmq.utils.monitor would import asyncio into every worker.
+            frames = self.monitor.recv_multipart()
+            if struct.unpack_from("=H", frames[0])[0] == zmq.EVENT_DISCONNECTED:
                 return True
         return False
 
