@@ -98,8 +98,6 @@ POLL_MS = 100
 WORKER_EXIT_TIMEOUT = 10.0
 #: Seconds between two looks for silent workers in the data phase.
 SILENCE_CHECK = 0.5
-#: A session's pool of workers (the name ``prestart_workers`` and ``send(pool=...)`` use).
-_Pool = WorkerPool
 
 
 def _control_cap(ftype: FrameType) -> int:
@@ -572,7 +570,7 @@ def send(
     progress: ProgressFn | None = None,
     options: SendOptions | None = None,
     on_event: EventFn | None = None,
-    pool: _Pool | None = None,
+    pool: WorkerPool | None = None,
 ) -> TransferResult:
     """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
     authenticated receipt confirms the whole file arrived, verified and durable.
@@ -613,7 +611,7 @@ def prestart_workers(
     workers: int | None = None,
     block_size: int | None = None,
     options: SendOptions | None = None,
-) -> _Pool | None:
+) -> WorkerPool | None:
     """Fork the worker processes that ``send`` with the same arguments will need, where this
     process may fork (Linux, one thread; else None, and ``send`` starts them itself).
 
@@ -629,7 +627,7 @@ def prestart_workers(
         src.close()
         return None
     try:
-        pool = _Pool(min(opts.workers, total), fork=True)
+        pool = WorkerPool(min(opts.workers, total), fork=True)
     except BaseException:
         src.close()
         raise
@@ -679,7 +677,7 @@ def _send(
     opts: SendOptions,
     progress: ProgressFn | None,
     on_event: EventFn | None,
-    pool: _Pool | None,
+    pool: WorkerPool | None,
 ) -> TransferResult:
     assert opts.block_size is not None
     bs = opts.block_size
