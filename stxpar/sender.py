@@ -5,7 +5,7 @@ Theory of operation
 The coordinator owns the control connection and the session keys. It never sends file data.
 ``send`` pins the source (``source.SourceFile``) and runs sessions until one succeeds or the
 retries are spent (``_send``: backoff with jitter, ``--deadline``); every reconnect is a fresh
-handshake that resumes from the receiver's bitmap. The run's ``BlockLedger`` (``_Run``) holds
+handshake that resumes from the receiver's bitmap. The run's ``BlockLedger`` (``Run``) holds
 the blocks known complete and their digests across sessions.
 
 A session (``_session``) starts its workers (``supervisor.WorkerPool``) before it connects
@@ -29,13 +29,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import zmq
 
 from . import ipc
-from .blocks import BlockLedger, BlockSpace
 from .config import SendOptions, TransferResult, default_workers, is_loopback
 from .errors import ConnectError, StxError, UsageError, error_from_code
 from .handshake import ClientHandshake, handshake_cap
@@ -54,6 +53,7 @@ from .messages import (
 from .netio import FramedSocket, connect
 from .records import ControlChannel
 from .scheduler import Scheduler
+from .send_run import Retry, Run
 from .send_session import (
     CheckSource,
     DataComplete,
@@ -108,42 +108,6 @@ def _control_cap(ftype: FrameType) -> int:
     return -1
 
 
-@dataclass
-class _Run:
-    """What one ``send()`` call accumulates across sessions (reconnects)."""
-
-    src: SourceFile
-    run_id: bytes
-    ledger: BlockLedger
-    blocks_sent: int = 0
-    blocks_resumed: int = -1
-    bytes_resumed: int = 0
-    retransmits: int = 0
-    reconnects: int = 0
-    streams_replaced: int = 0
-    width: int = 0
-
-    @classmethod
-    def new(cls, src: SourceFile, block_size: int) -> _Run:
-        space = BlockSpace([src.size], block_size=block_size)
-        return cls(src=src, run_id=os.urandom(16), ledger=BlockLedger(space))
-
-    @property
-    def total(self) -> int:
-        return self.ledger.total
-
-    @property
-    def complete(self) -> int:
-        return self.ledger.count
-
-    @property
-    def done_bytes(self) -> int:
-        return self.ledger.bytes
-
-    def whole_digest(self) -> bytes:
-        return self.ledger.whole_digest(size=self.src.size)
-
-
 def _raise_failure(outputs: list[Output]) -> list[Output]:
     """``outputs`` of the session core, unless they end it with a failure: then its error."""
     if outputs and isinstance(outputs[-1], Failed):
@@ -163,7 +127,7 @@ class _DataPhase:
     def __init__(
         self,
         *,
-        run: _Run,
+        run: Run,
         session: SenderSession,
         setup: Callable[[int], Setup],
         needed: tuple[int, ...],
@@ -418,7 +382,7 @@ def handshake(ctl: FramedSocket, *, psk: bytes, timeout: float) -> SessionKeys:
 
 
 def _session(
-    run: _Run,
+    run: Run,
     host: str,
     port: int,
     *,
@@ -510,11 +474,8 @@ def _session(
             if isinstance(out, SendFrame):
                 ctl.send(out.data)
             elif isinstance(out, Reconciled):
-                if run.blocks_resumed < 0:
-                    run.blocks_resumed = out.held
-                    run.bytes_resumed = out.held_bytes
-                    if out.held and on_event is not None:
-                        on_event("resuming", {"have_bytes": out.held_bytes, "bytes": src.size})
+                if run.resumed(out.held, out.held_bytes) and on_event is not None:
+                    on_event("resuming", {"have_bytes": out.held_bytes, "bytes": src.size})
             elif isinstance(out, StartData):
                 if pool is None:  # the receiver lost blocks acknowledged earlier
                     pool = WorkerPool(min(opts.workers or 1, len(out.needed)))
@@ -681,10 +642,10 @@ def _send(
 ) -> TransferResult:
     assert opts.block_size is not None
     bs = opts.block_size
-    run = _Run.new(src, bs)
+    run = Run.new(src, bs)
     started = time.monotonic()
     deadline = started + opts.deadline if opts.deadline else None
-    failures = 0
+    retry = Retry(opts, deadline)
     while True:
         before = run.complete
         first, pool = pool, None  # a session owns the pool it is given
@@ -704,17 +665,13 @@ def _send(
         except DeadlineReached:
             raise
         except ConnectError as exc:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineReached(f"{exc} (deadline of {opts.deadline:g} s reached)") from None
-            failures = 1 if run.complete > before else failures + 1
-            delay = opts.backoff.delay(failures - 1)
-            if failures > opts.max_retries:
-                raise ConnectError(f"{exc} (gave up after {failures} attempts)") from None
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise ConnectError(f"{exc} (deadline of {opts.deadline:g} s reached)") from None
+            delay = retry.after(exc, now=time.monotonic(), progressed=run.complete > before)
             run.reconnects += 1
             if on_event is not None:
-                on_event("reconnecting", {"attempt": failures, "delay": delay, "reason": str(exc)})
+                reason = str(exc)
+                on_event(
+                    "reconnecting", {"attempt": retry.failures, "delay": delay, "reason": reason}
+                )
             time.sleep(delay)
     return TransferResult(
         file=os.fspath(src.path),
