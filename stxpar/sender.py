@@ -8,7 +8,7 @@ retries are spent (``_send``: backoff with jitter, ``--deadline``); every reconn
 handshake that resumes from the receiver's bitmap. The run's ``BlockLedger`` (``Run``) holds
 the blocks known complete and their digests across sessions.
 
-A session (``_session``) starts its workers (``supervisor.WorkerPool``) before it connects
+A session (``_session``) starts its workers (``send_pool.WorkerPool``) before it connects
 (the CLI forks its first ones even before it reads the key: ``prestart_workers``), runs the
 handshake, then drives the pure session core (``send_session.SenderSession``): it reads frames
 with the socket's timeouts and feeds them in, and carries out what the core asks for (send a
@@ -53,6 +53,7 @@ from .messages import (
 from .netio import FramedSocket, connect
 from .records import ControlChannel
 from .scheduler import Scheduler
+from .send_pool import WorkerPool
 from .send_run import Retry, Run
 from .send_session import (
     CheckSource,
@@ -69,7 +70,6 @@ from .send_session import (
 )
 from .session_base import ConnectionLost, Failed, FrameIn, Output, SendFrame, Succeeded, Tick
 from .source import REPLACED, SourceFile
-from .supervisor import WorkerPool
 from .wire import (
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,

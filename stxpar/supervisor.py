@@ -1,10 +1,10 @@
-"""The sender's worker pool: starting workers, knowing which live, replacing the lost ones.
+"""Supervision of the sender's workers: which live, which are lost, replacing them. Pure.
 
 Theory of operation
 -------------------
-A worker is known through a ``WorkerHandle``: its slot, whether it runs, its exit status,
-and how to stop it. ``LocalWorker`` is a process on this host (a new interpreter, or a fork
-made by ``ipc.fork_worker``); a worker on another host (issue 14) would be a handle over its
+A worker is known through a ``WorkerHandle``: its slot, its exit status, and how to stop
+it. ``send_pool.LocalWorker`` is a process on this host (a new interpreter, or a fork made
+by ``ipc.fork_worker``); a worker on another host (issue 14) would be a handle over its
 channel. The ``Supervisor`` starts workers, hears from them (every message a worker sends,
 its ``Alive`` beats among them, counts: ``heard``), and says which are lost: a worker that
 exited (a local process's exit is seen at once, the fast path) or one that was heard once and
@@ -12,29 +12,17 @@ then stayed silent for longer than ``SILENCE_TIMEOUT`` (alive but stopped or hun
 replaced like a dead one). It replaces a lost worker within a budget of replacements per
 session, and stops them all (SIGTERM, then SIGKILL for any still there shortly).
 
-A ``WorkerPool`` is one session's workers, the private directory and the ZeroMQ channel they
-use (``stxpar.channel``): made before the handshake, so the workers' start-up overlaps it.
-With ``fork``, and where this process may fork, its first workers are forked before the pool
-makes its ZeroMQ context (ready in milliseconds); replacements always start new interpreters.
-
-Scheduling is not here: which blocks a worker sends is ``stxpar.scheduler``'s business.
+Neither scheduling (``stxpar.scheduler``) nor processes and sockets (``stxpar.send_pool``)
+are here.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
-import zmq
-
-from . import ipc
-from .channel import CoordinatorLink, Endpoints
 from .errors import ConnectError
-from .source import SourceFile
 
 #: Seconds a worker that was heard from may stay silent before it counts as lost (it beats
 #: every ``channel.BEAT_INTERVAL``).
@@ -58,29 +46,7 @@ class WorkerHandle(Protocol):
         """Stop it now."""
 
     def wait(self, timeout: float | None = None) -> int:
-        """Its exit status once it exited; ``subprocess.TimeoutExpired`` after ``timeout``."""
-
-
-class LocalWorker:
-    """A worker process on this host."""
-
-    def __init__(self, slot: int, proc: subprocess.Popen[bytes] | ipc.ForkedWorker) -> None:
-        self.slot = slot
-        self.proc = proc
-
-    def exit_status(self) -> int | None:
-        return self.proc.poll()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout=timeout)
+        """Its exit status once it exited; TimeoutError after ``timeout`` seconds."""
 
 
 class Supervisor:
@@ -159,76 +125,6 @@ class Supervisor:
         for h in self.workers.values():
             try:
                 h.wait(timeout=max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except TimeoutError:
                 h.kill()
                 h.wait()
-
-
-class WorkerPool:
-    """One session's workers, their private directory and the channel to them.
-
-    ``close`` stops whatever still runs and removes the directory. ``source``: the file
-    ``prestart_workers`` pinned, for the ``send`` that takes this pool (``take_source``)."""
-
-    def __init__(self, width: int, *, fork: bool = False) -> None:
-        self.endpoints = Endpoints.private("stx-send-")
-        self.supervisor = Supervisor(self._spawn_process)
-        self.zctx: zmq.Context | None = None
-        self.link: CoordinatorLink | None = None
-        self.source: SourceFile | None = None
-        try:
-            if fork and ipc.can_fork():
-                for _ in range(width):
-                    self.supervisor.spawn(self._fork_process)
-            self.zctx = zmq.Context()
-            self.link = CoordinatorLink(self.zctx, self.endpoints)
-            while len(self.supervisor.workers) < width:
-                self.supervisor.spawn()
-        except BaseException:
-            self.close()
-            raise
-
-    def _args(self, slot: int) -> tuple[str, ...]:
-        ep = self.endpoints
-        return (ep.requests, ep.reports, str(slot), str(os.getpid()))
-
-    def _spawn_process(self, slot: int) -> WorkerHandle:
-        return LocalWorker(slot, ipc.spawn_worker("stxpar.workers.sender", *self._args(slot)))
-
-    def _fork_process(self, slot: int) -> WorkerHandle:
-        from .workers.sender import main as worker_main
-
-        return LocalWorker(slot, ipc.fork_worker(worker_main, *self._args(slot)))
-
-    @property
-    def workers(self) -> dict[int, WorkerHandle]:
-        return self.supervisor.workers
-
-    #: The earlier name (slot -> worker; a local worker's process is its ``proc``).
-    streams = workers
-
-    def top_up(self, width: int) -> None:
-        """Start workers until there are ``width`` (prestarted for other arguments)."""
-        while len(self.supervisor.workers) < width:
-            self.supervisor.spawn()
-
-    def take_source(self, path: str | os.PathLike[str]) -> SourceFile | None:
-        """The pinned source, if it was pinned for ``path``; the caller owns it from now on."""
-        src, self.source = self.source, None
-        if src is not None and src.path != Path(path):
-            src.close()
-            return None
-        return src
-
-    def kill(self) -> None:
-        self.supervisor.stop_all()
-
-    def close(self) -> None:
-        self.kill()
-        if self.zctx is not None:
-            self.zctx.destroy(linger=0)
-            self.zctx = None
-        if self.source is not None:
-            self.source.close()
-            self.source = None
-        self.endpoints.remove()
