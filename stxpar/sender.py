@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 The coordinator owns the control connection and the session keys. It never sends file data.
 ``send`` pins the source (``source.SourceFile``) and runs sessions until one succeeds or the
-retries are spent (``_send``: backoff with jitter, ``--deadline``); every reconnect is a fresh
-handshake that resumes from the receiver's bitmap. The run's ``BlockLedger`` (``Run``) holds
-the blocks known complete and their digests across sessions.
+retries are spent (``_send``; ``send_run.Retry``: backoff with jitter, ``--deadline``); every
+reconnect is a fresh handshake that resumes from the receiver's bitmap. The run's
+``BlockLedger`` (``send_run.Run``) holds the blocks known complete and their digests across
+sessions.
 
 A session (``_session``) starts its workers (``send_pool.WorkerPool``) before it connects
 (the CLI forks its first ones even before it reads the key: ``prestart_workers``), runs the
