@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Coordinators and their workers exchange small messages: the sender's workers ask for work
 (``Hello``, ``Get``) and are answered (``Setup``, ``Blocks``, ``Done``); they report what the
-receiver acknowledged (``Acked``, ``Sent``, ``Retransmit``, ``WorkerError``). The receiver
+receiver acknowledged (``Acked``, ``Sent``, ``Retransmit``, ``WorkerError``) and
+that they live (``Alive``). The receiver
 hands a verified data stream to a worker (``StreamJob``, the socket itself travels beside it
 by SCM_RIGHTS), cancels a session's streams (``Cancel``), and hears what landed (``Landed``,
 ``StreamFailed``, ``StreamClosed``) and that a worker lives (``Ready``, ``Beat``).
@@ -179,6 +180,15 @@ class WorkerError(Message):
     message: str
 
 
+@message("alive")
+@dataclass(frozen=True)
+class Alive(Message):
+    """Worker -> coordinator, every half second on its report channel: this worker still runs
+    (a worker silent for longer than the coordinator's limit is replaced like a dead one)."""
+
+    slot: int
+
+
 # ------------------------------------------------------------------ receiver coordinator <-> worker
 
 
@@ -256,7 +266,7 @@ class StreamClosed(Message):
 #: What each side of each channel may receive.
 SENDER_REQUESTS: tuple[type[Message], ...] = (Hello, Get)
 SENDER_REPLIES: tuple[type[Message], ...] = (Setup, Blocks, Done)
-SENDER_REPORTS: tuple[type[Message], ...] = (Acked, Sent, Retransmit, WorkerError)
+SENDER_REPORTS: tuple[type[Message], ...] = (Acked, Sent, Retransmit, WorkerError, Alive)
 RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel)
 RECEIVER_REPORTS: tuple[type[Message], ...] = (Landed, StreamFailed, StreamClosed)
 RECEIVER_LIVENESS: tuple[type[Message], ...] = (Ready, Beat)

@@ -1,12 +1,14 @@
 """Sender worker: one TCP stream, pulls block lists from the coordinator over ZeroMQ.
 
-Main thread: ``get`` -> ``blocks [..]`` (the next ``get`` goes out at once, so the following
-batch is waiting by the time this one is sent) -> for each block pread into a reused buffer,
+Main thread: ``Get`` -> ``Blocks`` (the next ``Get`` goes out at once, so the following batch
+is waiting by the time this one is sent) -> for each block pread into a reused buffer,
 digest, seal into a reused frame buffer, send. Reader thread: reads the receiver's MAC'd acks
-and reports durable blocks to the coordinator (``acked``) together with their digests, which
+and reports durable blocks to the coordinator (``Acked``) together with their digests, which
 the main thread recorded before the block went out; hands resend requests to the main thread.
-Any failure is reported (``error``) and ends the process. The worker never sees the PSK or any
-other stream's key.
+Beat thread: says ``Alive`` every half second, and stops the worker (SIGTERM to itself) when
+the coordinator is gone (its request connection dropped: ``channel.WorkerLink``). Any failure
+is reported (``WorkerError``) and ends the process. The worker never sees the PSK or any other
+stream's key. Messages are ``stxpar.messages``; the channel is ``stxpar.channel``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,31 @@ import os
 import queue
 import signal
 import socket
-import stat
 import sys
 import threading
 from typing import Any
 
 import zmq
 
-from stxpar import ipc
+from stxpar import channel, ipc
+from stxpar.blocks import BlockSpace
 from stxpar.digest import block_digest
-from stxpar.errors import ConnectError, IntegrityError, ProtocolError, StxError, error_from_wire
+from stxpar.errors import ConnectError, ProtocolError, SourceChangedError, StxError, error_from_wire
+from stxpar.messages import (
+    Acked,
+    Alive,
+    Blocks,
+    Get,
+    Hello,
+    Message,
+    Retransmit,
+    Sent,
+    Setup,
+    WorkerError,
+)
 from stxpar.netio import FramedSocket, connect
 from stxpar.records import AckChannel, BlockContext, BlockSealer, join_mac
+from stxpar.source import open_source
 from stxpar.wire import (
     MAX_ACK_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
@@ -34,13 +49,10 @@ from stxpar.wire import (
     ErrorMsg,
     FrameType,
     Join,
-    block_len,
     encode_frame,
 )
 
 POLL_MS = 100
-#: stxpar.sender.REPLACED (not imported from there: a worker keeps its imports small).
-REPLACED = "the source file was replaced during the transfer"
 
 
 def _ack_cap(ftype: FrameType) -> int:
@@ -56,11 +68,8 @@ class Worker:
         """``parent``: the coordinator's pid, passed in argv so that a coordinator killed before
         this process got going is noticed too (getppid() would already name the reaper)."""
         self.ctx = zmq.Context()
-        self.dealer = ipc.configure(self.ctx.socket(zmq.DEALER))
-        self.dealer.connect(ctl_endpoint)
-        self.report = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
-        self.report.connect(report_endpoint)
-        self.report_endpoint = report_endpoint
+        self.link = channel.WorkerLink(self.ctx, ctl_endpoint, report_endpoint)
+        self.report = self.link.push
         self.slot = slot
         self.parent = parent
         self.resend: queue.Queue[int] = queue.Queue()
@@ -70,23 +79,26 @@ class Worker:
         self.sent = 0
         self.failed = threading.Event()
         self.finishing = threading.Event()
+        self.stopping = threading.Event()
+        self.beater = threading.Thread(target=self.beat, name="beat", daemon=True)
 
     # -- coordinator link
-    def request(self, *fields: Any) -> list[Any]:
-        self.dealer.send(ipc.pack(*fields))
+    def request(self, msg: Message) -> Message:
+        self.link.ask(msg)
         return self.reply()
 
-    def reply(self) -> list[Any]:
+    def reply(self) -> Message:
         while True:
-            if self.dealer.poll(POLL_MS):
-                return ipc.unpack(self.dealer.recv())
+            msg = self.link.answer(POLL_MS)
+            if msg is not None:
+                return msg
             self.check_alive()
             self.drain_resends()
 
     def check_alive(self) -> None:
         if self.failed.is_set() or _stop_requested.is_set():
             raise SystemExit(1)
-        if os.getppid() != self.parent:
+        if os.getppid() != self.parent:  # the fast path: the coordinator process exited
             raise SystemExit(1)
 
     def fail(self, sock: zmq.Socket, exc: BaseException) -> None:
@@ -94,27 +106,42 @@ class Worker:
             code, message = exc.wire_code, str(exc)
         else:
             code, message = 1, f"worker error: {type(exc).__name__}: {exc}"
-        sock.send(ipc.pack("error", self.slot, code, message))
+        channel.send(sock, WorkerError(self.slot, code, message))
+
+    def beat(self) -> None:
+        """Say ``Alive`` every ``BEAT_INTERVAL``; stop this worker if the coordinator is gone."""
+        sock = self.link.report_socket()
+        try:
+            while not self.stopping.wait(channel.BEAT_INTERVAL):
+                if self.link.coordinator_gone():
+                    _stop_requested.set()
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                try:
+                    channel.send(sock, Alive(self.slot), block=False)
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close()
 
     # -- data path
     def run(self) -> None:
-        msg = self.request("hello", self.slot)
-        if msg[0] != "setup":
+        self.beater.start()
+        msg = self.request(Hello(self.slot))
+        if not isinstance(msg, Setup):
             return
-        cfg: dict[str, Any] = msg[1]
-        self.stream = int(cfg["stream"])
-        self.size = int(cfg["size"])
-        self.block_size = int(cfg["block_size"])
+        self.stream = msg.stream
+        self.space = BlockSpace([f.size for f in msg.files], block_size=msg.block_size)
         ctx = BlockContext(
-            session_id=cfg["session_id"],
+            session_id=msg.session_id,
             stream=self.stream,
-            file_size=self.size,
-            file_id=cfg["file_id"],
-            block_size=self.block_size,
-            rekey_records=int(cfg["rekey_records"]),
-            rekey_bytes=int(cfg["rekey_bytes"]),
+            file_size=msg.files[0].size,
+            file_id=msg.file_id,
+            block_size=msg.block_size,
+            rekey_records=msg.rekey_records,
+            rekey_bytes=msg.rekey_bytes,
         )
-        secret: bytes = cfg.pop("secret")
+        secret = msg.secret
         self.sealer = BlockSealer(stream_secret=secret, ctx=ctx)
         self.acks = AckChannel(stream_secret=secret, ctx=ctx)
         join = Join(
@@ -123,27 +150,25 @@ class Worker:
             mac=join_mac(stream_secret=secret, session_id=ctx.session_id, stream=self.stream),
         )
         del secret
-        self.fd = open_source(cfg)
-        self.buf = bytearray(self.block_size)
+        self.fds = [open_source(f) for f in msg.files]
+        self.buf = bytearray(msg.block_size)
         self.view = memoryview(self.buf)
-        sock = connect(
-            cfg["host"],
-            int(cfg["port"]),
-            max_retries=2,
-            timeout=float(cfg["connect_timeout"]),
-        )
+        host, port = msg.host, msg.port
+        sock = connect(host, port, max_retries=2, timeout=msg.connect_timeout)
+        del msg
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.conn = FramedSocket(sock, peer=f"{cfg['host']}:{cfg['port']}")
+        self.conn = FramedSocket(sock, peer=f"{host}:{port}")
         self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
         reader = threading.Thread(target=self.read_acks, name="acks", daemon=True)
         reader.start()
-        msg = self.request("get", self.slot)
-        while msg[0] == "blocks":
-            self.dealer.send(ipc.pack("get", self.slot))  # the next batch, while this one goes
-            for seq in msg[1]:
-                self.send_block(int(seq))
-            msg = self.reply()
+        get = Get(self.slot)
+        work = self.request(get)
+        while isinstance(work, Blocks):
+            self.link.ask(get)  # the next batch, while this one goes
+            for seq in work.blocks:
+                self.send_block(seq)
+            work = self.reply()
         self.finishing.set()
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -157,11 +182,11 @@ class Worker:
         if _stop_requested.is_set():  # a SIGTERM whose raise was lost in a finalizer
             raise SystemExit(1)
         self.drain_resends()
-        n = block_len(index=seq, size=self.size, block_size=self.block_size)
-        plain = self.view[:n]
-        got = os.preadv(self.fd, [plain], seq * self.block_size)
-        if got != n:
-            raise IntegrityError("the source file shrank during the transfer")
+        where = self.space.locate(seq)
+        plain = self.view[: where.length]
+        got = os.preadv(self.fds[where.entry], [plain], where.offset)
+        if got != where.length:
+            raise SourceChangedError("the source file shrank during the transfer")
         self.digests[seq] = block_digest(plain)
         self.sent += 1  # counted as it starts: a block cut short on the wire still went out
         self.conn.send(self.sealer.seal(seq, plain))
@@ -174,11 +199,10 @@ class Worker:
                 return
             self.check_alive()
             self.send_block(seq)
-            self.report.send(ipc.pack("retransmit", self.slot, seq))
+            channel.send(self.report, Retransmit(self.slot, seq))
 
     def read_acks(self) -> None:
-        report = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
-        report.connect(self.report_endpoint)
+        report = self.link.report_socket()
         try:
             while True:
                 try:
@@ -194,8 +218,8 @@ class Worker:
                     raise ProtocolError(f"unexpected {ftype.name} on a data stream")
                 ack = Ack.decode(self.acks.open(payload))
                 if ack.durable:
-                    done = [(seq, self.digests.pop(seq, b"")) for seq in ack.durable]
-                    report.send(ipc.pack("acked", self.slot, done, self.sent))
+                    done = tuple((seq, self.digests.pop(seq, b"")) for seq in ack.durable)
+                    channel.send(report, Acked(self.slot, done, self.sent))
                 for seq in ack.resend:
                     self.resend.put(seq)
         except BaseException as exc:  # report every failure, then stop the worker
@@ -210,39 +234,6 @@ class Worker:
                 report.close()
             except zmq.ZMQError:
                 pass
-
-
-def open_source(cfg: dict[str, Any]) -> int:
-    """Open the source the coordinator resolved and pinned, and prove it is that file.
-
-    The coordinator's checks were made on its own descriptor; this process opens the file
-    again, by name, later. Whoever can rename entries in the source's directory may have put
-    another file, or a symlink to one, there meanwhile: O_NOFOLLOW refuses a symlink as the
-    last component (the coordinator already resolved the one the user may have named), and the
-    identity and state of what was opened must be the coordinator's, else IntegrityError (exit
-    5) before a byte of it is read."""
-    path = cfg["path"]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise IntegrityError(f"{REPLACED} ({path}: {exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (cfg["dev"], cfg["ino"]) or not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{REPLACED} ({path} names another file now)")
-        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-            cfg["size"],
-            cfg["mtime_ns"],
-            cfg["ctime_ns"],
-        ):
-            raise IntegrityError(
-                f"{path} changed during the transfer (size, modification or change time);"
-                " send it again once it is stable"
-            )
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 #: Set by SIGTERM. The handler raises SystemExit in the main thread wherever it is, which
@@ -297,8 +288,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The final count of blocks sent (the ``acked`` reports carry it too, but blocks sent
         # after the last ack -- a session that failed -- are only counted here).
+        worker.stopping.set()
+        if worker.beater.is_alive():
+            worker.beater.join(timeout=1)
         try:
-            worker.report.send(ipc.pack("sent", worker.slot, worker.sent), zmq.NOBLOCK)
+            channel.send(worker.report, Sent(worker.slot, worker.sent), block=False)
         except zmq.ZMQError:
             pass
         worker.ctx.destroy(linger=200)

@@ -57,6 +57,7 @@ SAMPLES: list[m.Message] = [
     m.Landed(session_id=b"i" * 16, stream=2, blocks=((0, b"d" * 16),)),
     m.StreamFailed(session_id=b"i" * 16, stream=2, code=3, message="forged block"),
     m.StreamClosed(session_id=b"i" * 16, stream=2),
+    m.Alive(slot=1),
 ]
 EVERY_KIND = tuple({type(s) for s in SAMPLES})
 
