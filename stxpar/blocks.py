@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-A transfer moves a ``Manifest`` of entries (one regular file today; a directory tree later).
+A transfer moves a list of entries (``Entry``: one regular file today; a directory tree
+later).
 The ``BlockSpace`` numbers every block of every entry in one space: block ``b`` is located as
 (entry, offset, length), so the queue, the workers, the resume bitmap and the state log all
 speak of blocks and never of files. With one entry, block ``b`` is the file's block ``b`` at

@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 ``Receiver`` runs one ``ControlHandler`` in a thread of its own per authenticated control
 connection. The handler reads METADATA (within ``handshake_timeout``), then waits on two
-things at once: the control socket (END, ERROR) and a wake-up descriptor that the report
+things at once: the control socket (END, ERROR) and a wake-up descriptor, which the report
 router's thread (``SessionRegistry.deliver``), a superseding session and the receiver's stop
-signal. Whatever happens is fed to the ``ReceiverSession`` core with the clock, and the
+all signal. Whatever happens is fed to the ``ReceiverSession`` core with the clock, and the
 core's outputs are carried out at once, in order: frames sent, file effects through
 ``partials``, names and completions through the ``SessionRegistry``, streams cancelled through
 the worker pool (``cancel(session_id)``, ``cancel_later(session_id)``), events reported.

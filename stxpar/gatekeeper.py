@@ -48,7 +48,7 @@ from typing import Any
 
 from . import keyschedule as ks
 from .errors import ConnectError, ProtocolError, StxError
-from .handshake import ReplayCache, ServerHandshake, handshake_cap
+from .handshake import ReplayCache, ServerHandshake, handshake_cap, now_ms
 from .limits import FdBudget as FdBudget
 from .limits import GateLimits as GateLimits
 from .limits import HandshakeRates, Pending
@@ -388,11 +388,11 @@ class Gatekeeper:
                 raise ConnectError(BUSY_HANDSHAKES)
             conn.hs = ServerHandshake(
                 keyring=self._keyring,
-                now_ms=_now_ms(),
+                now_ms=now_ms(),
                 replay_cache=self._replay,
                 window_ms=self._window_ms,
             )
-        frames = conn.hs.receive(ftype, payload, now_ms=_now_ms())
+        frames = conn.hs.receive(ftype, payload, now_ms=now_ms())
         if conn.hs.established:
             self._hand_control(conn, frames)
             return
@@ -477,7 +477,3 @@ def _open_spare() -> int | None:
         return os.open(os.devnull, os.O_RDONLY)
     except OSError:
         return None
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +53,12 @@ from .wire import (
 
 AUTH_FAILED = "authentication failed"
 DEFAULT_WINDOW_MS = 300_000
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds: what the drivers pass in as ``now_ms`` (the machines
+    themselves never read a clock)."""
+    return int(time.time() * 1000)
 
 
 class ClockSkewError(AuthError):

@@ -1,6 +1,6 @@
 """ZeroMQ plumbing between a coordinator and its workers (local IPC), and how workers start.
 
-Messages are msgpack lists ``[verb, ...]``. Endpoints are ``ipc://`` sockets inside a private
+The messages themselves are ``stxpar.messages`` (typed, versioned); endpoints are ``ipc://`` sockets inside a private
 0700 directory, so stream secrets handed to workers never touch the network; every socket has a
 message size cap and linger 0. One context per process, created after the process started.
 
@@ -25,9 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
-import msgpack
 import zmq
 
 #: Largest IPC message (a list of block digests for a big range stays well below this).
@@ -167,17 +165,6 @@ def configure(sock: zmq.Socket, *, linger_ms: int = 0) -> zmq.Socket:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_IPC_MESSAGE)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     return sock
-
-
-def pack(*fields: Any) -> bytes:
-    return msgpack.packb(list(fields), use_bin_type=True)
-
-
-def unpack(data: bytes) -> list[Any]:
-    obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    if not isinstance(obj, list) or not obj:
-        raise ValueError("bad IPC message")
-    return obj
 
 
 def spawn_worker(

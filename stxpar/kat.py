@@ -1,4 +1,4 @@
-"""Known-answer vectors for STX v1: one complete handshake and first data block, fixed inputs.
+"""Known-answer vectors for STX (version ``stx2``): one complete handshake and first data block, fixed inputs.
 
 ``python -m stxpar.kat > docs/known-answers.json`` regenerates the published file;
 ``tests/unit/test_kat.py`` checks that the code still produces it, and re-derives some values

@@ -1,4 +1,4 @@
-"""STX v1 key schedule: pure, keyword-only functions from secrets to keys.
+"""The STX key schedule (version ``stx2``): pure, keyword-only functions from secrets to keys.
 
 Theory of operation
 -------------------

@@ -31,7 +31,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -114,7 +114,7 @@ class Setup(Message):
     ``block_size``."""
 
     stream: int
-    secret: bytes
+    secret: bytes = field(repr=False)  # a stream secret: never in a repr or a log
     session_id: bytes
     host: str
     port: int
@@ -201,7 +201,7 @@ class StreamJob(Message):
 
     session_id: bytes
     stream: int
-    secret: bytes
+    secret: bytes = field(repr=False)  # a stream secret: never in a repr or a log
     path: str
     size: int
     block_size: int

@@ -78,6 +78,54 @@ ATTEMPT_DELAY = 0.25
 Address = tuple[int, tuple]
 
 
+def listen_all(host: str, port: int) -> list[socket.socket]:
+    """One listening socket per address ``host`` resolves to (``localhost`` is often both ::1
+    and 127.0.0.1), all on one port (the first one's, when ``port`` is 0); UsageError with
+    the reason when one cannot be had."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+    addrs: list[tuple[int, tuple]] = []
+    for info in infos:
+        if info[0] in (socket.AF_INET, socket.AF_INET6) and (info[0], info[4]) not in addrs:
+            addrs.append((info[0], info[4]))
+    socks: list[socket.socket] = []
+    chosen = port
+    try:
+        for family, addr in addrs:
+            addr = (addr[0], chosen, *addr[2:])
+            socks.append(_bind(host, port, family, addr, several=len(addrs) > 1))
+            chosen = socks[0].getsockname()[1]
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind(host: str, port: int, family: int, addr: tuple, *, several: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+    named = f" ({shown}, one of the addresses {host} resolves to)" if several else ""
+    try:
+        if family == socket.AF_INET6 and several:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # :: beside 0.0.0.0
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"cannot listen on {host}:{port}{named}: address already in use"
+            ) from None
+        raise UsageError(f"cannot listen on {host}:{port}{named}: {exc.strerror}") from None
+    return sock
+
+
 def resolve_all(host: str, port: int) -> list[Address]:
     """Every (family, sockaddr) ``host`` resolves to, without duplicates, in RFC 8305's order:
     getaddrinfo's first address, then alternating families (v6, v4, v6... when v6 came first)."""

@@ -3,7 +3,7 @@ workers are alive, and where their reports go.
 
 Theory of operation
 -------------------
-``recvpool.WorkerPool`` owns the processes and channels; every decision it makes is taken
+``recvpool.ReceiverPool`` owns the processes and channels; every decision it makes is taken
 here, from plain values and a clock passed in, so that it can be tested without a process.
 
 - ``stream_job`` turns a verified JOIN's target (``StreamTarget``: session, stream, secret,

@@ -14,14 +14,18 @@ An admitted transfer gets a preallocated partial file ``.NAME.stxpart`` in the d
 JOIN that proves its key is passed, socket and stream secret, to the least busy worker process
 over a private SEQPACKET socketpair; workers report landed blocks (index, digest) on a ZeroMQ
 PULL socket. When END arrives and every block is durable, the coordinator checks the whole-file
-digest, fsyncs, renames the partial file to its final name and sends the RECEIPT. Anything else
-removes the partial file: nothing half-written ever takes the final name.
+digest, fsyncs, renames the partial file to its final name and sends the RECEIPT. A failure
+keeps the partial file for a resume (or removes it when its blocks cannot be trusted): nothing
+half-written ever takes the final name.
+
+``Receiver`` is the façade over the parts that do this: the gatekeeper (listening,
+pre-authentication), the session registry, one control handler per session (driving the pure
+session core), the worker pool and its report router.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
 import threading
@@ -54,14 +58,14 @@ from .errors import ConnectError, StxError, UsageError
 from .gatekeeper import Gatekeeper, GateLimits, error_frame
 from .handshake import ReplayCache, keyring_for
 from .keyschedule import SessionKeys
-from .netio import FramedSocket
+from .netio import FramedSocket, listen_all
 from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .placement import WORKER_QUIET_S as WORKER_QUIET_S
 from .placement import WORKER_START_S as WORKER_START_S
 from .placement import ReportRouter
 from .recv_session import DigestMismatch as DigestMismatch
 from .recvpool import SPAWN_DESCRIPTORS as SPAWN_DESCRIPTORS
-from .recvpool import WorkerPool, route_reports
+from .recvpool import ReceiverPool, route_reports
 from .registry import COMPLETED_KEEP, CompletedList, SessionRegistry
 from .registry import ReceivedFile as ReceivedFile
 from .state import load as load_state  # noqa: F401  (tests count its calls)
@@ -170,7 +174,7 @@ class Receiver:
         self._threads: list[threading.Thread] = []
         self._listeners: list[socket.socket] = []
         self._gate: Gatekeeper | None = None
-        self._pool: WorkerPool | None = None
+        self._pool: ReceiverPool | None = None
         self._zctx: zmq.Context | None = None
         self._workdir = ""
         self._umask = _process_umask()  # read once, here
@@ -215,7 +219,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         self._check_dest()
-        self._listeners = self._listen()
+        self._listeners = listen_all(self.host, self.port)
         try:
             ipc.remove_stale_dirs()
             self._workdir = ipc.private_dir("stx-recv-")
@@ -223,7 +227,7 @@ class Receiver:
             report_ep = f"ipc://{self._workdir}/report"
             pull = ipc.configure(self._zctx.socket(zmq.PULL))
             pull.bind(report_ep)
-            self._pool = WorkerPool(
+            self._pool = ReceiverPool(
                 self.workers,
                 report_ep,
                 max_streams=self.max_streams,
@@ -327,55 +331,6 @@ class Receiver:
         warning = check_dest(self.dest, allow_shared=self.allow_shared_dest)
         if warning is not None:
             self._event("warning", message=warning)
-
-    def _listen(self) -> list[socket.socket]:
-        """One listening socket per address the host resolves to (``localhost`` is often both
-        ::1 and 127.0.0.1), all on one port (the first one's, when the port is 0)."""
-        try:
-            infos = socket.getaddrinfo(
-                self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except socket.gaierror as exc:
-            raise UsageError(
-                f"cannot resolve listen address {self.host!r}: {exc.strerror}"
-            ) from None
-        addrs: list[tuple[int, tuple]] = []
-        for info in infos:
-            if info[0] in (socket.AF_INET, socket.AF_INET6) and (info[0], info[4]) not in addrs:
-                addrs.append((info[0], info[4]))
-        socks: list[socket.socket] = []
-        port = self.port
-        try:
-            for family, addr in addrs:
-                addr = (addr[0], port, *addr[2:])
-                socks.append(self._bind(family, addr, several=len(addrs) > 1))
-                port = socks[0].getsockname()[1]
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        return socks
-
-    def _bind(self, family: int, addr: tuple, *, several: bool) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
-        named = f" ({shown}, one of the addresses {self.host} resolves to)" if several else ""
-        try:
-            if family == socket.AF_INET6 and several:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # :: beside 0.0.0.0
-            sock.bind(addr)
-            sock.listen(1024)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(
-                    f"cannot listen on {self.host}:{self.port}{named}: address already in use"
-                ) from None
-            raise UsageError(
-                f"cannot listen on {self.host}:{self.port}{named}: {exc.strerror}"
-            ) from None
-        return sock
 
     def _hand_control(
         self, fs: FramedSocket, session: SessionKeys, peer: tuple, frames: list[bytes]

@@ -9,8 +9,8 @@ down, ``Ready`` and ``Beat`` up. What a worker landed goes up on the coordinator
 PULL socket (``Landed``, ``StreamFailed``, ``StreamClosed``). Every message is a typed
 ``stxpar.messages`` message.
 
-``WorkerHandle`` is the one place that touches a worker's process and channel: a local process
-today, the seam where a worker on another host would plug in. ``WorkerPool`` hands streams
+``ReceiverWorker`` is the one place that touches a worker's process and channel: a local process
+today, the seam where a worker on another host would plug in. ``ReceiverPool`` hands streams
 over, cancels sessions, and replaces workers that exited or went silent; what it decides
 (placement within the caps, liveness, report routing) is pure and lives in ``placement.py``.
 ``route_reports`` is the report thread.
@@ -57,7 +57,7 @@ _LIVENESS_MAX = 64
 EventFn = Callable[..., None]
 
 
-class WorkerHandle:
+class ReceiverWorker:
     """One local worker process and its channel."""
 
     def __init__(self, report_endpoint: str) -> None:
@@ -135,7 +135,7 @@ class WorkerHandle:
             self.proc.wait()
 
 
-class WorkerPool:
+class ReceiverPool:
     """Receiver worker processes: hand-overs within caps, cancels, replacement of workers that
     exited or stopped beating (see the module's docstring).
 
@@ -161,7 +161,7 @@ class WorkerPool:
         self.report_endpoint = report_endpoint
         self.sync_bytes = sync_bytes
         self._on_event = on_event
-        self.members: list[WorkerHandle] = []
+        self.members: list[ReceiverWorker] = []
         self.placement = Placement(
             n, max_streams=max_streams, max_worker_streams=max_worker_streams
         )
@@ -172,7 +172,7 @@ class WorkerPool:
         self._spawn_failed = False
         try:
             for i in range(n):
-                self.members.append(WorkerHandle(report_endpoint))
+                self.members.append(ReceiverWorker(report_endpoint))
                 self.live.started(i, time.monotonic())
         except BaseException:
             self.stop()
@@ -234,7 +234,7 @@ class WorkerPool:
         try:
             if _descriptors_free() < SPAWN_DESCRIPTORS:
                 raise OSError(errno.EMFILE, "too few file descriptors free")
-            self.members[i] = WorkerHandle(self.report_endpoint)
+            self.members[i] = ReceiverWorker(self.report_endpoint)
         except OSError as exc:
             if not self._spawn_failed:
                 why = exc.strerror or str(exc)
@@ -320,7 +320,7 @@ def _descriptors_free() -> int:
 
 
 def route_reports(
-    pull: zmq.Socket, router: ReportRouter, pool: WorkerPool, stopping: threading.Event
+    pull: zmq.Socket, router: ReportRouter, pool: ReceiverPool, stopping: threading.Event
 ) -> None:
     """The report thread: what arrives on ``pull`` goes to ``router``, and the pool is checked
     every ``CHECK_EVERY_S``, until ``stopping`` is set (or the socket is closed under it)."""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A ``WorkerPool`` is one session's workers, the private directory and the ZeroMQ channel they
+A ``SenderPool`` is one session's workers, the private directory and the ZeroMQ channel they
 use (``stxpar.channel``): made before the handshake, so that the workers' start-up (an
 interpreter and its imports, about 0.1 s each) overlaps the connection and handshake round
 trips; a worker says ``Hello`` at once and waits for its ``Setup`` until the data phase
@@ -52,7 +52,7 @@ class LocalWorker:
             raise TimeoutError(f"sender worker {self.slot} still runs") from None
 
 
-class WorkerPool:
+class SenderPool:
     """One session's workers, their private directory and the channel to them.
 
     ``close`` stops whatever still runs and removes the directory. ``source``: the file

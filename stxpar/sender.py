@@ -9,7 +9,7 @@ reconnect is a fresh handshake that resumes from the receiver's bitmap. The run'
 ``BlockLedger`` (``send_run.Run``) holds the blocks known complete and their digests across
 sessions.
 
-A session (``_session``) starts its workers (``send_pool.WorkerPool``) before it connects
+A session (``_session``) starts its workers (``send_pool.SenderPool``) before it connects
 (the CLI forks its first ones even before it reads the key: ``prestart_workers``), runs the
 handshake, then drives the pure session core (``send_session.SenderSession``): it reads frames
 with the socket's timeouts and feeds them in, and carries out what the core asks for (send a
@@ -38,7 +38,7 @@ import zmq
 from . import ipc
 from .config import SendOptions, TransferResult, default_workers, is_loopback
 from .errors import ConnectError, StxError, UsageError, error_from_code
-from .handshake import ClientHandshake, handshake_cap
+from .handshake import ClientHandshake, handshake_cap, now_ms
 from .keyschedule import SessionKeys
 from .messages import (
     Acked,
@@ -54,7 +54,7 @@ from .messages import (
 from .netio import FramedSocket, connect
 from .records import ControlChannel
 from .scheduler import Scheduler
-from .send_pool import WorkerPool
+from .send_pool import SenderPool
 from .send_run import Retry, Run
 from .send_session import (
     CheckSource,
@@ -132,7 +132,7 @@ class _DataPhase:
         session: SenderSession,
         setup: Callable[[int], Setup],
         needed: tuple[int, ...],
-        pool: WorkerPool,
+        pool: SenderPool,
         ctl: FramedSocket,
         workers: int,
         progress: ProgressFn | None,
@@ -355,13 +355,9 @@ def _peer_address(sock: socket.socket, host: str) -> str:
         return host
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def handshake(ctl: FramedSocket, *, psk: bytes, timeout: float) -> SessionKeys:
     """Run the client side of the handshake over ``ctl``; return the session keys."""
-    hs = ClientHandshake(psk=psk, now_ms=_now_ms())
+    hs = ClientHandshake(psk=psk, now_ms=now_ms())
     ctl.sock.settimeout(timeout)
     outer = ctl.deadline
     # The whole handshake, not each read, gets ``timeout``: a receiver that trickles bytes
@@ -374,7 +370,7 @@ def handshake(ctl: FramedSocket, *, psk: bytes, timeout: float) -> SessionKeys:
             ctl.send(frame)
         while not hs.established:
             ftype, payload = ctl.recv_frame(cap=handshake_cap)
-            for frame in hs.receive(ftype, payload, now_ms=_now_ms()):
+            for frame in hs.receive(ftype, payload, now_ms=now_ms()):
                 ctl.send(frame)
     finally:
         ctl.deadline = outer
@@ -392,7 +388,7 @@ def _session(
     progress: ProgressFn | None,
     on_event: EventFn | None,
     deadline: float | None,
-    pool: WorkerPool | None = None,
+    pool: SenderPool | None = None,
 ) -> None:
     """One connection: handshake, then the session core from METADATA to RECEIPT. ``pool``:
     workers already started for it (the session owns and closes them)."""
@@ -408,7 +404,7 @@ def _session(
             pool.close()
             pool = None
         elif pool is None and run.complete < run.total:
-            pool = WorkerPool(width)
+            pool = SenderPool(width)
         elif pool is not None:
             pool.top_up(width)  # prestarted for other arguments
         sock = connect(host, port, max_retries=0, timeout=timeout)
@@ -479,7 +475,7 @@ def _session(
                     on_event("resuming", {"have_bytes": out.held_bytes, "bytes": src.size})
             elif isinstance(out, StartData):
                 if pool is None:  # the receiver lost blocks acknowledged earlier
-                    pool = WorkerPool(min(opts.workers or 1, len(out.needed)))
+                    pool = SenderPool(min(opts.workers or 1, len(out.needed)))
                 ctl.sock.settimeout(None)
                 phase = _DataPhase(
                     run=run,
@@ -532,7 +528,7 @@ def send(
     progress: ProgressFn | None = None,
     options: SendOptions | None = None,
     on_event: EventFn | None = None,
-    pool: WorkerPool | None = None,
+    pool: SenderPool | None = None,
 ) -> TransferResult:
     """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
     authenticated receipt confirms the whole file arrived, verified and durable.
@@ -573,7 +569,7 @@ def prestart_workers(
     workers: int | None = None,
     block_size: int | None = None,
     options: SendOptions | None = None,
-) -> WorkerPool | None:
+) -> SenderPool | None:
     """Fork the worker processes that ``send`` with the same arguments will need, where this
     process may fork (Linux, one thread; else None, and ``send`` starts them itself).
 
@@ -589,7 +585,7 @@ def prestart_workers(
         src.close()
         return None
     try:
-        pool = WorkerPool(min(opts.workers, total), fork=True)
+        pool = SenderPool(min(opts.workers, total), fork=True)
     except BaseException:
         src.close()
         raise
@@ -639,7 +635,7 @@ def _send(
     opts: SendOptions,
     progress: ProgressFn | None,
     on_event: EventFn | None,
-    pool: WorkerPool | None,
+    pool: SenderPool | None,
 ) -> TransferResult:
     assert opts.block_size is not None
     bs = opts.block_size

@@ -1,4 +1,4 @@
-"""STX v1 framing and message codecs: bytes <-> frozen dataclasses, no I/O.
+"""STX framing (version ``stx2``) and message codecs: bytes <-> frozen dataclasses, no I/O.
 
 Every message on a TCP stream is one frame::
 

@@ -7,7 +7,7 @@ read a BLOCK frame into a reused buffer, check the CRC (damaged: ask again, boun
 into a reused buffer (tag fails: authentication failure, the stream ends), copy the verified
 plaintext into the partial file at the block's offset (``Lander``: ``pwrite``, one stream
 at a time), digest. Blocks are acknowledged in batches after ``fdatasync``: the worker first
-reports ``blocks`` (index and digest) to the coordinator over ZeroMQ, then sends the sender a
+reports ``Landed`` (index and digest of each block) to the coordinator over ZeroMQ, then sends the sender a
 MAC'd ACK, so nothing is acknowledged that is not durable and known to the coordinator.
 """
 
@@ -51,7 +51,7 @@ FLUSH_IDLE_S = 0.02
 FLUSH_INTERVAL_S = 0.25
 MAX_MSG = 64 << 10
 #: A worker tells its coordinator it is alive this often (``Worker.beat``); the coordinator
-#: replaces a worker it has not heard from for a few seconds (``stxpar.recvpool.WorkerPool``).
+#: replaces a worker it has not heard from for a few seconds (``stxpar.recvpool.ReceiverPool``).
 HEARTBEAT_S = 0.5
 _READY = messages.encode(Ready())
 _BEAT = messages.encode(Beat())

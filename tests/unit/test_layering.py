@@ -1,4 +1,4 @@
-"""The layering the architecture promises (docs/architecture.md §2): the protocol core is pure.
+"""The layering the architecture promises (docs/architecture.md §0): the protocol core is pure.
 
 The session cores, the scheduler, the block model, the worker messages, framing, crypto and
 the state log import (directly or through other stxpar modules) no socket, ZeroMQ, thread,

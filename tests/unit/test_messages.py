@@ -71,6 +71,12 @@ def test_every_kind_has_a_sample() -> None:
     assert {type(s) for s in SAMPLES} == set(m._KINDS.values())
 
 
+def test_stream_secrets_stay_out_of_reprs() -> None:
+    for msg in SAMPLES:
+        if hasattr(msg, "secret"):
+            assert repr(b"s" * 32) not in repr(msg) and "secret" not in repr(msg)
+
+
 def test_inode_may_be_none() -> None:
     job = dataclasses.replace(SAMPLES[9], inode=None)  # type: ignore[type-var]
     assert m.decode(m.encode(job), expect=(m.StreamJob,)) == job
