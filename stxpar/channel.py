@@ -15,7 +15,9 @@ stream secrets in ``Setup`` never touch the network. Liveness both ways: workers
 on the request connection (``ZMQ_HEARTBEAT_*``) let a worker notice a coordinator that is gone
 or hung (``WorkerLink.coordinator_gone``, through a socket monitor). To carry the channel across
 a network later (CurveZMQ, a ZAP check), only ``_configure`` and ``Endpoints`` change; the
-messages do not.
+messages do not. The receiver's workers report over the same kind of channel
+(``report_pull`` / ``report_push``: ``Landed``, ``StreamFailed``, ``StreamClosed``); their
+streams arrive with the socket itself (SCM_RIGHTS), which only a local channel can carry.
 """
 
 from __future__ import annotations
@@ -135,6 +137,21 @@ class WorkerLink:
             if struct.unpack_from("=H", frames[0])[0] == zmq.EVENT_DISCONNECTED:
                 return True
         return False
+
+
+def report_pull(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A coordinator's PULL for its workers' reports, bound at ``endpoint`` (the receiver's
+    report channel; the sender's is ``CoordinatorLink.pull``)."""
+    sock = _configure(ctx.socket(zmq.PULL))
+    sock.bind(endpoint)
+    return sock
+
+
+def report_push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A worker's PUSH to its coordinator's reports, connected to ``endpoint``."""
+    sock = _configure(ctx.socket(zmq.PUSH), linger_ms=2000)
+    sock.connect(endpoint)
+    return sock
 
 
 def send(sock: zmq.Socket, msg: Message, *, block: bool = True) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 
 from . import ipc
+from .channel import report_pull
 from .config import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .config import DEFAULT_MAX_WORKER_STREAMS as DEFAULT_MAX_WORKER_STREAMS
 from .config import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
@@ -225,8 +226,7 @@ class Receiver:
             self._workdir = ipc.private_dir("stx-recv-")
             self._zctx = zmq.Context()
             report_ep = f"ipc://{self._workdir}/report"
-            pull = ipc.configure(self._zctx.socket(zmq.PULL))
-            pull.bind(report_ep)
+            pull = report_pull(self._zctx, report_ep)
             self._pool = ReceiverPool(
                 self.workers,
                 report_ep,

@@ -28,6 +28,8 @@ from collections.abc import Callable
 import zmq
 
 from stxpar import ipc, messages
+from stxpar.blocks import BlockSpace
+from stxpar.channel import report_push
 from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, IntegrityError, ProtocolError, RejectedError, StxError
 from stxpar.messages import Beat, Cancel, Landed, Ready, StreamClosed, StreamFailed
@@ -145,6 +147,8 @@ class StreamThread(threading.Thread):
         acks = AckChannel(stream_secret=secret, ctx=ctx)
         del secret, job
         block_size = ctx.block_size
+        # Where each block lands: the transfer's block space (one file today).
+        space = BlockSpace([ctx.file_size], block_size=block_size)
         sync_bytes = self.job.sync_bytes
         body = bytearray(BLOCK_HEADER.size + block_size + BLOCK_SUFFIX)
         body_view = memoryview(body)
@@ -213,7 +217,7 @@ class StreamThread(threading.Thread):
                     flush()
                     continue
                 size = len(plain)
-                lander.write(plain, seq * block_size)
+                lander.write(plain, space.locate(seq).offset)
                 pending.append((seq, block_digest(plain)))
                 pending_bytes += size
                 if (
@@ -240,8 +244,7 @@ class Worker:
         self.channel = socket.socket(fileno=channel_fd)
         self.ctx = zmq.Context()
         self.report_endpoint = report_endpoint
-        self._push = ipc.configure(self.ctx.socket(zmq.PUSH), linger_ms=2000)
-        self._push.connect(report_endpoint)
+        self._push = report_push(self.ctx, report_endpoint)
         self._push_lock = threading.Lock()
         self.lock = threading.Lock()
         self.streams: set[StreamThread] = set()
