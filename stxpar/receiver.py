@@ -50,8 +50,6 @@ from .destination import LOCK_SUFFIX as LOCK_SUFFIX
 from .destination import PART_SUFFIX as PART_SUFFIX
 from .destination import STATE_SUFFIX as STATE_SUFFIX
 from .destination import check_dest
-from .destination import create_partial as _create_preallocated  # noqa: F401  (tests use it)
-from .destination import is_tmpfs as _is_tmpfs  # noqa: F401  (tests import it from here)
 from .destination import list_partials as list_partials
 from .destination import purge_partials as purge_partials
 from .destination import safe_name as safe_name

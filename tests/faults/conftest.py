@@ -780,3 +780,15 @@ def group(scratch: Path) -> Iterator[ProcGroup]:
         yield g
     finally:
         g.kill_all()
+
+
+@pytest.fixture
+def continue_stopped_workers() -> Iterator[None]:
+    """For tests that SIGSTOP a worker: a failed one must not leave a stopped process behind
+    (teardown kills it anyway)."""
+    yield
+    with contextlib.suppress(psutil.Error):
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if p.status() == psutil.STATUS_STOPPED:
+                    p.send_signal(signal.SIGCONT)

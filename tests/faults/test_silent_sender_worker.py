@@ -10,19 +10,20 @@ through a throttling relay so that the transfer lasts long enough to stop a work
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from itest_support import CliReceiver, expected_digest, sha256_file, wait_dead, wait_for
 from tcp_relay import UplinkThrottle
 
 MB = 1 << 20
+
+#: A failed test must not leave a stopped process behind (conftest.py).
+pytestmark = pytest.mark.usefixtures("continue_stopped_workers")
 
 
 @pytest.mark.timeout(150)
@@ -69,14 +70,3 @@ def test_stopped_sender_worker_is_replaced(
     assert result.get("streams_replaced", 1) >= 1, result
     assert sha256_file(dest / src.name) == sha256_file(src)
     assert recv.stop() == 0, recv.stderr
-
-
-@pytest.fixture(autouse=True)
-def _continue_stopped_workers() -> Any:
-    """A failed test must not leave a stopped process behind (teardown kills it anyway)."""
-    yield
-    with contextlib.suppress(psutil.Error):
-        for p in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if p.status() == psutil.STATUS_STOPPED:
-                    p.send_signal(signal.SIGCONT)

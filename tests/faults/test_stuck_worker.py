@@ -17,7 +17,6 @@ relay so that the transfer lasts long enough to stop a worker in the middle of i
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import signal
@@ -34,6 +33,9 @@ KB = 1 << 10
 MB = 1 << 20
 BLOCK = "4M"  # a pwrite of 4 MiB holds the lock long enough to be caught holding it
 RATE = 3 * MB  # per connection, sender -> receiver
+
+#: A failed test must not leave a stopped process behind (conftest.py).
+pytestmark = pytest.mark.usefixtures("continue_stopped_workers")
 
 
 def _flock_holders(inode: int) -> set[int]:
@@ -186,17 +188,6 @@ def test_landing_lock_held_elsewhere(procs: Any, fault_key: Path, scratch: Path,
 
 def _throttle_relay(target: tuple[str, int]) -> UplinkThrottle:
     return UplinkThrottle(target, RATE).start()
-
-
-@pytest.fixture(autouse=True)
-def _continue_stopped_workers() -> Any:
-    """A failed test must not leave a stopped process behind (teardown kills it anyway)."""
-    yield
-    with contextlib.suppress(psutil.Error):
-        for p in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if p.status() == psutil.STATUS_STOPPED:
-                    p.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.timeout(90)

@@ -1,5 +1,5 @@
 """How a receiver worker puts verified blocks into the partial file (``workers/receiver.py``
-``Lander``) and how the partial file is made (``receiver._create_preallocated``), on real files:
+``Lander``) and how the partial file is made (``destination.create_partial``), on real files:
 tmpfs and a disk directory, a small tmpfs mounted to fill up."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from stxpar.workers.receiver import Lander, use_mapped_landing
 
+from stxpar.destination import create_partial, is_tmpfs
 from stxpar.errors import RejectedError
-from stxpar.receiver import _create_preallocated, _is_tmpfs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,7 +27,7 @@ BLOCK = 100_003  # not a multiple of the page size: every block but the first is
 def _on_tmpfs(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _is_tmpfs(fd)
+        return is_tmpfs(fd)
     finally:
         os.close(fd)
 
@@ -55,7 +55,7 @@ def test_blocks_land_in_any_order_at_unaligned_offsets(where: Path, mapped: bool
     blocks = _blocks(5, 777)
     size = sum(map(len, blocks))
     part = where / ".f.stxpart"
-    _create_preallocated(part, size)
+    create_partial(part, size)
     fd = os.open(part, os.O_RDWR if mapped else os.O_WRONLY)
     try:
         lander = Lander(fd, mapped=mapped)
@@ -71,7 +71,7 @@ def test_blocks_land_in_any_order_at_unaligned_offsets(where: Path, mapped: bool
 
 def test_mapped_landing_falls_back_to_pwrite_on_a_write_only_descriptor(where: Path) -> None:
     part = where / ".f.stxpart"
-    _create_preallocated(part, BLOCK)
+    create_partial(part, BLOCK)
     data = os.urandom(BLOCK)
     fd = os.open(part, os.O_WRONLY)  # cannot be mapped shared
     try:
@@ -106,7 +106,7 @@ def test_one_writer_at_a_time(where: Path) -> None:
     """Each write holds an exclusive flock on its own descriptor: while another descriptor of
     the file holds it (another stream), a write waits, then lands."""
     part = where / ".f.stxpart"
-    _create_preallocated(part, 2 * BLOCK)
+    create_partial(part, 2 * BLOCK)
     other = os.open(part, os.O_WRONLY)
     fd = os.open(part, os.O_WRONLY)
     data = os.urandom(BLOCK)
@@ -129,7 +129,7 @@ def test_one_writer_at_a_time(where: Path) -> None:
 def test_partial_file_is_preallocated_on_disk_and_only_sized_on_tmpfs(where: Path) -> None:
     size = 64 << 20
     part = where / ".f.stxpart"
-    _create_preallocated(part, size)
+    create_partial(part, size)
     st = part.stat()
     assert st.st_size == size
     assert st.st_mode & 0o777 == 0o600
