@@ -38,7 +38,7 @@ from typing import Any
 import zmq
 
 from . import ipc
-from .channel import report_pull
+from .channel import report_pull, report_push
 from .config import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .config import DEFAULT_MAX_WORKER_STREAMS as DEFAULT_MAX_WORKER_STREAMS
 from .config import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
@@ -176,6 +176,7 @@ class Receiver:
         self._pool: ReceiverPool | None = None
         self._zctx: zmq.Context | None = None
         self._workdir = ""
+        self._report_ep = ""
         self._umask = _process_umask()  # read once, here
         self.dropped_streams = 0
 
@@ -223,7 +224,7 @@ class Receiver:
             ipc.remove_stale_dirs()
             self._workdir = ipc.private_dir("stx-recv-")
             self._zctx = zmq.Context()
-            report_ep = f"ipc://{self._workdir}/report"
+            report_ep = self._report_ep = f"ipc://{self._workdir}/report"
             pull = report_pull(self._zctx, report_ep)
             self._pool = ReceiverPool(
                 self.workers,
@@ -290,11 +291,22 @@ class Receiver:
             for sid in self.registry.session_ids():
                 self._pool.cancel(sid)
             self._pool.stop()
+        self._wake_reports()
         for t in self._threads:
             t.join(timeout=5)
         if self._zctx is not None:
             self._zctx.destroy(linger=0)
         ipc.remove_dir(self._workdir)
+
+    def _wake_reports(self) -> None:
+        """Wake the report thread at once (it waits up to 0.2 s for a report before it looks
+        at ``_stopping``): one empty report, from a socket of this thread's own."""
+        if self._zctx is None or not self._report_ep:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            push = report_push(self._zctx, self._report_ep)
+            push.send(b"", zmq.NOBLOCK)
+            push.close(linger=100)
 
     def _end_sessions(self, timeout: float = 3.0) -> None:
         """Let every session in progress end the way a lost connection ends it (partial and

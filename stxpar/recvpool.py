@@ -338,4 +338,6 @@ def route_reports(
             data = pull.recv()
         except zmq.ZMQError:
             return
+        if stopping.is_set():
+            return  # the wake-up of Receiver.stop(), or a report nobody waits for any more
         router.handle(data)
