@@ -289,6 +289,11 @@ def size_of(path: Path) -> int:
 
 
 def disk_error(exc: OSError, what: str) -> StxError:
+    """The error an ``OSError`` on the destination stands for: out of descriptors is a
+    retryable "receiver busy" (ConnectError: the sender backs off and comes back); everything
+    else is a refusal, worded for a full disk where it is one."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return ConnectError(f"receiver busy: {what}: out of file descriptors; try again shortly")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return RejectedError(f"{what}: the receiver's disk is full ({exc.strerror})")
     return RejectedError(f"{what}: {exc.strerror}")
