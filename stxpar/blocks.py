@@ -83,9 +83,6 @@ class BlockSpace:
     def length(self, block: int) -> int:
         return self.locate(block).length
 
-    def bytes_of(self, blocks: Iterable[int]) -> int:
-        return sum(self.length(b) for b in blocks)
-
 
 class BlockLedger:
     """Which blocks of a space are held, and each one's digest (16 bytes, XXH3-128).

@@ -247,10 +247,6 @@ class ReceiverPool:
         if stuck is not None:
             events.append({"pid": old.pid, "reason": stuck})
 
-    def replace_dead(self) -> None:
-        """Kept for callers of the old name: ``check()``."""
-        self.check()
-
     def hand_over_stream(self, target: StreamTarget, conn: socket.socket) -> None:
         """Give the verified stream ``target`` (its socket ``conn``) to a worker."""
         self.hand_over(stream_job(target, sync_bytes=self.sync_bytes), conn)
