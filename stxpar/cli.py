@@ -96,6 +96,12 @@ class Progress:
         self.start = time.monotonic()
         self.base: int | None = None
         self.shown = False
+        self.files: tuple[int, int] | None = None
+
+    def file_count(self, done: int, total: int) -> None:
+        """Files in place so far, shown on the next line drawn (a tree of several files)."""
+        if total > 1:
+            self.files = (done, total)
 
     def __call__(self, done: int, total: int) -> None:
         if self.base is None:  # what a resume found already there does not count as speed
@@ -105,8 +111,9 @@ class Progress:
         rate = (done - self.base) / elapsed
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
+        files = f"  {self.files[0]}/{self.files[1]} files" if self.files else ""
         line = (
-            f"\r{self.label}: {_human(done)} / {_human(total)}  {pct:5.1f}%  "
+            f"\r{self.label}: {_human(done)} / {_human(total)}  {pct:5.1f}%{files}  "
             f"{rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
         )
         self.stream.write(line)
@@ -168,10 +175,17 @@ def cmd_send(args: argparse.Namespace) -> int:
         deadline=args.deadline,
     )
     # The workers first, forked while this process holds no key (a worker must never hold it).
-    pool = prestart_workers(args.file, host, options=opts)
+    paths = args.paths
+
+    def warn(text: str) -> None:
+        if not args.quiet:
+            print(f"warning: {text}", file=sys.stderr)
+
+    pool = prestart_workers(paths, host, options=opts, warn=warn)
     try:
         key = _key(args)
-        progress = _progress_for(args, os.path.basename(args.file))
+        label = os.path.basename(os.path.normpath(paths[0]))
+        progress = _progress_for(args, label if len(paths) == 1 else f"{label} (+{len(paths) - 1})")
 
         def on_event(kind: str, fields: dict[str, Any]) -> None:
             if progress is None:  # notes go with the progress line: a terminal, not --quiet
@@ -193,7 +207,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
         try:
             result = send(
-                args.file,
+                paths,
                 host,
                 port,
                 psk=key,
@@ -201,6 +215,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                 options=opts,
                 on_event=on_event,
                 pool=pool,
+                file_progress=progress.file_count if progress is not None else None,
+                warn=warn,
             )
         finally:
             if progress is not None:
@@ -370,6 +386,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         stall_timeout=args.stall_timeout,
         allow_shared_dest=args.allow_shared_dest,
+        max_files=args.max_files,
+        max_bytes=args.max_bytes,
     )
     receiver = Receiver(
         args.dest, psk=key, options=options, host=host, port=port, on_event=on_event
@@ -409,7 +427,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_send_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="the file to send")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="files and directories to send; a directory D arrives as DEST/D with its whole"
+        " tree (files, directories, symlinks as symlinks, permission bits, modification times,"
+        " sparse files' holes; FIFOs, sockets and devices are skipped with a warning; hard"
+        " links, owners and extended attributes are not kept). One PATH that is a file arrives"
+        " as DEST/NAME with the receiver's default mode",
+    )
     p.add_argument("address", type=_hostport, metavar="HOST:PORT", help="where 'stx recv' listens")
     p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
     p.add_argument(
@@ -510,6 +537,22 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="data streams served at once over all transfers; more are refused and retried"
         f" by their senders (default {_RECV.max_streams})",
+    )
+    p.add_argument(
+        "--max-files",
+        type=_positive_int,
+        default=_RECV.max_files,
+        metavar="N",
+        help="entries (files, directories, symlinks) one transfer may bring; a larger tree is"
+        f" refused before anything is created (default {_RECV.max_files})",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=_RECV.max_bytes,
+        metavar="SIZE",
+        help="bytes of data one transfer may bring (e.g. 500G, 2T; holes of sparse files do"
+        f" not count; default {_human(_RECV.max_bytes)}); the free space is checked too",
     )
     p.add_argument(
         "--stall-timeout",

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .manifest import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from . import keyschedule as ks
 from .errors import UsageError
 from .handshake import DEFAULT_WINDOW_MS
@@ -218,6 +219,11 @@ class RecvOptions:
     allow_shared_dest: bool = False
     #: Bytes a worker lands before it makes them durable and acknowledges them.
     sync_bytes: int = DEFAULT_SYNC_BYTES
+    #: Entries (files, directories, symlinks) one transfer may have; a manifest with more is
+    #: refused before anything is created.
+    max_files: int = DEFAULT_MAX_FILES
+    #: Bytes of data one transfer may bring (holes of sparse files not counted).
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def resolved(self) -> ResolvedRecvOptions:
         """These options checked (UsageError for the first bad one) and made concrete."""
@@ -235,6 +241,8 @@ class RecvOptions:
         )
         if per_ip <= 0:
             raise UsageError("the per-address handshake rate must be positive")
+        if self.max_files < 1 or self.max_bytes < 0:
+            raise UsageError("max_files must be at least 1 and max_bytes not negative")
         if not self.stall_timeout > 0:
             raise UsageError("the stall timeout must be a positive number of seconds")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecvOptions)}

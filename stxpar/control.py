@@ -30,12 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import partials
+from . import layout as layout_file
+from . import partials, treefiles
 from .blocks import BlockLedger
 from .destination import NameLock, Names, check_final, disk_error, safe_name
 from .errors import ConnectError, StxError, error_from_wire
+from .wire import printable
 from .keyschedule import SessionKeys
-from .messages import Landed, StreamFailed
+from .messages import FileRef, Landed, StreamFailed
 from .netio import FramedSocket
 from .recv_session import (
     Admit,
@@ -62,7 +64,8 @@ from .recv_session import (
 )
 from .registry import ReceivedFile, SessionRegistry
 from .session_base import ConnectionLost, Failed, FrameIn, Input, Output, SendFrame, Succeeded, Tick
-from .wire import Metadata
+from .manifest import Limits
+from .transfer import Transfer
 
 #: Seconds one send on a control connection may block (the peer is authenticated by then).
 SEND_TIMEOUT = 120.0
@@ -93,6 +96,8 @@ class ControlHandler:
         mode: int,
         on_event: EventFn,
         on_done: Callable[[], None],
+        workdir: str = "",
+        limits: Limits | None = None,
     ) -> None:
         self.fs = fs
         self.keys = keys
@@ -104,12 +109,14 @@ class ControlHandler:
         self.mode = mode
         self.on_event = on_event
         self.on_done = on_done
+        self.workdir = workdir
         self.core = ReceiverSession(
-            keys, peer=peer[0], stall_timeout=stall_timeout, now=time.monotonic()
+            keys, peer=peer[0], stall_timeout=stall_timeout, now=time.monotonic(), limits=limits
         )
+        self._layout = ""
         self.lock = threading.Lock()
         self.streams: set[int] = set()
-        self._opened: partials.Opened | None = None
+        self._opened: partials.Opened | treefiles.TreeOpened | None = None
         self._final: Path | None = None
         self._reports: deque[Landed | StreamFailed] = deque()
         self._wake_r = self._wake_w = -1
@@ -120,14 +127,27 @@ class ControlHandler:
     # ------------------------------------------------------------ what the registry uses
 
     @property
-    def md(self) -> Metadata:
+    def md(self) -> Transfer:
         assert self.core.md is not None
         return self.core.md
 
     @property
-    def opened(self) -> partials.Opened:
+    def opened(self) -> partials.Opened | treefiles.TreeOpened:
         assert self._opened is not None
         return self._opened
+
+    @property
+    def files(self) -> Any:
+        """The module that keeps this session's files: ``treefiles`` or ``partials``."""
+        return treefiles if isinstance(self._opened, treefiles.TreeOpened) else partials
+
+    def data_target(self) -> tuple[str, bool, str, tuple[int, int] | None]:
+        """For a data stream's worker: where blocks land (the partial, or the tree's staging
+        directory), whether it is a tree, the layout file, and the inode it must be."""
+        opened = self.opened
+        if isinstance(opened, treefiles.TreeOpened):
+            return os.fspath(opened.staging), True, self._layout, opened.inode()
+        return os.fspath(opened.names.part), False, self._layout, opened.inode()
 
     def deliver(self, report: Landed | StreamFailed) -> None:
         """From the report router's thread."""
@@ -171,6 +191,9 @@ class ControlHandler:
             for fd in (self._wake_r, self._wake_w):
                 if fd >= 0:
                     os.close(fd)
+            if self._layout:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._layout)
         if self._failure is not None:
             raise self._failure
 
@@ -268,7 +291,7 @@ class ControlHandler:
             else:
                 self.pool.cancel(self.session_id)
         elif isinstance(out, CheckPartial):
-            self._feed(PartialChecked(partials.gone(self.opened)))
+            self._feed(PartialChecked(self.files.gone(self.opened)))
         elif isinstance(out, EndFiles):
             self._end_files(out)
         elif isinstance(out, Completed):
@@ -285,7 +308,7 @@ class ControlHandler:
         except Exception:  # a faulty callback must not take the receiver down
             pass
 
-    def _admit(self, md: Metadata) -> None:
+    def _admit(self, md: Transfer) -> None:
         try:
             final, opened = admit(self.dest, md, self.registry, on_event=self._event)
         except StxError as exc:
@@ -298,10 +321,32 @@ class ControlHandler:
             self.registry.unreserve(final)
             self._feed(Refused(ConnectError(f"receiver busy: {exc.strerror}")))
             return
+        if not opened.complete and self.workdir:
+            # Every worker of the session reads where each block goes from here.
+            self._layout = os.path.join(self.workdir, f"layout-{self.session_id.hex()}")
+            try:
+                layout_file.write(self._layout, self._plan(md, opened))
+            except OSError as exc:
+                self._layout = ""
+                opened.close()
+                self.registry.unreserve(final)
+                self._feed(Refused(disk_error(exc, "cannot describe the transfer")))
+                return
         self._opened, self._final = opened, final
         self.registry.activate(final, self)
         self._feed(Tick(time.monotonic()))  # the transfer's time and stall clock start now
-        self._feed(Admitted(final.name, opened.ledger, opened.complete))
+        self._feed(Admitted(md.name, opened.ledger, opened.complete))
+
+    @staticmethod
+    def _plan(md: Transfer, opened: partials.Opened | treefiles.TreeOpened) -> layout_file.Layout:
+        manifest = md.manifest
+        extents = tuple(e.extents for e in manifest.entries)
+        files: list[FileRef | None] = [None] * len(extents)
+        for i, e in enumerate(manifest.entries):
+            if e.extents:
+                name = treefiles.partial_name(manifest.key(i))
+                files[i] = FileRef(name, 0, 0, e.size, e.mtime_ns, 0)
+        return layout_file.Layout(md.block_size, extents, tuple(files))
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:
         failed: StxError | None = None
@@ -320,7 +365,7 @@ class ControlHandler:
             with self.lock:  # the partial's descriptor stays open while it is used
                 if self._superseded:
                     raise ConnectError(f"the transfer of {self.core.name} was taken over")
-                partials.finalize(self.opened, mode=self.mode)
+                self.files.finalize(self.opened, mode=self.mode)
                 self._files_closed = True
         except StxError as exc:
             self._feed(Superseded() if self._superseded else FinalizeFailed(exc))
@@ -358,7 +403,7 @@ class ControlHandler:
         with self.lock:
             if not self._superseded:
                 self._close_files()
-                partials.end(self.opened, out.how, out.initial)
+                self.files.end(self.opened, out.how, out.initial)
         assert self._final is not None
         self.registry.forget(self, self._final)
 
@@ -369,11 +414,14 @@ class ControlHandler:
 
 
 def admit(
-    dest: Path, md: Metadata, registry: SessionRegistry, *, on_event: EventFn
-) -> tuple[Path, partials.Opened]:
-    """Admission (docs/protocol.md §8.3, steps 1-5): the final path, reserved (a session of
-    the same source superseded), locked, and the session's files; StxError with the name
-    released otherwise. The caller activates the session in the registry."""
+    dest: Path, md: Transfer, registry: SessionRegistry, *, on_event: EventFn
+) -> tuple[Path, partials.Opened | treefiles.TreeOpened]:
+    """Admission (docs/protocol.md §8.3, steps 1-5): the final path (a tree: its staging
+    directory), reserved (a session of the same source superseded), locked, and the session's
+    files; StxError with the name released otherwise. The caller activates the session in the
+    registry."""
+    if md.manifest.single() is None:
+        return _admit_tree(dest, md, registry, on_event=on_event)
     name = safe_name(md.name)
     names = Names.of(dest, name)
     # Refused before any data moves: a rename could never replace a directory (or FIFO,
@@ -401,3 +449,53 @@ def admit(
         registry.unreserve(names.final)
         raise
     return names.final, opened
+
+
+def _admit_tree(
+    dest: Path, md: Transfer, registry: SessionRegistry, *, on_event: EventFn
+) -> tuple[Path, treefiles.TreeOpened]:
+    """Admission of a tree: keyed by its staging directory, every top-level name locked."""
+    roots = md.manifest.roots
+    key = dest / treefiles.staging_name(roots)
+    old = registry.reserve(key, md.file_id, md.name)
+    if old is not None:
+        old.supersede()  # the same sources again (a reconnect): the old session gives way
+    try:
+        if not registry.has_lock(key):
+            registry.set_lock(key, RootLocks.acquire(dest, roots))
+        opened = treefiles.open_tree(
+            dest,
+            md.manifest,
+            remembered=lambda ident: registry.remembered(key, ident),
+            on_restart=lambda why: on_event("restarting", {"file": md.name, "reason": why}),
+        )
+    except OSError as exc:
+        registry.unreserve(key)
+        raise disk_error(exc, f"cannot prepare {printable(md.name)}") from None
+    except BaseException:
+        registry.unreserve(key)
+        raise
+    return key, opened
+
+
+class RootLocks:
+    """The name locks of every top-level name of a tree, taken in a fixed order."""
+
+    def __init__(self, locks: list[NameLock]) -> None:
+        self.locks = locks
+
+    @classmethod
+    def acquire(cls, dest: Path, roots: tuple[str, ...]) -> RootLocks:
+        taken: list[NameLock] = []
+        try:
+            for root in sorted(set(roots)):
+                taken.append(NameLock.acquire(dest, root))
+        except BaseException:
+            for lock in taken:
+                lock.release()
+            raise
+        return cls(taken)
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()

@@ -191,7 +191,7 @@ def open_ours(path: Path, flags: int = os.O_RDONLY) -> tuple[int, os.stat_result
     return fd, st
 
 
-def create_partial(path: Path, size: int) -> os.stat_result:
+def create_partial(path: Path, size: int, *, allocate: bool = True) -> os.stat_result:
     """Create the partial file at its full size, its blocks allocated (``posix_fallocate``):
     no fragmentation, and a disk that cannot hold it says so now. Returns its ``fstat`` (the
     caller reopens it and checks it is this very inode).
@@ -199,11 +199,12 @@ def create_partial(path: Path, size: int) -> os.stat_result:
     Not on tmpfs, where the file is only sized: preallocating there allocates every page up
     front, serially, before the first block may arrive (0.2 s per 2 GiB on the 2-core test
     machine), for nothing a RAM file system needs. The free-space check before this call still
-    refuses a file that cannot fit; a tmpfs that fills up later fails a write cleanly.
+    refuses a file that cannot fit; a tmpfs that fills up later fails a write cleanly. Nor for
+    a sparse file (``allocate`` False): its holes stay holes.
     """
     fd = create_exclusive(path)
     try:
-        if size and is_tmpfs(fd):
+        if size and (not allocate or is_tmpfs(fd)):
             os.ftruncate(fd, size)
         elif size:
             try:

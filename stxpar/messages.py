@@ -109,18 +109,17 @@ class Get(Message):
 class Setup(Message):
     """Coordinator -> worker: the stream this worker drives and the files it reads.
 
-    ``files`` are the transfer's entries (one today) in block-space order: block ``b`` of the
-    transfer is located by ``stxpar.blocks.BlockSpace`` built from their sizes and
-    ``block_size``."""
+    ``layout``: the path of the transfer's layout file (``stxpar.layout``) in the coordinator's
+    private directory: the block space and, per entry, the source file (a ``FileRef``) its
+    blocks are read from. ``manifest_id`` goes into every block's AAD."""
 
     stream: int
     secret: bytes = field(repr=False)  # a stream secret: never in a repr or a log
     session_id: bytes
     host: str
     port: int
-    files: tuple[FileRef, ...]
-    block_size: int
-    file_id: bytes
+    layout: str
+    manifest_id: bytes
     rekey_records: int
     rekey_bytes: int
     connect_timeout: float
@@ -197,15 +196,18 @@ class Alive(Message):
 class StreamJob(Message):
     """Coordinator -> worker, with the stream's socket (SCM_RIGHTS): land this stream's
     blocks in ``path``, but only if it is the inode ``inode`` (``None``: nothing to write,
-    the file is already complete)."""
+    the transfer is already complete). ``tree``: ``path`` is a tree's staging directory and
+    each entry's blocks go to the partial the layout names there; else ``path`` is the one
+    file's partial. ``layout``: the transfer's layout file (``stxpar.layout``) in the
+    receiver's private directory; ``manifest_id`` goes into every block's AAD."""
 
     session_id: bytes
     stream: int
     secret: bytes = field(repr=False)  # a stream secret: never in a repr or a log
     path: str
-    size: int
-    block_size: int
-    file_id: bytes
+    tree: bool
+    layout: str
+    manifest_id: bytes
     rekey_records: int
     rekey_bytes: int
     sync_bytes: int

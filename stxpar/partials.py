@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blocks import BlockLedger, BlockSpace
+from .blocks import BlockLedger
 from .destination import (
     Names,
     create_partial,
@@ -38,7 +38,7 @@ from .destination import (
 )
 from .errors import RejectedError
 from .state import Identity, StateLog, load
-from .wire import Metadata
+from .transfer import Transfer
 
 
 class NullLog:
@@ -79,13 +79,16 @@ class Opened:
         return st.st_dev, st.st_ino
 
 
-def identity_of(md: Metadata, name: str) -> Identity:
-    return Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
+def identity_of(md: Transfer, name: str) -> Identity:
+    """A single-file transfer's resume identity (its one manifest entry)."""
+    entry = md.manifest.single()
+    assert entry is not None
+    return Identity(name, entry.size, entry.mtime_ns, md.block_size, entry.file_id)
 
 
 def open_partial(
     dest: Path,
-    md: Metadata,
+    md: Transfer,
     names: Names,
     *,
     remembered: Callable[[Identity], BlockLedger | None],
@@ -95,14 +98,15 @@ def open_partial(
     of this very transfer kept in memory, if any; ``on_restart(reason)`` is told why an old
     partial is not resumed. RejectedError (no space, a disk error) with nothing left behind."""
     ident = identity_of(md, names.name)
-    space = BlockSpace([md.size], block_size=md.block_size)
+    space = md.manifest.space
+    size = ident.size
     parsed = load(names.state)
     part_fd = -1
     resumable = False
     if parsed is not None and parsed.identity == ident and parsed.ours:
         # Only files this receiver made are resumed from: a regular file, one link, ours.
         got = open_ours(names.part)
-        if got is not None and got[1].st_size == md.size:
+        if got is not None and got[1].st_size == size:
             part_fd, resumable = got[0], True
         elif got is not None:
             os.close(got[0])
@@ -123,11 +127,11 @@ def open_partial(
         unlink(names.state)
         unlink(names.part)  # a straggling writer keeps the old inode, never the new file
         free = free_bytes(dest)
-        if md.size > free:
+        if md.size > free:  # the data: holes of a sparse file take no space
             raise RejectedError(
                 f"not enough space for {ident.name}: {md.size} bytes needed, {free} free"
             )
-        made = create_partial(names.part, md.size)
+        made = create_partial(names.part, size, allocate=md.size == size)
         got = open_ours(names.part)
         if got is not None and (got[1].st_dev, got[1].st_ino) == (made.st_dev, made.st_ino):
             part_fd = got[0]

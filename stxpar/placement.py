@@ -28,7 +28,7 @@ from typing import Protocol
 from . import messages
 from .errors import ProtocolError
 from .messages import Landed, StreamClosed, StreamFailed, StreamJob
-from .wire import Metadata
+from .transfer import Transfer
 
 #: A worker not heard from for this long gets new streams only if no other worker can (and
 #: never more than half the stuck timeout).
@@ -52,9 +52,13 @@ class StreamTarget(Protocol):
     @property
     def path(self) -> str: ...
     @property
-    def md(self) -> Metadata: ...
+    def md(self) -> Transfer: ...
     @property
     def inode(self) -> tuple[int, int] | None: ...
+    @property
+    def tree(self) -> bool: ...
+    @property
+    def layout(self) -> str: ...
 
 
 def stream_job(target: StreamTarget, *, sync_bytes: int) -> StreamJob:
@@ -66,9 +70,9 @@ def stream_job(target: StreamTarget, *, sync_bytes: int) -> StreamJob:
         stream=target.stream,
         secret=target.secret,
         path=target.path,
-        size=md.size,
-        block_size=md.block_size,
-        file_id=md.file_id,
+        tree=target.tree,
+        layout=target.layout,
+        manifest_id=md.file_id,
         rekey_records=md.rekey_records,
         rekey_bytes=md.rekey_bytes,
         sync_bytes=sync_bytes,

@@ -46,6 +46,7 @@ from .config import DEFAULT_SYNC_BYTES as DEFAULT_SYNC_BYTES
 from .config import WORKER_TIMEOUT as WORKER_TIMEOUT
 from .config import RecvOptions
 from .control import ControlHandler
+from .manifest import Limits
 from .destination import LOCK_SUFFIX as LOCK_SUFFIX
 from .destination import PART_SUFFIX as PART_SUFFIX
 from .destination import STATE_SUFFIX as STATE_SUFFIX
@@ -380,6 +381,8 @@ class Receiver:
                 mode=0o666 & ~self._umask,
                 on_event=lambda kind, fields: self._event(kind, **fields),
                 on_done=self._done.set if self.once else lambda: None,
+                workdir=self._workdir,
+                limits=Limits(self.options.max_files, self.options.max_bytes),
             ).run()
         except StxError as exc:
             self._event("rejected", peer=peer[0], error=str(exc))

@@ -9,8 +9,8 @@ tag. Data streams ratchet to a new epoch key after ``rekey_records`` records or
 ``rekey_bytes`` ciphertext bytes; both ends count the same records and switch together.
 
 A data block on the wire is ``BLOCK | u32 seq | u32 size | ct | tag | crc32(seq..tag)``. The
-AAD binds the version, session, stream, epoch, block index, block length, total blocks and file
-id. The CRC (over the block header, ciphertext and tag, so it says nothing about the plaintext)
+AAD binds the version, session, stream, epoch, block index, block length, total blocks, the
+manifest's id, and the entry and file offset the block belongs to. The CRC (over the block header, ciphertext and tag, so it says nothing about the plaintext)
 separates damage in transit (CRC wrong: ask again, or drop the stream if the header itself is
 damaged) from forgery (CRC right, tag wrong: end the session).
 """
@@ -25,8 +25,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import keyschedule as ks
+from .blocks import BlockRef, BlockSpace
 from .errors import AuthError, ProtocolError
-from .wire import BLOCK_HEADER, CRC, HEADER, TAG_LEN, FrameType, block_len, blocks_for, encode_frame
+from .wire import BLOCK_HEADER, CRC, HEADER, TAG_LEN, FrameType, encode_frame
 
 try:  # ISA-L's CRC-32: identical results to zlib.crc32, several times faster
     from isal.isal_zlib import crc32 as _fast_crc32
@@ -40,7 +41,7 @@ BLOCK_PREFIX = HEADER.size + BLOCK_HEADER.size
 #: Bytes after the ciphertext (tag + CRC).
 BLOCK_SUFFIX = TAG_LEN + CRC.size
 
-_AAD_BLOCK = struct.Struct(">16sIIIIQ16s")
+_AAD_BLOCK = struct.Struct(">16sIIIIQ16sIQ")
 
 
 class CrcMismatch(Exception):
@@ -57,15 +58,20 @@ class BlockContext:
 
     session_id: bytes
     stream: int
-    file_size: int
-    file_id: bytes
-    block_size: int
+    #: the transfer's blocks (``blocks.BlockSpace`` of its manifest)
+    space: BlockSpace
+    #: the manifest's id (``manifest.Manifest.id``, 16 bytes)
+    manifest_id: bytes
     rekey_records: int = ks.MAX_RECORDS_PER_KEY
     rekey_bytes: int = ks.MAX_BYTES_PER_KEY
 
     @property
+    def block_size(self) -> int:
+        return self.space.block_size
+
+    @property
     def total_blocks(self) -> int:
-        return blocks_for(self.file_size, self.block_size)
+        return self.space.total
 
 
 class _EpochKeys:
@@ -98,10 +104,18 @@ class _EpochKeys:
         self.bytes += ct_len
         return n
 
-    def aad(self, seq: int, size: int) -> bytes:
+    def aad(self, seq: int, size: int, entry: int, offset: int) -> bytes:
         ctx = self._ctx
-        return b"stx1 block" + _AAD_BLOCK.pack(
-            ctx.session_id, ctx.stream, self.epoch, seq, size, ctx.total_blocks, ctx.file_id
+        return b"stx3 block" + _AAD_BLOCK.pack(
+            ctx.session_id,
+            ctx.stream,
+            self.epoch,
+            seq,
+            size,
+            ctx.total_blocks,
+            ctx.manifest_id,
+            entry,
+            offset,
         )
 
 
@@ -118,18 +132,24 @@ class BlockSealer:
     def epoch(self) -> int:
         return self._keys.epoch
 
-    def seal(self, seq: int, plaintext: memoryview | bytes) -> memoryview:
-        """Return a view of the whole BLOCK frame for block ``seq`` (valid until the next call)."""
+    def seal(
+        self, seq: int, plaintext: memoryview | bytes, *, entry: int | None = None, offset: int = 0
+    ) -> memoryview:
+        """Return a view of the whole BLOCK frame for block ``seq`` (valid until the next call);
+        ``entry`` and ``offset``: where the block lies (``BlockSpace.locate``), if known."""
         size = len(plaintext)
         if size > self._ctx.block_size:
             raise ValueError("block larger than the block size")
+        if entry is None:
+            where = self._ctx.space.locate(seq)
+            entry, offset = where.entry, where.offset
         keys = self._keys
         nonce = keys.next_nonce(size + TAG_LEN)
         end_ct = BLOCK_PREFIX + size + TAG_LEN
         HEADER.pack_into(self.out, 0, FrameType.BLOCK, BLOCK_HEADER.size + size + BLOCK_SUFFIX)
         BLOCK_HEADER.pack_into(self.out, HEADER.size, seq, size)
         sealed = self._view[BLOCK_PREFIX:end_ct]
-        keys.aead.encrypt_into(nonce, plaintext, keys.aad(seq, size), sealed)
+        keys.aead.encrypt_into(nonce, plaintext, keys.aad(seq, size, entry, offset), sealed)
         CRC.pack_into(self.out, end_ct, crc32(self._view[HEADER.size : end_ct]))
         return self._view[: end_ct + CRC.size]
 
@@ -147,16 +167,17 @@ class BlockOpener:
     def epoch(self) -> int:
         return self._keys.epoch
 
-    def _check_header(self, seq: int, size: int, body_len: int) -> bool:
-        ctx = self._ctx
-        if seq >= ctx.total_blocks:
-            return False
-        expected = block_len(index=seq, size=ctx.file_size, block_size=ctx.block_size)
-        return size == expected and body_len == BLOCK_HEADER.size + size + BLOCK_SUFFIX
+    def _check_header(self, seq: int, size: int, body_len: int) -> BlockRef | None:
+        if seq >= self._ctx.total_blocks:
+            return None
+        where = self._ctx.space.locate(seq)
+        if size == where.length and body_len == BLOCK_HEADER.size + size + BLOCK_SUFFIX:
+            return where
+        return None
 
-    def open(self, body: memoryview) -> tuple[int, memoryview]:
-        """``body`` is a BLOCK payload: ``seq | size | ct | tag | crc``. Returns (seq, plaintext
-        view, valid until the next call).
+    def open(self, body: memoryview) -> tuple[BlockRef, memoryview]:
+        """``body`` is a BLOCK payload: ``seq | size | ct | tag | crc``. Returns (where the block
+        lies, plaintext view valid until the next call).
 
         The CRC covers everything before it. Raises CrcMismatch when it fails on a block whose
         header is still plausible (damage: ask for that block again), ProtocolError when the
@@ -172,18 +193,19 @@ class BlockOpener:
         nonce = keys.next_nonce(max(0, len(body) - BLOCK_HEADER.size - CRC.size))
         (crc,) = CRC.unpack_from(body, len(body) - CRC.size)
         if crc32(body[: len(body) - CRC.size]) != crc:
-            if plausible:
+            if plausible is not None:
                 raise CrcMismatch(seq)
             raise ProtocolError("damaged BLOCK frame header")
-        if not plausible:
+        if plausible is None:
             raise ProtocolError(f"block {seq} has a bad index or length")
         sealed = body[BLOCK_HEADER.size : BLOCK_HEADER.size + size + TAG_LEN]
         out = self._plain_view[:size]
+        aad = keys.aad(seq, size, plausible.entry, plausible.offset)
         try:
-            keys.aead.decrypt_into(nonce, sealed, keys.aad(seq, size), out)
+            keys.aead.decrypt_into(nonce, sealed, aad, out)
         except InvalidTag:
             raise AuthError(f"block {seq} failed authentication (forged or altered data)") from None
-        return seq, out
+        return plausible, out
 
 
 class AckChannel:

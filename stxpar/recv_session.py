@@ -13,15 +13,19 @@ what the core returns, in order: frames to send, effects (``Admit``, ``AppendLog
 
 ::
 
-    WAIT_METADATA --METADATA--> ADMITTING --Admitted--> RECEIVING --END--> COMPLETING
+    WAIT_METADATA --METADATA--> WAIT_MANIFEST --last MANIFEST chunk--> ADMITTING
+    ADMITTING --Admitted--> RECEIVING --END--> COMPLETING
                                     |                     |   ^              | every block held,
                                     Refused    lost conn. |   | (no)         | digest checked
                                                           v   |              v
                                                          GRACE (0.1 s)    FINISHING --Finalized--> DONE
     a failure once admitted --> CLOSING --PartialChecked--> FAILED   (superseded: quietly FAILED)
 
-The one block ledger (``blocks.BlockLedger``) holds the blocks recorded in the state log and
-their digests; the whole-file digest is computed from it before any file is renamed.
+The manifest is checked chunk by chunk as it arrives (``manifest.Builder``: every path, kind
+and limit) before anything is admitted or created. The one block ledger
+(``blocks.BlockLedger``) holds the blocks recorded in the state log and their digests; the
+whole-transfer digest (``Manifest.tree_digest``) is computed from it before anything is
+renamed.
 Failure rules (docs/protocol.md §8.3): a superseded session ends quietly; an ``AuthError``
 (a forged block) reverts the state log to the blocks held at admission (or discards the
 partial if there were none); a ``DigestMismatch`` discards it; a partial that is no longer
@@ -39,6 +43,7 @@ from .blocks import BlockLedger
 from .digest import BLOCK_DIGEST_LEN
 from .errors import AuthError, ConnectError, IntegrityError, ProtocolError, StxError
 from .keyschedule import SessionKeys
+from .manifest import MAX_CHUNK_BYTES, Builder, Header, Limits
 from .records import ControlChannel
 from .session_base import (
     ConnectionLost,
@@ -52,13 +57,13 @@ from .session_base import (
     Succeeded,
     Tick,
 )
+from .transfer import Transfer
 from .wire import (
     MAX_HANDSHAKE_PAYLOAD,
-    MAX_NAME_BYTES,
+    TAG_LEN,
     End,
     ErrorMsg,
     FrameType,
-    Metadata,
     MetadataAck,
     Receipt,
 )
@@ -76,7 +81,13 @@ class DigestMismatch(IntegrityError):
 
 
 def metadata_cap(ftype: FrameType) -> int:
-    return MAX_NAME_BYTES + 512 if ftype is FrameType.METADATA else -1
+    return MAX_HANDSHAKE_PAYLOAD if ftype is FrameType.METADATA else -1
+
+
+def manifest_cap(ftype: FrameType) -> int:
+    if ftype is FrameType.MANIFEST:
+        return MAX_CHUNK_BYTES + TAG_LEN
+    return MAX_HANDSHAKE_PAYLOAD if ftype is FrameType.ERROR else -1
 
 
 def end_cap(ftype: FrameType) -> int:
@@ -85,6 +96,7 @@ def end_cap(ftype: FrameType) -> int:
 
 class State(enum.Enum):
     WAIT_METADATA = "wait-metadata"
+    WAIT_MANIFEST = "wait-manifest"
     ADMITTING = "admitting"
     RECEIVING = "receiving"
     GRACE = "grace"
@@ -176,7 +188,7 @@ class Admit(Output):
     """Reserve the name and open (resume, remember or create) the partial: answer
     ``Admitted`` or ``Refused``."""
 
-    md: Metadata
+    md: Transfer
 
 
 @dataclass(frozen=True)
@@ -242,7 +254,13 @@ class ReceiverSession(Machine):
     TERMINAL: ClassVar[frozenset[enum.Enum]] = frozenset({State.DONE, State.FAILED})
 
     def __init__(
-        self, session: SessionKeys, *, peer: str, stall_timeout: float, now: float
+        self,
+        session: SessionKeys,
+        *,
+        peer: str,
+        stall_timeout: float,
+        now: float,
+        limits: Limits | None = None,
     ) -> None:
         self.state: State = State.WAIT_METADATA
         self.session_id = session.session_id
@@ -251,7 +269,10 @@ class ReceiverSession(Machine):
         self.channel = ControlChannel(session=session, client=False)
         self.now = now
         self.started = now
-        self.md: Metadata | None = None
+        self.md: Transfer | None = None
+        self.limits = limits or Limits()
+        self._header: Header | None = None
+        self._builder: Builder | None = None
         self.name = ""
         self.ledger: BlockLedger | None = None
         self.complete = False
@@ -273,14 +294,18 @@ class ReceiverSession(Machine):
     @property
     def reads_frames(self) -> bool:
         """Whether the control connection is read now (not while END's blocks are awaited)."""
-        return self.state in (State.WAIT_METADATA, State.RECEIVING)
+        return self.state in (State.WAIT_METADATA, State.WAIT_MANIFEST, State.RECEIVING)
 
     def frame_cap(self, ftype: FrameType) -> int:
-        return metadata_cap(ftype) if self.state is State.WAIT_METADATA else end_cap(ftype)
+        if self.state is State.WAIT_METADATA:
+            return metadata_cap(ftype)
+        if self.state is State.WAIT_MANIFEST:
+            return manifest_cap(ftype)
+        return end_cap(ftype)
 
     def deadline(self) -> float | None:
         """When the next ``Tick`` matters (None: no timer runs)."""
-        if self.state is State.RECEIVING:
+        if self.state in (State.RECEIVING, State.WAIT_MANIFEST):
             return self.active_at + self.stall_timeout
         if self.state is State.GRACE:
             return self._grace_until
@@ -293,7 +318,25 @@ class ReceiverSession(Machine):
     def _on_metadata(self, ev: FrameIn) -> list[Output]:
         if ev.ftype is not FrameType.METADATA:
             raise ProtocolError(f"expected METADATA, got {ev.ftype.name}")
-        self.md = Metadata.decode(self.channel.open(ev.ftype, ev.payload))
+        self._header = Header.decode(self.channel.open(ev.ftype, ev.payload))
+        self._builder = Builder(self._header, self.limits)  # RejectedError: too many entries
+        self.active_at = self.now
+        self.state = State.WAIT_MANIFEST
+        return []
+
+    def _on_manifest(self, ev: FrameIn) -> list[Output]:
+        if ev.ftype is FrameType.ERROR:
+            raise ConnectError("sender aborted the transfer")
+        if ev.ftype is not FrameType.MANIFEST:
+            raise ProtocolError(f"expected MANIFEST, got {ev.ftype.name}")
+        builder = self._builder
+        assert builder is not None and self._header is not None
+        builder.feed(self.channel.open(ev.ftype, ev.payload))
+        self.active_at = self.now
+        if not builder.done:
+            return []
+        self.md = Transfer(self._header, builder.manifest())
+        self._builder = None
         self.state = State.ADMITTING
         return [Admit(self.md)]
 
@@ -313,6 +356,9 @@ class ReceiverSession(Machine):
                     "bytes": md.size,
                     "streams": md.streams,
                     "resumed_blocks": ev.ledger.count,
+                    "files": md.manifest.files,
+                    "dirs": md.manifest.dirs,
+                    "symlinks": md.manifest.symlinks,
                 },
             )
         ]
@@ -325,6 +371,8 @@ class ReceiverSession(Machine):
 
     def _on_tick(self, ev: Tick) -> list[Output]:
         self.now = ev.now
+        if self.state is State.WAIT_MANIFEST and ev.now - self.active_at > self.stall_timeout:
+            raise ConnectError(f"the sender's manifest stalled for {self.stall_timeout:g} s")
         if self.state is State.RECEIVING:
             idle = ev.now - self.active_at
             if idle > self.stall_timeout:
@@ -363,14 +411,16 @@ class ReceiverSession(Machine):
         if not ledger.complete:
             return []
         assert self._end is not None
-        self._digest = ledger.whole_digest(size=self._md().size)
+        self._digest = self._md().manifest.tree_digest(ledger)
         if self._digest != self._end.digest:
-            raise DigestMismatch(f"whole-file digest mismatch for {self.name}")
+            raise DigestMismatch(f"whole-transfer digest mismatch for {self.name}")
         self.state = State.FINISHING
         return [Finalize(self.complete)]
 
     def _on_lost(self, ev: ConnectionLost) -> list[Output]:
-        if self.state is State.WAIT_METADATA or not isinstance(ev.error, ConnectError):
+        if self.state in (State.WAIT_METADATA, State.WAIT_MANIFEST) or not isinstance(
+            ev.error, ConnectError
+        ):
             raise ev.error
         self.error = ev.error
         self._grace_until = self.now + LOST_GRACE_S
@@ -486,7 +536,7 @@ class ReceiverSession(Machine):
             Failed(error),
         ]
 
-    def _md(self) -> Metadata:
+    def _md(self) -> Transfer:
         assert self.md is not None
         return self.md
 
@@ -501,6 +551,9 @@ def _table() -> dict[tuple[enum.Enum, type[Input]], Handler]:
         (State.WAIT_METADATA, FrameIn): c._on_metadata,
         (State.WAIT_METADATA, ConnectionLost): c._on_lost,
         (State.WAIT_METADATA, Tick): c._on_tick,
+        (State.WAIT_MANIFEST, FrameIn): c._on_manifest,
+        (State.WAIT_MANIFEST, ConnectionLost): c._on_lost,
+        (State.WAIT_MANIFEST, Tick): c._on_tick,
         (State.ADMITTING, Admitted): c._on_admitted,
         (State.ADMITTING, Refused): c._on_refused,
         (State.ADMITTING, Tick): c._on_tick,

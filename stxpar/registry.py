@@ -31,11 +31,13 @@ from .keyschedule import SessionKeys
 from .messages import Landed, StreamFailed
 from .records import verify_join
 from .state import Identity
-from .wire import Join, Metadata
+from .transfer import Transfer
+from .wire import Join
 
 if TYPE_CHECKING:
     from .destination import NameLock
     from .partials import Opened
+    from .treefiles import TreeOpened
 
 #: Completed transfers remembered (in memory only) so that a sender that missed the receipt
 #: gets it again instead of sending the whole file once more.
@@ -57,6 +59,9 @@ class ReceivedFile:
     blocks_total: int
     streams: int
     bytes_resumed: int = 0
+    files: int = 1
+    dirs: int = 0
+    symlinks: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +72,9 @@ class ReceivedFile:
             "blocks_total": self.blocks_total,
             "streams": self.streams,
             "digest": self.digest,
+            "files": self.files,
+            "dirs": self.dirs,
+            "symlinks": self.symlinks,
         }
 
 
@@ -94,10 +102,12 @@ class Link(Protocol):
     streams: set[int]
 
     @property
-    def md(self) -> Metadata: ...
+    def md(self) -> Transfer: ...
 
     @property
-    def opened(self) -> Opened: ...
+    def opened(self) -> Opened | TreeOpened: ...
+
+    def data_target(self) -> tuple[str, bool, str, tuple[int, int] | None]: ...
 
     def deliver(self, report: Landed | StreamFailed) -> None: ...
 
@@ -114,13 +124,15 @@ class StreamTarget:
     stream: int
     secret: bytes
     path: str
-    md: Metadata
+    md: Transfer
     inode: tuple[int, int] | None
+    tree: bool = False
+    layout: str = ""
 
 
 @dataclass(frozen=True)
 class _Recent:
-    identity: Identity
+    identity: Identity | bytes
     ledger: BlockLedger
 
 
@@ -194,7 +206,7 @@ class SessionRegistry:
 
     # ------------------------------------------------------------ completions
 
-    def remember(self, final: Path, identity: Identity, ledger: BlockLedger) -> None:
+    def remember(self, final: Path, identity: Identity | bytes, ledger: BlockLedger) -> None:
         if ledger.total > RECENT_MAX_BLOCKS:
             return
         with self._lock:
@@ -203,7 +215,7 @@ class SessionRegistry:
             while len(self._recent) > RECENT_KEEP:
                 self._recent.popitem(last=False)
 
-    def remembered(self, final: Path, identity: Identity) -> BlockLedger | None:
+    def remembered(self, final: Path, identity: Identity | bytes) -> BlockLedger | None:
         with self._lock:
             recent = self._recent.get(final)
         return recent.ledger if recent is not None and recent.identity == identity else None
@@ -225,14 +237,16 @@ class SessionRegistry:
             if join.stream in link.streams or len(link.streams) >= 4 * md.streams + 64:
                 raise AuthError(f"stream {join.stream} refused (repeated or too many)")
             link.streams.add(join.stream)
-            inode = link.opened.inode()
+            path, tree, layout, inode = link.data_target()
         return StreamTarget(
             session_id=join.session_id,
             stream=join.stream,
             secret=secret,
-            path=os.fspath(link.opened.names.part),
+            path=path,
             md=md,
             inode=inode,
+            tree=tree,
+            layout=layout,
         )
 
     def deliver(self, report: Landed | StreamFailed) -> None:

@@ -15,6 +15,8 @@ still runs and removes the private directory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import os
 import subprocess
 from pathlib import Path
@@ -23,7 +25,7 @@ import zmq
 
 from . import ipc
 from .channel import CoordinatorLink, Endpoints
-from .source import SourceFile
+from .sources import Sources
 from .supervisor import Supervisor, WorkerHandle
 
 
@@ -63,7 +65,7 @@ class SenderPool:
         self.supervisor = Supervisor(self._spawn_process)
         self.zctx: zmq.Context | None = None
         self.link: CoordinatorLink | None = None
-        self.source: SourceFile | None = None
+        self.source: tuple[Sequence[str | os.PathLike[str]], Sources] | None = None
         try:
             if fork and ipc.can_fork():
                 for _ in range(width):
@@ -100,10 +102,13 @@ class SenderPool:
         while len(self.supervisor.workers) < width:
             self.supervisor.spawn()
 
-    def take_source(self, path: str | os.PathLike[str]) -> SourceFile | None:
-        """The pinned source, if it was pinned for ``path``; the caller owns it from now on."""
-        src, self.source = self.source, None
-        if src is not None and src.path != Path(path):
+    def take_source(self, paths: Sequence[str | os.PathLike[str]]) -> Sources | None:
+        """What was read for ``paths``, if it was read for those; the caller owns it now."""
+        pinned, self.source = self.source, None
+        if pinned is None:
+            return None
+        was, src = pinned
+        if [Path(p) for p in was] != [Path(p) for p in paths]:
             src.close()
             return None
         return src
@@ -117,6 +122,6 @@ class SenderPool:
             self.zctx.destroy(linger=0)
             self.zctx = None
         if self.source is not None:
-            self.source.close()
+            self.source[1].close()
             self.source = None
         self.endpoints.remove()

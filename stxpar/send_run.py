@@ -14,14 +14,16 @@ the run's ``--deadline``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import BlockLedger, BlockSpace
+from .blocks import BlockLedger
 from .errors import ConnectError
 from .send_session import DeadlineReached
-from .source import SourceFile
+from .manifest import Manifest, chunks
+from .sources import Sources
 
 if TYPE_CHECKING:
     from .config import SendOptions
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 class Run:
     """What one ``send()`` call accumulates across sessions (reconnects)."""
 
-    src: SourceFile
+    sources: Sources
+    manifest: Manifest
     run_id: bytes
     ledger: BlockLedger
     blocks_sent: int = 0
@@ -41,11 +44,31 @@ class Run:
     reconnects: int = 0
     streams_replaced: int = 0
     width: int = 0
+    #: files with no data at all (empty, or only holes): done as soon as the run is
+    empty_files: int = 0
 
     @classmethod
-    def new(cls, src: SourceFile, block_size: int) -> Run:
-        space = BlockSpace([src.size], block_size=block_size)
-        return cls(src=src, run_id=os.urandom(16), ledger=BlockLedger(space))
+    def new(cls, sources: Sources, block_size: int) -> Run:
+        manifest = sources.manifest(block_size)
+        space = manifest.space
+        empty = sum(1 for e in manifest.entries if e.kind == 0 and not e.extents)
+        run = cls(sources, manifest, run_id=os.urandom(16), ledger=BlockLedger(space))
+        run.empty_files = empty
+        return run
+
+    @functools.cached_property
+    def chunks(self) -> list[bytes]:
+        """The manifest's MANIFEST chunks, encoded once for every session of the run."""
+        return chunks(self.manifest.entries)
+
+    def files_done(self) -> int:
+        """Files whose every block the receiver holds durably (files without data count)."""
+        return self.ledger.entries_complete + self.empty_files
+
+    @property
+    def size(self) -> int:
+        """Bytes of data the run moves (holes of sparse files are not sent)."""
+        return self.manifest.data_bytes
 
     @property
     def total(self) -> int:
@@ -68,7 +91,7 @@ class Run:
         return held > 0
 
     def whole_digest(self) -> bytes:
-        return self.ledger.whole_digest(size=self.src.size)
+        return self.manifest.tree_digest(self.ledger)
 
 
 @dataclass

@@ -37,6 +37,8 @@ for METADATA_ACK and RECEIPT and, in the data phase, the time without a complete
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import enum
 from dataclasses import dataclass
 from typing import ClassVar
@@ -57,7 +59,9 @@ from .session_base import (
     Succeeded,
     Tick,
 )
-from .wire import End, ErrorMsg, FrameType, Metadata, MetadataAck, Receipt
+from .manifest import chunks
+from .transfer import Transfer
+from .wire import End, ErrorMsg, FrameType, MetadataAck, Receipt
 
 
 class DeadlineReached(ConnectError):
@@ -146,7 +150,8 @@ def sealed_error(channel: ControlChannel, payload: bytes) -> StxError:
 class SenderSession(Machine):
     """The sender's side of one session after the handshake (see the module docstring).
 
-    ``channel``: the sealed control channel (client side); ``metadata``: what METADATA says;
+    ``channel``: the sealed control channel (client side); ``metadata``: the transfer (what
+    METADATA and the MANIFEST chunks say; ``manifest_chunks``: those chunks, encoded once);
     ``ledger``: the run's ledger (kept across sessions; reconciled here with the receiver's
     bitmap); ``stall_timeout``: seconds; ``deadline``: ``time.monotonic()`` value or None,
     ``deadline_s`` the option it came from (for the message); ``peer``: ``host:port`` for
@@ -159,7 +164,8 @@ class SenderSession(Machine):
         self,
         *,
         channel: ControlChannel,
-        metadata: Metadata,
+        metadata: Transfer,
+        manifest_chunks: Sequence[bytes] | None = None,
         ledger: BlockLedger,
         stall_timeout: float,
         deadline: float | None = None,
@@ -168,6 +174,7 @@ class SenderSession(Machine):
     ) -> None:
         self.channel = channel
         self.metadata = metadata
+        self.manifest_chunks = manifest_chunks
         self.ledger = ledger
         self.stall_timeout = stall_timeout
         self.deadline = deadline
@@ -186,7 +193,13 @@ class SenderSession(Machine):
             return self._fail(ProtocolError("the session was started twice"))
         self.now = self.since = now
         self.state = State.WAIT_ACK
-        return [SendFrame(self.channel.seal(FrameType.METADATA, self.metadata.encode()))]
+        seal, md = self.channel.seal, self.metadata
+        out: list[Output] = [SendFrame(seal(FrameType.METADATA, md.header.encode()))]
+        encoded = self.manifest_chunks
+        if encoded is None:
+            encoded = chunks(md.manifest.entries)
+        out.extend(SendFrame(seal(FrameType.MANIFEST, c)) for c in encoded)
+        return out
 
     # -- helpers
     def _open(self, event: FrameIn, want: FrameType) -> bytes:
@@ -257,7 +270,7 @@ class SenderSession(Machine):
     def _on_source_checked(self, event: SourceChecked) -> list[Output]:
         if event.error is not None:
             raise event.error
-        self.digest = self.ledger.whole_digest(size=self.metadata.size)
+        self.digest = self.metadata.manifest.tree_digest(self.ledger)
         end = End(total_blocks=self.ledger.total, digest=self.digest)
         self.state = State.WAIT_RECEIPT
         self.since = self.now

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The coordinator owns the control connection and the session keys. It never sends file data.
-``send`` pins the source (``source.SourceFile``) and runs sessions until one succeeds or the
+``send`` reads what it was asked to send (``sources.open_sources``: one pinned file, or a
+tree walked once into a manifest) and runs sessions until one succeeds or the
 retries are spent (``_send``; ``send_run.Retry``: backoff with jitter, ``--deadline``); every
 reconnect is a fresh handshake that resumes from the receiver's bitmap. The run's
 ``BlockLedger`` (``send_run.Run``) holds the blocks known complete and their digests across
@@ -29,7 +30,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -70,16 +71,12 @@ from .send_session import (
     sealed_error,
 )
 from .session_base import ConnectionLost, Failed, FrameIn, Output, SendFrame, Succeeded, Tick
+from . import layout as layout_file
+from .manifest import Header
 from .source import REPLACED, SourceFile
-from .wire import (
-    MAX_BLOCK_SIZE,
-    MAX_BLOCKS,
-    MAX_CONTROL_PAYLOAD,
-    MAX_HANDSHAKE_PAYLOAD,
-    FrameType,
-    Metadata,
-    blocks_for,
-)
+from .sources import Sources, choose_block_size, open_sources
+from .transfer import Transfer
+from .wire import MAX_CONTROL_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, FrameType
 
 __all__ = [
     "REPLACED",
@@ -93,6 +90,8 @@ __all__ = [
 
 #: progress(done_bytes, total_bytes): called from the coordinator's loop, a few times a second.
 ProgressFn = Callable[[int, int], None]
+#: file_progress(files_done, files_total): called with ``progress``.
+FileProgressFn = Callable[[int, int], None]
 #: on_event(kind, fields): "resuming" {have_bytes, bytes}; "reconnecting" {attempt, delay, reason}.
 EventFn = Callable[[str, dict[str, Any]], None]
 POLL_MS = 100
@@ -136,11 +135,12 @@ class _DataPhase:
         ctl: FramedSocket,
         workers: int,
         progress: ProgressFn | None,
+        file_progress: FileProgressFn | None = None,
     ) -> None:
         assert pool.link is not None
         self.run_state, self.session, self.setup = run, session, setup
         self.pool, self.link, self.sup = pool, pool.link, pool.supervisor
-        self.ctl, self.progress = ctl, progress
+        self.ctl, self.progress, self.file_progress = ctl, progress, file_progress
         self.sched = Scheduler(needed, run.ledger)
         self.sched.blocks_sent = run.blocks_sent
         self.identities: dict[int, bytes] = {}
@@ -220,7 +220,7 @@ class _DataPhase:
         poller.register(ctl_fd, zmq.POLLIN)
         last_report = last_check = 0.0
         ledger = self.run_state.ledger
-        size = self.run_state.src.size
+        size = self.run_state.size
         while not sched.complete:
             events = dict(poller.poll(POLL_MS))
             now = time.monotonic()
@@ -242,13 +242,19 @@ class _DataPhase:
             if ledger.count != before:
                 self._feed(Progressed(now))
             self._feed(Tick(now))  # the deadline, a stall
-            if self.progress is not None and now - last_report >= 0.2:
+            if now - last_report >= 0.2:
                 last_report = now
-                self.progress(ledger.bytes, size)
-        if self.progress is not None:
-            self.progress(size, size)
+                self._report(ledger.bytes, size)
+        self._report(size, size)
         for slot in sched.release_parked():
             link.reply(self.identities[slot], Done())
+
+    def _report(self, done: int, size: int) -> None:
+        if self.progress is not None:
+            self.progress(done, size)
+        if self.file_progress is not None:
+            run = self.run_state
+            self.file_progress(run.files_done(), run.manifest.files)
 
     def _serve(self, slot: int) -> None:
         answer = self.sched.take(slot)
@@ -389,12 +395,13 @@ def _session(
     on_event: EventFn | None,
     deadline: float | None,
     pool: SenderPool | None = None,
+    file_progress: FileProgressFn | None = None,
 ) -> None:
     """One connection: handshake, then the session core from METADATA to RECEIPT. ``pool``:
     workers already started for it (the session owns and closes them)."""
     assert opts.block_size is not None
     try:
-        src = run.src
+        src = run.sources
         src.check_unchanged()
         timeout = opts.connect_timeout
         if deadline is not None:
@@ -418,26 +425,29 @@ def _session(
     phase: _DataPhase | None = None
     try:
         keys = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
-        md = Metadata(
-            name=os.fsencode(src.path.name).decode("utf-8", "replace"),
-            size=src.size,
-            mtime_ns=src.mtime_ns,
+        manifest = run.manifest
+        header = Header(
+            entries=len(manifest.entries),
+            chunks=len(run.chunks),
             block_size=opts.block_size,
-            file_id=src.file_id,
             streams=opts.workers or 1,
             rekey_records=opts.rekey_records,
             rekey_bytes=opts.rekey_bytes,
             run_id=run.run_id,
         )
+        md = Transfer(header, manifest)
         session = SenderSession(
             channel=ControlChannel(session=keys, client=True),
             metadata=md,
+            manifest_chunks=run.chunks,
             ledger=run.ledger,
             stall_timeout=opts.stall_timeout,
             deadline=deadline,
             deadline_s=opts.deadline or 0.0,
             peer=ctl.peer,
         )
+
+        layout_path = ""
 
         def setup(stream: int) -> Setup:
             return Setup(
@@ -446,9 +456,8 @@ def _session(
                 session_id=keys.session_id,
                 host=data_host,
                 port=port,
-                files=(src.ref(),),
-                block_size=md.block_size,
-                file_id=md.file_id,
+                layout=layout_path,
+                manifest_id=manifest.id,
                 rekey_records=md.rekey_records,
                 rekey_bytes=md.rekey_bytes,
                 connect_timeout=opts.connect_timeout,
@@ -472,11 +481,14 @@ def _session(
                 ctl.send(out.data)
             elif isinstance(out, Reconciled):
                 if run.resumed(out.held, out.held_bytes) and on_event is not None:
-                    on_event("resuming", {"have_bytes": out.held_bytes, "bytes": src.size})
+                    on_event("resuming", {"have_bytes": out.held_bytes, "bytes": run.size})
             elif isinstance(out, StartData):
                 if pool is None:  # the receiver lost blocks acknowledged earlier
                     pool = SenderPool(min(opts.workers or 1, len(out.needed)))
                 ctl.sock.settimeout(None)
+                layout_path = os.path.join(pool.endpoints.workdir, "layout")
+                if not os.path.exists(layout_path):
+                    layout_file.write(layout_path, src.layout(opts.block_size))
                 phase = _DataPhase(
                     run=run,
                     session=session,
@@ -486,6 +498,7 @@ def _session(
                     ctl=ctl,
                     workers=opts.workers or 1,
                     progress=progress,
+                    file_progress=file_progress,
                 )
                 phase.run()
                 pending.extend(session.handle(DataComplete()))
@@ -518,7 +531,7 @@ def _session(
 
 
 def send(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     host: str,
     port: int,
     *,
@@ -529,32 +542,44 @@ def send(
     options: SendOptions | None = None,
     on_event: EventFn | None = None,
     pool: SenderPool | None = None,
+    file_progress: FileProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> TransferResult:
-    """Send one file to an ``stx recv`` at ``host:port``; return once the receiver's
-    authenticated receipt confirms the whole file arrived, verified and durable.
+    """Send a file, a directory tree, or a list of them (``path``) to an ``stx recv`` at
+    ``host:port``; return once the receiver's authenticated receipt confirms that everything
+    arrived, verified, durable and in place. A directory ``D`` arrives as ``DEST/D``.
 
     Connection failures, stalls and dropped streams are retried with exponential backoff and
     jitter (``options.max_retries`` consecutive failed attempts, ``options.deadline``); every
     reconnect is a fresh handshake that resumes from the receiver's bitmap. ``workers`` and
     ``block_size`` override the same fields of ``options``. ``on_event(kind, fields)`` hears
-    "resuming" and "reconnecting". Raises a subclass of :class:`stxpar.errors.StxError`; its
-    ``exit_code`` is what the CLI exits with. ``pool``: workers that ``prestart_workers`` started
-    for the same arguments; the first session uses them, and they are closed in any case.
+    "resuming" and "reconnecting"; ``file_progress(done, total)`` hears the files done;
+    ``warn(text)`` hears what is skipped (FIFOs, sockets, devices, names that are not UTF-8).
+    Raises a subclass of :class:`stxpar.errors.StxError`; its ``exit_code`` is what the CLI
+    exits with. ``pool``: workers that ``prestart_workers`` started for the same arguments;
+    the first session uses them, and they are closed in any case.
     """
     try:
         if len(psk) < 32:
             raise UsageError("the key must be at least 256 bits")
-        pinned = pool.take_source(path) if pool is not None else None
+        paths = _paths(path)
+        pinned = pool.take_source(paths) if pool is not None else None
         try:
             src, opts = _plan(
-                path, host, workers=workers, block_size=block_size, base=options, src=pinned
+                paths,
+                host,
+                workers=workers,
+                block_size=block_size,
+                base=options,
+                src=pinned,
+                warn=warn,
             )
         except BaseException:
             if pinned is not None:
                 pinned.close()
             raise
         try:
-            return _send(src, host, port, psk, opts, progress, on_event, pool)
+            return _send(src, host, port, psk, opts, progress, on_event, pool, file_progress)
         finally:
             src.close()
     finally:
@@ -562,13 +587,22 @@ def send(
             pool.close()  # (a no-op once its session closed it)
 
 
+def _paths(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+) -> list[str | os.PathLike[str]]:
+    if isinstance(path, str | bytes | os.PathLike):
+        return [path]  # type: ignore[list-item]
+    return list(path)
+
+
 def prestart_workers(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     host: str,
     *,
     workers: int | None = None,
     block_size: int | None = None,
     options: SendOptions | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> SenderPool | None:
     """Fork the worker processes that ``send`` with the same arguments will need, where this
     process may fork (Linux, one thread; else None, and ``send`` starts them itself).
@@ -578,9 +612,10 @@ def prestart_workers(
     milliseconds instead of after a new interpreter's ~0.1 s of start-up, which is most of the
     fixed cost of a small transfer. Raises what ``send`` would for a bad file or options.
     """
-    src, opts = _plan(path, host, workers=workers, block_size=block_size, base=options)
+    paths = _paths(path)
+    src, opts = _plan(paths, host, workers=workers, block_size=block_size, base=options, warn=warn)
     assert opts.block_size is not None and opts.workers is not None
-    total = blocks_for(src.size, opts.block_size)
+    total = src.blocks(opts.block_size)
     if not total or not ipc.can_fork():
         src.close()
         return None
@@ -589,20 +624,22 @@ def prestart_workers(
     except BaseException:
         src.close()
         raise
-    pool.source = src  # ``send`` resolves and opens nothing again: no second window for a swap
+    # ``send`` resolves, opens and walks nothing again: no second window for a swap
+    pool.source = (paths, src)
     return pool
 
 
 def _plan(
-    path: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]],
     host: str,
     *,
     workers: int | None,
     block_size: int | None,
     base: SendOptions | None,
-    src: SourceFile | None = None,
-) -> tuple[SourceFile, SendOptions]:
-    """The source (``src``, already pinned, or opened now) and the resolved options (worker
+    src: Sources | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Sources, SendOptions]:
+    """What to send (``src``, already read, or read now) and the resolved options (worker
     count, block size) of a transfer."""
     base = base or SendOptions()
     if workers is None and base.workers is None:
@@ -614,21 +651,18 @@ def _plan(
     ).resolved()
     assert opts.block_size is not None and opts.workers is not None
     if src is None:
-        src = SourceFile.open(path)
-    bs = opts.block_size
-    while blocks_for(src.size, bs) > MAX_BLOCKS:
-        if (block_size or base.block_size) is not None or bs >= MAX_BLOCK_SIZE:
-            src.close()
-            raise UsageError(
-                f"{src.path} needs more than {MAX_BLOCKS} blocks of {bs} bytes;"
-                " use a larger --block-size"
-            )
-        bs *= 2  # the default block size grows for huge files
+        src = open_sources(paths, warn=warn)
+    fixed = (block_size or base.block_size) is not None
+    try:
+        bs = choose_block_size(src, opts.block_size, fixed=fixed)
+    except BaseException:
+        src.close()
+        raise
     return src, replace(opts, block_size=bs)
 
 
 def _send(
-    src: SourceFile,
+    src: Sources,
     host: str,
     port: int,
     psk: bytes,
@@ -636,6 +670,7 @@ def _send(
     progress: ProgressFn | None,
     on_event: EventFn | None,
     pool: SenderPool | None,
+    file_progress: FileProgressFn | None = None,
 ) -> TransferResult:
     assert opts.block_size is not None
     bs = opts.block_size
@@ -657,6 +692,7 @@ def _send(
                 on_event=on_event,
                 deadline=deadline,
                 pool=first,
+                file_progress=file_progress,
             )
             break
         except DeadlineReached:
@@ -671,8 +707,8 @@ def _send(
                 )
             time.sleep(delay)
     return TransferResult(
-        file=os.fspath(src.path),
-        bytes=src.size,
+        file=src.label,
+        bytes=run.size,
         seconds=time.monotonic() - started,
         workers=max(1, run.width),
         block_size=bs,
@@ -683,5 +719,5 @@ def _send(
         reconnects=run.reconnects,
         digest=run.whole_digest().hex(),
         bytes_resumed=run.bytes_resumed,
-        extra={"streams_replaced": run.streams_replaced},
+        extra={"streams_replaced": run.streams_replaced, **src.summary()},
     )

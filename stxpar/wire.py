@@ -1,4 +1,4 @@
-"""STX framing (version ``stx2``) and message codecs: bytes <-> frozen dataclasses, no I/O.
+"""STX framing (version ``stx3``) and message codecs: bytes <-> frozen dataclasses, no I/O.
 
 Every message on a TCP stream is one frame::
 
@@ -25,11 +25,13 @@ import msgpack
 
 from .errors import ProtocolError
 
-#: Protocol version string, first field of INIT and SERVER_HELLO. "stx2": version 1 with 16-byte
-#: XXH3-128 block digests (1 had 32-byte BLAKE3) and what depends on them (METADATA_ACK, the
-#: whole-file digest). The key-schedule labels keep their "stx1 " prefix (a namespace, not a
-#: version). A peer of the other version fails at INIT with "unsupported protocol version".
-VERSION = "stx2"
+#: Protocol version string, first field of INIT and SERVER_HELLO. "stx3": a transfer is a
+#: manifest of entries (files, directories, symlinks) sent in MANIFEST chunks after METADATA, and
+#: every block's AAD binds the manifest and the block's entry and offset; "stx2" sent one file
+#: (16-byte XXH3-128 block digests; 1 had 32-byte BLAKE3). The key-schedule labels keep their
+#: "stx1 " prefix (a namespace, not a version). A peer of another version fails at INIT with
+#: "unsupported protocol version".
+VERSION = "stx3"
 #: The only cipher suite of this protocol version (no negotiation, nothing to downgrade).
 SUITE = "x25519-hkdf-sha256-aes256gcm"
 
@@ -69,6 +71,7 @@ class FrameType(enum.IntEnum):
     METADATA_ACK = 0x08
     END = 0x09
     RECEIPT = 0x0A
+    MANIFEST = 0x0B
     ERROR = 0x0F
     JOIN = 0x10
     BLOCK = 0x11
@@ -171,6 +174,11 @@ def _str(value: Any, what: str, *, max_len: int) -> str:
 
 def _expect(value: Any, expected: str, what: str) -> None:
     if value != expected:
+        if what == "protocol version" and isinstance(value, str) and len(value) <= 16:
+            raise ProtocolError(
+                f"unsupported protocol version {printable(value)!r}: this side speaks"
+                f" {expected}; upgrade stxpar on the older side"
+            )
         raise ProtocolError(f"unsupported {what}")
 
 

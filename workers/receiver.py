@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from collections.abc import Callable
 
 import zmq
 
-from stxpar import ipc, messages
+from stxpar import ipc, layout, messages
 from stxpar.blocks import BlockSpace
 from stxpar.channel import report_push
 from stxpar.digest import block_digest
@@ -55,6 +56,10 @@ MAX_MSG = 64 << 10
 #: A worker tells its coordinator it is alive this often (``Worker.beat``); the coordinator
 #: replaces a worker it has not heard from for a few seconds (``stxpar.recvpool.ReceiverPool``).
 HEARTBEAT_S = 0.5
+#: Partials of a tree one stream keeps open at once.
+OPEN_PARTIALS = 64
+#: Sessions whose layout a worker keeps in memory.
+LAYOUTS_KEPT = 8
 _READY = messages.encode(Ready())
 _BEAT = messages.encode(Beat())
 
@@ -134,12 +139,12 @@ class StreamThread(threading.Thread):
         job = self.job
         secret = job.secret
         self.job = dataclasses.replace(job, secret=b"")
+        plan, space = self.owner.layout(job.session_id, job.layout)
         ctx = BlockContext(
             session_id=self.sid,
             stream=self.stream,
-            file_size=job.size,
-            file_id=job.file_id,
-            block_size=job.block_size,
+            space=space,
+            manifest_id=job.manifest_id,
             rekey_records=job.rekey_records,
             rekey_bytes=job.rekey_bytes,
         )
@@ -147,27 +152,14 @@ class StreamThread(threading.Thread):
         acks = AckChannel(stream_secret=secret, ctx=ctx)
         del secret, job
         block_size = ctx.block_size
-        # Where each block lands: the transfer's block space (one file today).
-        space = BlockSpace([ctx.file_size], block_size=block_size)
         sync_bytes = self.job.sync_bytes
         body = bytearray(BLOCK_HEADER.size + block_size + BLOCK_SUFFIX)
         body_view = memoryview(body)
-        try:
-            mapped = use_mapped_landing(self.job.streams, os.environ.get("STX_LANDING"))
-            # A shared mapping needs a descriptor that can read too.
-            access = os.O_RDWR if mapped else os.O_WRONLY
-            fd = os.open(self.job.path, access | os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Short of descriptors for now: this stream only, and the sender retries it.
-                raise ConnectError("receiver busy: out of file descriptors") from None
-            raise RejectedError(f"cannot open the partial file: {exc.strerror}") from None
-        inode = self.job.inode
-        st = os.fstat(fd)
-        if inode is not None and (st.st_dev, st.st_ino) != inode:
-            os.close(fd)
-            raise RejectedError("the partial file was removed or replaced under the receiver")
-        lander = Lander(fd, mapped=mapped)
+        target: _Target
+        if self.job.tree:
+            target = _TreeTarget(self.job.path, self.job.inode, plan)
+        else:
+            target = _FileTarget(self.job.path, self.job.inode, self.job.streams)
         pending: list[tuple[int, bytes]] = []
         resend: list[int] = []
         crc_failures: collections.Counter[int] = collections.Counter()
@@ -179,10 +171,7 @@ class StreamThread(threading.Thread):
             if not pending and not resend:
                 return
             if pending:
-                try:
-                    os.fdatasync(fd)
-                except OSError as exc:
-                    raise write_error(exc) from None
+                target.sync()
                 report(messages.encode(Landed(self.sid, self.stream, tuple(pending))))
             conn.send(acks.seal(Ack(tuple(s for s, _ in pending), tuple(resend)).encode()))
             pending.clear()
@@ -205,7 +194,7 @@ class StreamThread(threading.Thread):
                 view = body_view[:length]
                 conn.recv_into(view)
                 try:
-                    seq, plain = opener.open(view)
+                    where, plain = opener.open(view)
                 except CrcMismatch as damaged:
                     seq = damaged.seq
                     crc_failures[seq] += 1
@@ -217,8 +206,8 @@ class StreamThread(threading.Thread):
                     flush()
                     continue
                 size = len(plain)
-                lander.write(plain, space.locate(seq).offset)
-                pending.append((seq, block_digest(plain)))
+                target.write(plain, where.entry, where.offset)
+                pending.append((where.block, block_digest(plain)))
                 pending_bytes += size
                 if (
                     pending_bytes >= sync_bytes
@@ -227,7 +216,130 @@ class StreamThread(threading.Thread):
                 ):
                     flush()
         finally:
+            target.close()
+
+
+def _open_error(exc: OSError, what: str) -> StxError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Short of descriptors for now: this stream only, and the sender retries it.
+        return ConnectError("receiver busy: out of file descriptors")
+    return RejectedError(f"cannot open {what}: {exc.strerror}")
+
+
+class _Target:
+    """Where a stream's verified blocks land."""
+
+    def write(self, plain: memoryview, entry: int, offset: int) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _FileTarget(_Target):
+    """A single file's partial, opened once and proved to be the session's inode."""
+
+    def __init__(self, path: str, inode: tuple[int, int] | None, streams: int) -> None:
+        mapped = use_mapped_landing(streams, os.environ.get("STX_LANDING"))
+        # A shared mapping needs a descriptor that can read too.
+        access = os.O_RDWR if mapped else os.O_WRONLY
+        try:
+            fd = os.open(path, access | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise _open_error(exc, "the partial file") from None
+        st = os.fstat(fd)
+        if inode is not None and (st.st_dev, st.st_ino) != inode:
             os.close(fd)
+            raise RejectedError("the partial file was removed or replaced under the receiver")
+        self.fd = fd
+        self.lander = Lander(fd, mapped=mapped)
+
+    def write(self, plain: memoryview, entry: int, offset: int) -> None:
+        self.lander.write(plain, offset)
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise write_error(exc) from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _TreeTarget(_Target):
+    """A tree's staging directory (proved to be the session's inode): each entry's blocks go
+    to its partial there, created on first use; a few partials stay open."""
+
+    def __init__(self, path: str, inode: tuple[int, int] | None, plan: layout.Layout) -> None:
+        try:
+            self.dir = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _open_error(exc, "the staging directory") from None
+        st = os.fstat(self.dir)
+        if inode is not None and (st.st_dev, st.st_ino) != inode:
+            os.close(self.dir)
+            raise RejectedError("the staging directory was removed or replaced under the receiver")
+        self.files = plan.files
+        self.open: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.dirty: set[int] = set()
+
+    def _fd(self, entry: int) -> int:
+        fd = self.open.get(entry)
+        if fd is not None:
+            self.open.move_to_end(entry)
+            return fd
+        ref = self.files[entry]
+        if ref is None:
+            raise ProtocolError(f"block for entry {entry}, which holds no data")
+        if len(self.open) >= OPEN_PARTIALS:
+            old, old_fd = self.open.popitem(last=False)
+            if old in self.dirty:
+                self._sync(old, old_fd)
+            os.close(old_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(ref.path, flags, 0o600, dir_fd=self.dir)
+        except OSError as exc:
+            raise _open_error(exc, "a partial file") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RejectedError("a partial file in the staging directory is not a regular file")
+        self.open[entry] = fd
+        return fd
+
+    def write(self, plain: memoryview, entry: int, offset: int) -> None:
+        fd = self._fd(entry)
+        done, size = 0, len(plain)
+        try:
+            while done < size:
+                n = os.pwrite(fd, plain[done:], offset + done)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                done += n
+        except OSError as exc:
+            raise write_error(exc) from None
+        self.dirty.add(entry)
+
+    def _sync(self, entry: int, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise write_error(exc) from None
+        self.dirty.discard(entry)
+
+    def sync(self) -> None:
+        for entry in list(self.dirty):
+            self._sync(entry, self.open[entry])
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
+        os.close(self.dir)
 
 
 class Worker:
@@ -250,6 +362,22 @@ class Worker:
         self.streams: set[StreamThread] = set()
         self.stopping = threading.Event()
         self.thread_failures = 0
+        self._layouts: dict[bytes, tuple[str, layout.Layout, BlockSpace]] = {}
+
+    def layout(self, session_id: bytes, path: str) -> tuple[layout.Layout, BlockSpace]:
+        """The layout of a session (read once per session, from the receiver's private
+        directory) and its block space."""
+        with self.lock:
+            got = self._layouts.get(session_id)
+            if got is not None and got[0] == path:
+                return got[1], got[2]
+        plan = layout.read(path)
+        space = plan.space()
+        with self.lock:
+            self._layouts[session_id] = (path, plan, space)
+            while len(self._layouts) > LAYOUTS_KEPT:
+                self._layouts.pop(next(iter(self._layouts)))
+        return plan, space
 
     def report(self, msg: bytes) -> None:
         with self._push_lock:

@@ -13,6 +13,7 @@ stream's key. Messages are ``stxpar.messages``; the channel is ``stxpar.channel`
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from stxpar import channel, ipc
+from stxpar import channel, ipc, layout
 from stxpar.blocks import BlockSpace
 from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, ProtocolError, SourceChangedError, StxError, error_from_wire
@@ -53,6 +54,8 @@ from stxpar.wire import (
 )
 
 POLL_MS = 100
+#: Source files a worker keeps open at once (a tree's small files come and go).
+OPEN_SOURCES = 64
 
 
 def _ack_cap(ftype: FrameType) -> int:
@@ -131,13 +134,14 @@ class Worker:
         if not isinstance(msg, Setup):
             return
         self.stream = msg.stream
-        self.space = BlockSpace([f.size for f in msg.files], block_size=msg.block_size)
+        plan = layout.read(msg.layout)
+        self.space = plan.space()
+        self.refs = plan.files
         ctx = BlockContext(
             session_id=msg.session_id,
             stream=self.stream,
-            file_size=msg.files[0].size,
-            file_id=msg.file_id,
-            block_size=msg.block_size,
+            space=self.space,
+            manifest_id=msg.manifest_id,
             rekey_records=msg.rekey_records,
             rekey_bytes=msg.rekey_bytes,
         )
@@ -150,8 +154,9 @@ class Worker:
             mac=join_mac(stream_secret=secret, session_id=ctx.session_id, stream=self.stream),
         )
         del secret
-        self.fds = [open_source(f) for f in msg.files]
-        self.buf = bytearray(msg.block_size)
+        # Source files are opened as their blocks come (a tree has many): a few stay open.
+        self.fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.buf = bytearray(self.space.block_size)
         self.view = memoryview(self.buf)
         host, port = msg.host, msg.port
         sock = connect(host, port, max_retries=2, timeout=msg.connect_timeout)
@@ -184,12 +189,27 @@ class Worker:
         self.drain_resends()
         where = self.space.locate(seq)
         plain = self.view[: where.length]
-        got = os.preadv(self.fds[where.entry], [plain], where.offset)
+        got = os.preadv(self.source(where.entry), [plain], where.offset)
         if got != where.length:
             raise SourceChangedError("the source file shrank during the transfer")
         self.digests[seq] = block_digest(plain)
         self.sent += 1  # counted as it starts: a block cut short on the wire still went out
-        self.conn.send(self.sealer.seal(seq, plain))
+        self.conn.send(self.sealer.seal(seq, plain, entry=where.entry, offset=where.offset))
+
+    def source(self, entry: int) -> int:
+        """The descriptor of entry ``entry``'s source file, proved to be the pinned one."""
+        fds = self.fds
+        fd = fds.get(entry)
+        if fd is not None:
+            fds.move_to_end(entry)
+            return fd
+        ref = self.refs[entry]
+        if ref is None:
+            raise ProtocolError(f"entry {entry} of the layout has no source file")
+        if len(fds) >= OPEN_SOURCES:
+            os.close(fds.popitem(last=False)[1])
+        fd = fds[entry] = open_source(ref)
+        return fd
 
     def drain_resends(self) -> None:
         while True:

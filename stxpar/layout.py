@@ -1,0 +1,117 @@
+"""Where a transfer's blocks live, as one coordinator tells its workers: the layout file.
+
+Theory of operation
+-------------------
+A worker needs the transfer's block space (which entry, which file offset, how long is block
+``b``) and, per entry with data, where its bytes are: for a sender worker the source file it reads
+(path and the identity the coordinator pinned, ``messages.FileRef``), for a receiver worker the
+file it writes (the partial's name in the tree's staging directory, or nothing for a single file,
+whose partial the stream job names). A manifest of a million entries does not fit in one worker
+message, so the coordinator writes this description once per session into its private 0700
+directory and names the file in the worker's job; every worker of the session reads it once.
+
+The file is msgpack ``[MAGIC, block_size, entries, files]`` where ``files`` lists, for each entry
+with data, ``[index, extents, name, dev, ino, size, mtime_ns, ctime_ns]`` (receiver layouts put
+zeros in the identity fields). It is read with hard limits; anything else is a ProtocolError.
+
+Pure apart from ``write``/``read`` (a file in a directory only this user can enter).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+
+from .blocks import BlockSpace
+from .errors import ProtocolError
+from .messages import FileRef
+
+MAGIC = "stx3 layout"
+#: The largest layout file read (a million entries with a path and a few extents each).
+MAX_LAYOUT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per manifest entry: its data extents (``()`` for none) and its file (``None``: none)."""
+
+    block_size: int
+    extents: tuple[tuple[int, ...], ...]
+    files: tuple[FileRef | None, ...]
+
+    def space(self) -> BlockSpace:
+        return BlockSpace.of_extents(self.extents, block_size=self.block_size)
+
+    def encode(self) -> bytes:
+        rows = [
+            [i, list(self.extents[i]), f.path, f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns]
+            for i, f in enumerate(self.files)
+            if f is not None
+        ]
+        return msgpack.packb([MAGIC, self.block_size, len(self.extents), rows], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Layout:
+        try:
+            magic, block_size, n, rows = msgpack.unpackb(
+                data,
+                raw=False,
+                max_str_len=1 << 16,
+                max_bin_len=0,
+                max_array_len=1 << 24,
+                max_map_len=0,
+                max_ext_len=0,
+            )
+            if magic != MAGIC or not 0 < n <= 1 << 24:
+                raise ValueError("not a layout")
+            extents: list[tuple[int, ...]] = [()] * n
+            files: list[FileRef | None] = [None] * n
+            for i, ext, path, dev, ino, size, mtime, ctime in rows:
+                extents[i] = tuple(int(x) for x in ext)
+                files[i] = FileRef(str(path), dev, ino, size, mtime, ctime)
+            return cls(int(block_size), tuple(extents), tuple(files))
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+            raise ProtocolError("malformed layout file") from exc
+
+
+def of(
+    block_size: int, extents: Sequence[tuple[int, ...]], files: Sequence[FileRef | None]
+) -> Layout:
+    return Layout(block_size, tuple(extents), tuple(files))
+
+
+def write(path: str, layout: Layout) -> None:
+    """Write ``layout`` to a new file at ``path`` (in the coordinator's private directory)."""
+    data = layout.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def read(path: str) -> Layout:
+    """The layout at ``path``; ProtocolError if it is not one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolError(f"cannot read the transfer's layout: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_LAYOUT:
+            raise ProtocolError("the transfer's layout is too large")
+        chunks = []
+        while size > 0:
+            got = os.read(fd, min(size, 1 << 24))
+            if not got:
+                break
+            chunks.append(got)
+            size -= len(got)
+    finally:
+        os.close(fd)
+    return Layout.decode(b"".join(chunks))

@@ -1,0 +1,139 @@
+"""What one ``send()`` moves: its manifest and, for each file in it, where its bytes are read.
+
+Theory of operation
+-------------------
+One PATH naming a regular file is sent as before: the file is resolved and pinned by a
+descriptor (``source.SourceFile``) and travels as a manifest of one entry. Anything else (a
+directory, several PATHs) is walked once (``scan.scan``: nothing below a PATH is followed) into
+a manifest of files, directories and symlinks; each file is pinned by its identity (device,
+inode, size, mtime, ctime), which every worker proves again when it opens the file and the
+coordinator checks again before END (``check_unchanged``). The block size is chosen here, once,
+from the data to move, so a resumed run computes the same blocks again.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .layout import Layout
+from .manifest import Entry, Kind, Manifest
+from .messages import FileRef
+from .scan import Scan, extents_of, scan
+from .source import SourceFile
+from .wire import MAX_BLOCK_SIZE, MAX_BLOCKS, blocks_for
+
+
+@dataclass
+class Sources:
+    """The entries of a transfer and the files behind them."""
+
+    entries: list[Entry]
+    refs: list[FileRef | None]
+    #: a single pinned file (one PATH, a regular file), or None for a tree
+    single: SourceFile | None = None
+    tree: Scan | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.data_bytes for e in self.entries)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.size for e in self.entries if e.kind is Kind.FILE)
+
+    def count(self, kind: Kind) -> int:
+        return sum(1 for e in self.entries if e.kind is kind)
+
+    def blocks(self, block_size: int) -> int:
+        return sum(
+            blocks_for(length, block_size) for e in self.entries for length in e.extents[1::2]
+        )
+
+    def manifest(self, block_size: int) -> Manifest:
+        return Manifest(self.entries, block_size=block_size)
+
+    def layout(self, block_size: int) -> Layout:
+        return Layout(block_size, tuple(e.extents for e in self.entries), tuple(self.refs))
+
+    def check_unchanged(self) -> None:
+        """SourceChangedError (exit 5) if any file changed or was replaced since it was read."""
+        if self.single is not None:
+            self.single.check_unchanged()
+        elif self.tree is not None:
+            self.tree.check_unchanged()
+
+    def close(self) -> None:
+        if self.single is not None:
+            self.single.close()
+
+    def summary(self) -> dict[str, int]:
+        """The counts ``--json`` reports."""
+        return {
+            "files": self.count(Kind.FILE),
+            "dirs": self.count(Kind.DIR),
+            "symlinks": self.count(Kind.SYMLINK),
+            "skipped": len(self.skipped),
+            "bytes_sparse": self.bytes - self.data_bytes,
+        }
+
+
+def open_sources(
+    paths: Sequence[str | os.PathLike[str]], *, warn: Callable[[str], None] | None = None
+) -> Sources:
+    """Resolve and read what ``paths`` name (UsageError for a bad PATH)."""
+    if not paths:
+        raise UsageError("nothing to send: give at least one PATH")
+    if len(paths) == 1:
+        try:
+            st = os.stat(paths[0])
+        except OSError:
+            st = None  # scan says what is wrong with it
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return of_file(SourceFile.open(paths[0]))
+    found = scan(paths, warn=warn)
+    refs: list[FileRef | None] = [None] * len(found.entries)
+    for i, ref in found.sources.items():
+        refs[i] = FileRef(ref.path, ref.dev, ref.ino, ref.size, ref.mtime_ns, ref.ctime_ns)
+    label = ", ".join(os.fspath(p) for p in paths)
+    return Sources(found.entries, refs, tree=found, skipped=list(found.skipped), label=label)
+
+
+def of_file(src: SourceFile) -> Sources:
+    """One pinned file as a manifest of one entry (its holes found on its descriptor)."""
+    try:
+        st = os.fstat(src.fd)
+        extents = extents_of(src.fd, src.size)
+    except OSError as exc:
+        src.close()
+        raise UsageError(f"{src.path}: cannot read: {exc.strerror}") from None
+    name = os.fsencode(src.path.name).decode("utf-8", "replace")
+    entry = Entry(
+        Kind.FILE,
+        name,
+        src.size,
+        st.st_mode & 0o777,
+        src.mtime_ns,
+        extents=extents,
+        file_id=src.file_id,
+    )
+    return Sources([entry], [src.ref()], single=src, label=os.fspath(src.path))
+
+
+def choose_block_size(sources: Sources, block_size: int, *, fixed: bool) -> int:
+    """``block_size``, doubled (unless ``fixed``: given by the user) until the transfer needs at
+    most ``MAX_BLOCKS`` blocks; UsageError if it cannot."""
+    bs = block_size
+    while sources.blocks(bs) > MAX_BLOCKS:
+        if fixed or bs >= MAX_BLOCK_SIZE:
+            raise UsageError(
+                f"{sources.label} needs more than {MAX_BLOCKS} blocks of {bs} bytes;"
+                " use a larger --block-size"
+            )
+        bs *= 2  # the default block size grows for huge transfers
+    return bs
