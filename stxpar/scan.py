@@ -42,6 +42,8 @@ from .source import REPLACED
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Linux's PATH_MAX, the NUL included: a worker opens each file by its absolute path.
+_PATH_MAX = 4096
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 Warn = Callable[[str], None]
@@ -321,7 +323,10 @@ class _Walker:
             )
             with os.scandir(dfd) as it:
                 children = sorted((os.fsencode(e.name), e) for e in it)
-            room = MAX_PATH_BYTES - len(rel.encode()) - 1
+            room = (
+                MAX_PATH_BYTES - len(rel.encode()) - 1,
+                _PATH_MAX - 1 - len(os.fsencode(real)) - 1,
+            )
             items = [self.child(dfd, real, rel, display, room, enc, e) for enc, e in children]
         except OSError as exc:
             raise _unreadable(display, exc) from None
@@ -340,17 +345,20 @@ class _Walker:
         dreal: str,
         drel: str,
         ddisplay: str,
-        room: int,
+        room: tuple[int, int],
         encoded: bytes,
         e: os.DirEntry[str],
     ) -> _Item | None:
         """One child of the directory open as ``dfd``: its entry (and source), a _Dir to list
-        later, or None (skipped); ``room`` is how many path bytes its name may take."""
+        later, or None (skipped); ``room`` is how many bytes its name may take in the relative
+        path and in the absolute one."""
         name = e.name
         display = os.path.join(ddisplay, name)
         why = _bad_name(encoded)
-        if why is None and len(encoded) > room:
+        if why is None and len(encoded) > room[0]:
             why = f"its path is longer than {MAX_PATH_BYTES} bytes"
+        elif why is None and len(encoded) > room[1]:
+            why = f"its absolute path is longer than {_PATH_MAX - 1} bytes (PATH_MAX)"
         if why is not None:
             self.skip(display, why)
             return None
