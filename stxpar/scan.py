@@ -322,7 +322,7 @@ class _Walker:
                 kind=Kind.DIR, path=rel, size=0, mode=st.st_mode & 0o777, mtime_ns=st.st_mtime_ns
             )
             with os.scandir(dfd) as it:
-                children = sorted((os.fsencode(e.name), e) for e in it)
+                children = sorted(((os.fsencode(e.name), e) for e in it), key=lambda c: c[0])
             room = (
                 MAX_PATH_BYTES - len(rel.encode()) - 1,
                 _PATH_MAX - 1 - len(os.fsencode(real)) - 1,
