@@ -167,7 +167,8 @@ def _unpack(payload: bytes) -> Any:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int that is not a bool (msgpack gives exactly ``int``)."""
+    return type(value) is int
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
@@ -185,11 +186,11 @@ def _entry(raw: Any) -> Entry:
         raise ProtocolError("bad manifest: a path is not a string")
     if not _is_int(kind) or kind not in _KINDS:
         raise ProtocolError(f"bad manifest: unknown entry kind ({shown(path)})")
-    if not (_is_int(size) and _is_int(mode) and _is_int(mtime)):
+    if not (type(size) is int and type(mode) is int and type(mtime) is int):
         raise ProtocolError(f"bad manifest: size, mode or mtime is not an integer ({shown(path)})")
     if not isinstance(link, str):
         raise ProtocolError(f"bad manifest: link text is not a string ({shown(path)})")
-    if not isinstance(extents, list) or not all(_is_int(x) for x in extents):
+    if type(extents) is not list or not set(map(type, extents)) <= {int}:
         raise ProtocolError(f"bad manifest: extents are not a list of integers ({shown(path)})")
     if not isinstance(file_id, bytes):
         raise ProtocolError(f"bad manifest: file id is not bytes ({shown(path)})")
