@@ -7,7 +7,9 @@ later).
 The ``BlockSpace`` numbers every block of every entry in one space: block ``b`` is located as
 (entry, offset, length), so the queue, the workers, the resume bitmap and the state log all
 speak of blocks and never of files. With one entry, block ``b`` is the file's block ``b`` at
-offset ``b * block_size``.
+offset ``b * block_size``. A tree's space (``BlockSpace.of_extents``, from ``manifest.Manifest``)
+covers only the data extents of its files: holes of a sparse file, directories and symlinks
+have no blocks.
 
 The ``BlockLedger`` is the one record of which blocks a side holds and their digests: the
 receiver's durable blocks (from its state log, its workers' reports), the sender's completed
@@ -20,7 +22,8 @@ Pure: no I/O here.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .digest import BLOCK_DIGEST_LEN, file_digest
@@ -48,37 +51,76 @@ class BlockRef:
 
 
 class BlockSpace:
-    """Every block of a manifest's entries, numbered from 0 in entry order."""
+    """Every block of a manifest's entries, numbered from 0 in entry order.
+
+    Each entry's data is a list of extents (file offset, length); each extent is cut into
+    blocks of ``block_size`` (a block never spans two extents, so the last block of an extent
+    may be short). Stored as ``array`` columns, one row per extent and one per entry, so a
+    million entries cost tens of megabytes, not a Python object per block."""
 
     def __init__(self, sizes: Iterable[int], *, block_size: int) -> None:
-        if block_size <= 0:
-            raise ValueError("block_size must be positive")
-        self.block_size = block_size
-        self.sizes = tuple(sizes)
-        starts = [0]
-        for size in self.sizes:
-            starts.append(starts[-1] + blocks_for(size, block_size))
-        #: first block of each entry, and the total at the end
-        self._starts = tuple(starts)
+        """One extent ``(0, size)`` per entry (none for an empty entry)."""
+        self._build(((0, size) if size else () for size in sizes), block_size)
 
     @classmethod
     def of(cls, entries: Iterable[Entry], *, block_size: int) -> BlockSpace:
         return cls((e.size for e in entries), block_size=block_size)
 
+    @classmethod
+    def of_extents(
+        cls, extents_per_entry: Iterable[Sequence[int]], *, block_size: int
+    ) -> BlockSpace:
+        """Blocks over each entry's flat extents ``(offset, length, offset, length, ...)``
+        (sorted, non-overlapping, each length > 0; ``()`` for an entry without data)."""
+        space = cls.__new__(cls)
+        space._build(extents_per_entry, block_size)
+        return space
+
+    def _build(self, extents_per_entry: Iterable[Sequence[int]], block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self.block_size = block_size
+        #: first block of each entry, and the total at the end
+        self._starts = array("q", [0])
+        #: per extent: its first block, its file offset, and the file offset where it ends
+        self._seg_block = array("q")
+        self._seg_offset = array("q")
+        self._seg_end = array("q")
+        block = 0
+        for extents in extents_per_entry:
+            if len(extents) % 2:
+                raise ValueError("extents come in (offset, length) pairs")
+            end = 0
+            for i in range(0, len(extents), 2):
+                offset, length = extents[i], extents[i + 1]
+                if offset < end or length <= 0:
+                    raise ValueError("extents must be sorted, disjoint and non-empty")
+                end = offset + length
+                self._seg_block.append(block)
+                self._seg_offset.append(offset)
+                self._seg_end.append(end)
+                block += blocks_for(length, block_size)
+            self._starts.append(block)
+
     @property
     def total(self) -> int:
         return self._starts[-1]
+
+    @property
+    def entries(self) -> int:
+        return len(self._starts) - 1
 
     def entry_blocks(self, entry: int) -> range:
         return range(self._starts[entry], self._starts[entry + 1])
 
     def locate(self, block: int) -> BlockRef:
+        """Where block ``block`` lies; ``offset`` is the offset in the entry's file."""
         if not 0 <= block < self.total:
             raise IndexError(f"block {block} outside 0..{self.total - 1}")
         entry = bisect.bisect_right(self._starts, block) - 1
-        index = block - self._starts[entry]
-        offset = index * self.block_size
-        return BlockRef(block, entry, offset, min(self.block_size, self.sizes[entry] - offset))
+        seg = bisect.bisect_right(self._seg_block, block) - 1
+        offset = self._seg_offset[seg] + (block - self._seg_block[seg]) * self.block_size
+        return BlockRef(block, entry, offset, min(self.block_size, self._seg_end[seg] - offset))
 
     def length(self, block: int) -> int:
         return self.locate(block).length

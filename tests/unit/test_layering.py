@@ -24,6 +24,7 @@ PURE = (
     "stxpar.recv_session",
     "stxpar.scheduler",
     "stxpar.blocks",
+    "stxpar.manifest",
     "stxpar.messages",
     "stxpar.wire",
     "stxpar.records",
