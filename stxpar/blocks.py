@@ -125,6 +125,10 @@ class BlockSpace:
     def length(self, block: int) -> int:
         return self.locate(block).length
 
+    def entry_of(self, block: int) -> int:
+        """The entry block ``block`` belongs to."""
+        return bisect.bisect_right(self._starts, block) - 1
+
 
 class BlockLedger:
     """Which blocks of a space are held, and each one's digest (16 bytes, XXH3-128).
@@ -138,6 +142,9 @@ class BlockLedger:
         self._digests = bytearray(space.total * BLOCK_DIGEST_LEN)
         self.count = 0
         self.bytes = 0
+        #: blocks held per entry, and the entries (with data) whose every block is held
+        self._entry_held = array("q", bytes(8 * space.entries))
+        self.entries_complete = 0
 
     @classmethod
     def of(cls, space: BlockSpace, held: Iterable[tuple[int, bytes]]) -> BlockLedger:
@@ -170,7 +177,11 @@ class BlockLedger:
             return False
         self._have[block] = 1
         self.count += 1
-        self.bytes += self.space.length(block)
+        where = self.space.locate(block)
+        self.bytes += where.length
+        held = self._entry_held[where.entry] = self._entry_held[where.entry] + 1
+        if held == len(self.space.entry_blocks(where.entry)):
+            self.entries_complete += 1
         return True
 
     def copy(self) -> BlockLedger:
@@ -179,6 +190,8 @@ class BlockLedger:
         other._have[:] = self._have
         other._digests[:] = self._digests
         other.count, other.bytes = self.count, self.bytes
+        other._entry_held[:] = self._entry_held
+        other.entries_complete = self.entries_complete
         return other
 
     def clear(self) -> None:
@@ -186,6 +199,8 @@ class BlockLedger:
         self._have[:] = bytes(self.total)
         self._digests[:] = bytes(len(self._digests))
         self.count = self.bytes = 0
+        self._entry_held = array("q", bytes(8 * self.space.entries))
+        self.entries_complete = 0
 
     def held(self) -> Iterator[int]:
         return (i for i, v in enumerate(self._have) if v)

@@ -286,57 +286,6 @@ class ErrorMsg:
 
 
 @dataclass(frozen=True)
-class Metadata:
-    """What the sender is about to send; sealed under the c2s control key."""
-
-    name: str
-    size: int
-    mtime_ns: int
-    block_size: int
-    file_id: bytes
-    streams: int
-    rekey_records: int
-    rekey_bytes: int
-    #: Random per sender run: a reconnect of the same run supersedes its old session.
-    run_id: bytes = bytes(16)
-
-    @property
-    def total_blocks(self) -> int:
-        return blocks_for(self.size, self.block_size)
-
-    def encode(self) -> bytes:
-        return _pack(
-            self.name,
-            self.size,
-            self.mtime_ns,
-            self.block_size,
-            self.file_id,
-            self.streams,
-            self.rekey_records,
-            self.rekey_bytes,
-            self.run_id,
-        )
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Metadata:
-        name, size, mtime, bs, fid, streams, rr, rb, run = _unpack(payload, 9, "Metadata")
-        md = cls(
-            _str(name, "name", max_len=MAX_NAME_BYTES),
-            _int(size, "size", hi=1 << 62),
-            _int(mtime, "mtime", lo=-(1 << 63), hi=(1 << 63) - 1),
-            _int(bs, "block size", lo=MIN_BLOCK_SIZE, hi=MAX_BLOCK_SIZE),
-            _bin(fid, "file id", size=16),
-            _int(streams, "streams", lo=1, hi=MAX_STREAMS),
-            _int(rr, "rekey records", lo=1, hi=1 << 24),
-            _int(rb, "rekey bytes", lo=1, hi=1 << 36),
-            _bin(run, "run id", size=16),
-        )
-        if md.total_blocks > MAX_BLOCKS:
-            raise ProtocolError("file has too many blocks for this block size")
-        return md
-
-
-@dataclass(frozen=True)
 class MetadataAck:
     """The receiver's answer: the bitmap of blocks it already holds durably (bit i of byte
     i // 8, least significant first) and their digests, in block order."""
