@@ -400,6 +400,7 @@ def open_tree(
     staging_fd = -1
     made_staging = False
     name = staging_name(manifest.roots)
+    opened: TreeOpened | None = None
     try:
         try:
             _precheck(dirs, manifest)
@@ -421,7 +422,10 @@ def open_tree(
             return TreeOpened(dest, manifest, recent.copy(), complete=True)
         ledger = BlockLedger.of(manifest.space, (p for pairs in held.values() for p in pairs))
         need = manifest.data_bytes - ledger.bytes
-        free = free_bytes(dest)
+        try:
+            free = free_bytes(dest)
+        except OSError as exc:
+            raise disk_error(exc, "cannot check the destination's free space") from None
         if need > free:
             raise RejectedError(f"not enough space for the tree: {need} bytes needed, {free} free")
         try:
@@ -468,10 +472,13 @@ def open_tree(
     except BaseException:
         if made_staging:
             shutil.rmtree(name, dir_fd=dest_fd, ignore_errors=True)
-        dirs.close()
-        if staging_fd >= 0:
-            os.close(staging_fd)
-        os.close(dest_fd)
+        if opened is not None:
+            opened.close()  # the log, the directories, staging, DEST
+        else:
+            dirs.close()
+            if staging_fd >= 0:
+                os.close(staging_fd)
+            os.close(dest_fd)
         raise
 
 
@@ -619,8 +626,8 @@ def _sweep(staging_fd: int, wanted: set[str]) -> None:
     """Unlink what staging holds besides the log, the layout and the partials in ``wanted``
     that are ours (a changed file's old partial, temporary names, anything planted)."""
     for name in os.listdir(staging_fd):
-        if name in (treestate.NAME, LAYOUT):
-            continue
+        if name == treestate.NAME or name.startswith(LAYOUT):
+            continue  # the log, and the session's layout file (and its temporary names)
         try:
             st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -678,8 +685,11 @@ def gone(opened: TreeOpened) -> bool:
     if opened.complete or opened._finished:
         return False
     try:
-        with _DestFd(opened.dest) as dest_fd:
-            st = os.stat(opened.staging.name, dir_fd=dest_fd, follow_symlinks=False)
+        if opened._dest_fd >= 0:
+            st = os.stat(opened.staging.name, dir_fd=opened._dest_fd, follow_symlinks=False)
+        else:
+            with _DestFd(opened.dest) as dest_fd:
+                st = os.stat(opened.staging.name, dir_fd=dest_fd, follow_symlinks=False)
     except OSError:
         return True
     return (st.st_dev, st.st_ino) != opened._inode

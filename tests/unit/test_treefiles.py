@@ -538,3 +538,42 @@ def test_end_revert_and_gone(dest: Path) -> None:
     fourth = admit(dest, t.m)
     assert fourth.ledger.count == 0
     end(fourth, "discard")
+
+
+def test_a_symlink_swapped_in_during_the_transfer_is_never_followed(
+    dest: Path, outside: Path
+) -> None:
+    t = make([(D("D"), b""), (D("D/sub"), b""), (F("D/sub/victim", b"evil"), b"evil")])
+    opened = admit(dest, t.m)
+    (dest / "D/sub").rmdir()
+    os.symlink(outside, dest / "D/sub")
+    before = snapshot(outside)
+    with pytest.raises(OSError):
+        t.send(opened, all_blocks(t))
+    with pytest.raises(RejectedError):
+        finalize(opened, mode=0)
+    end(opened, "discard")
+    assert snapshot(outside) == before
+
+
+def test_a_partial_that_is_not_ours_is_not_resumed(dest: Path, outside: Path) -> None:
+    t = tree_basic()
+    opened = admit(dest, t.m)
+    big = list(t.blocks_of("D/big.bin"))
+    t.send(opened, big[:2])
+    end(opened, "keep")
+    i = [e.path for e in t.entries].index("D/big.bin")
+    part = opened.staging / partial_name(t.m.key(i))
+    part.unlink()
+    os.link(outside / "victim", part)  # a hard link to a file outside
+    before = snapshot(outside)
+    again = admit(dest, t.m)
+    try:
+        assert again.ledger.count == 0
+        assert not part.exists()  # unlinked, so a worker makes a fresh one
+        t.send(again, all_blocks(t))
+        finalize(again, mode=0)
+    finally:
+        again.close()
+    assert snapshot(outside) == before
+    assert (dest / "D/big.bin").read_bytes() == t.data["D/big.bin"]
