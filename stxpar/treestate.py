@@ -103,9 +103,7 @@ def parse_header(data: bytes) -> tuple[Header, int]:
     if zlib.crc32(body) != crc:
         raise StateFileError("damaged tree state header")
     try:
-        fields = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER, use_list=True
-        )
+        fields = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException):
         raise StateFileError("damaged tree state header") from None
     if not (isinstance(fields, list) and len(fields) == 2):
