@@ -236,7 +236,8 @@ class ControlHandler:
             None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         )
         poller = select.poll()  # not select(): descriptors above 1023 are fine
-        poller.register(self._wake_r, select.POLLIN)
+        if self._wake_r >= 0:  # (made at admission; the manifest is read before)
+            poller.register(self._wake_r, select.POLLIN)
         sock = self.fs.sock.fileno()
         if self.core.reads_frames and sock >= 0:
             poller.register(sock, select.POLLIN)
@@ -380,10 +381,17 @@ class ControlHandler:
         self.registry.forget(self, self._final)
         with self.lock:
             streams = len(self.streams)
+        manifest = md.manifest
+        where = self._final
+        if manifest.single() is None:  # a tree: where its one top-level entry is, or DEST
+            where = self.dest / manifest.roots[0] if len(manifest.roots) == 1 else self.dest
         received = ReceivedFile(
-            path=os.fspath(self._final),
-            name=self._final.name,
+            path=os.fspath(where),
+            name=md.name,
             size=md.size,
+            files=manifest.files,
+            dirs=manifest.dirs,
+            symlinks=manifest.symlinks,
             digest=digest.hex(),
             seconds=time.monotonic() - self.core.started,
             blocks_total=md.total_blocks,
