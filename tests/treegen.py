@@ -243,7 +243,7 @@ def _same_bytes(a: Path, b: Path) -> int | None:
 
 
 def _skipped(rel: str, skip: Iterable[str]) -> bool:
-    return any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in skip)
+    return any(rel == s.rstrip("/") or rel.startswith(s.rstrip("/") + "/") for s in skip)
 
 
 def compare_trees(
