@@ -364,7 +364,7 @@ class TreeBench:
                 procs.append(send)
                 rec["wall"] = self.wait_all([send], t0)
                 try:  # the receiver exits after its receipt (--once): not counted, but awaited
-                    recv.wait(timeout=30)
+                    recv.wait(timeout=30 if send.returncode == 0 else 2)
                 except subprocess.TimeoutExpired:
                     self.kill(recv)
                 rec["rc"] = [send.returncode, recv.returncode]
