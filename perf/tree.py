@@ -647,7 +647,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.large_size = parse_size(a.large_size)
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
-    a.tool_list = [t for t in a.peers.split(",") if t]
+    a.tool_list = [{"stxpar": "stx"}.get(t, t) for t in a.peers.split(",") if t]
     bad = [t for t in a.tool_list if t not in TOOLS]
     if bad:
         ap.error(f"unknown tool(s) {bad}: choose from {','.join(TOOLS)}")
