@@ -240,8 +240,14 @@ def _amount(size: int, held: int) -> str:
 def send_summary(result: TransferResult) -> str:
     """The sender's last line. The rate is of what this run moved: a resumed transfer says how
     much was already there, so that size, time and rate add up."""
+    extra = result.extra
+    files = ""
+    if extra.get("dirs") or extra.get("files", 1) != 1 or extra.get("symlinks"):
+        files = f"{extra.get('files', 0)} files, "
+        if extra.get("skipped"):
+            files += f"{extra['skipped']} skipped, "
     return (
-        f"sent {result.file}: {_amount(result.bytes, result.bytes_resumed)} in"
+        f"sent {result.file}: {files}{_amount(result.bytes, result.bytes_resumed)} in"
         f" {result.seconds:.2f} s "
         f"({result.mb_per_s:.1f} MB/s, {result.workers} stream{'' if result.workers == 1 else 's'}, digest {result.digest[:16]}...)"
     )

@@ -535,6 +535,7 @@ class Manifest:
     def __init__(self, entries: Sequence[Entry], *, block_size: int) -> None:
         self.entries: tuple[Entry, ...] = tuple(entries)
         self.block_size = block_size
+        self._keys: list[bytes] | None = None
         h = hashlib.sha256(_MANIFEST_LABEL)
         h.update(_U32.pack(block_size))
         pack = msgpack.Packer(use_bin_type=True).pack
@@ -572,7 +573,14 @@ class Manifest:
 
     def key(self, entry: int) -> bytes:
         """16 bytes naming entry ``entry`` (its canonical encoding): a FILE's staging identity."""
-        return hashlib.sha256(_ENTRY_LABEL + self.entries[entry].canonical()).digest()[:KEY_LEN]
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = [b""] * len(self.entries)
+        key = keys[entry]
+        if not key:
+            e = self.entries[entry]
+            key = keys[entry] = hashlib.sha256(_ENTRY_LABEL + e.canonical()).digest()[:KEY_LEN]
+        return key
 
     def file_digest(self, entry: int, ledger: BlockLedger) -> bytes:
         """FILE entry ``entry``'s digest (``digest.file_digest``) from its blocks in ``ledger``."""

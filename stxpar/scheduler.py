@@ -28,8 +28,11 @@ from .blocks import BlockLedger
 from .digest import BLOCK_DIGEST_LEN
 from .messages import Blocks, Done
 
-#: The largest batch handed out at once.
+#: The largest batch handed out at once, in full blocks' worth of bytes: a batch of a tree's
+#: small files holds as many blocks as fit in that many bytes (up to ``MAX_BATCH_BLOCKS``), so
+#: small files do not cost a request each.
 MAX_BATCH = 16
+MAX_BATCH_BLOCKS = 1024
 
 
 @dataclass
@@ -94,8 +97,15 @@ class Scheduler:
             return Done()
         queue = self.queue
         if queue:
+            space = self.ledger.space
             k = max(1, min(MAX_BATCH, len(queue) // (2 * max(1, len(self.live)))))
-            batch = tuple(queue.popleft() for _ in range(min(k, len(queue))))
+            budget = k * space.block_size
+            taken: list[int] = []
+            while queue and budget > 0 and len(taken) < MAX_BATCH_BLOCKS:
+                block = queue.popleft()
+                taken.append(block)
+                budget -= space.length(block)
+            batch = tuple(taken)
             st.assigned.update(batch)
             if slot in self.parked:
                 self.parked.remove(slot)

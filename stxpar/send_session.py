@@ -237,7 +237,17 @@ class SenderSession(Machine):
             return [*out, *self._check_source()]
         self.state = State.DATA
         self.since = self.now
-        return [*out, StartData(tuple(ledger.missing()))]
+        return [*out, StartData(self._needed())]
+
+    def _needed(self) -> tuple[int, ...]:
+        """The blocks still to send, the largest files' first: the tail of the transfer is
+        then small files spread over every stream, not one big file on one stream."""
+        entries, has = self.metadata.manifest.entries, self.ledger.has
+        space = self.metadata.manifest.space
+        order = sorted(
+            (i for i, e in enumerate(entries) if e.extents), key=lambda i: -entries[i].data_bytes
+        )
+        return tuple(b for i in order for b in space.entry_blocks(i) if not has(b))
 
     def _on_tick_wait(self, event: Tick) -> list[Output]:
         self._timed_out(event.now, data=False)
