@@ -1,9 +1,10 @@
-"""Known-answer vectors for STX (version ``stx2``): one complete handshake and first data block, fixed inputs.
+"""Known-answer vectors for STX (version ``stx3``): one complete handshake, a one-file manifest and
+its first data block, fixed inputs.
 
 ``python -m stxpar.kat > docs/known-answers.json`` regenerates the published file;
 ``tests/unit/test_kat.py`` checks that the code still produces it, and re-derives some values
 with raw ``cryptography``/``hmac`` primitives. Every input is fixed (PSK, both nonces, both
-X25519 ephemeral private keys, both clocks, the file id and the plaintext), so the output is
+X25519 ephemeral private keys, both clocks, the manifest's one entry and the plaintext), so the output is
 fully deterministic. The key material here is public test data: never use it for a transfer.
 """
 
@@ -20,16 +21,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import keyschedule as ks
 from .handshake import ClientHandshake, ServerHandshake, State, keyring_for, x25519_shared
+from .manifest import Entry, Kind, Manifest
 from .records import BLOCK_PREFIX, BLOCK_SUFFIX, BlockContext, BlockSealer, join_mac
 from .wire import BLOCK_HEADER, HEADER, SUITE, VERSION, FrameType
 
 DESCRIPTION = (
-    "STX v1 known-answer vectors: a complete in-memory handshake between ClientHandshake and "
+    "STX stx3 known-answer vectors: a complete in-memory handshake between ClientHandshake and "
     "ServerHandshake with fixed inputs (PSK, client and server nonces, X25519 ephemeral private "
     "keys, timestamps), every handshake frame as sent (5-byte header + msgpack payload) with the "
-    "transcript hash (SHA-256 of all frames so far) after it, every derived key, and the first "
-    "sealed BLOCK frame of stream 0 (epoch 0, record counter 0; its CRC-32 covers the block "
-    "header, ciphertext and tag). Byte strings are lowercase "
+    "transcript hash (SHA-256 of all frames so far) after it, every derived key, a manifest of "
+    "one FILE entry (its canonical msgpack encoding, digest = SHA-256('stx3 manifest' || u32 "
+    "block size || entries) and id = digest[:16]), and the first sealed BLOCK frame of stream 0 "
+    "(epoch 0, record counter 0; its AAD binds the manifest id, entry 0 and file offset 0; its "
+    "CRC-32 covers the block header, ciphertext and tag). Byte strings are lowercase "
     "hex. Test data only: never use these keys. Regenerate with "
     "'python -m stxpar.kat > docs/known-answers.json'; tests/unit/test_kat.py checks that the "
     "code still produces exactly this file."
@@ -44,7 +48,10 @@ CLIENT_TIME_MS = 1_700_000_000_000
 SERVER_TIME_MS = 1_700_000_000_250
 STREAM = 0
 FILE_ID = bytes(range(0xA0, 0xB0))
+FILE_NAME = "known-answer.bin"
 FILE_SIZE = 100
+FILE_MODE = 0o644
+FILE_MTIME_NS = 1_700_000_000_000_000_000
 BLOCK_SIZE = 4096
 BLOCK_SEQ = 0
 PLAINTEXT = bytes(range(FILE_SIZE))
@@ -124,27 +131,40 @@ def compute_known_answers() -> dict[str, Any]:
     epoch1 = ks.ratchet(stream_secret=stream_secret)
     epoch1_keys = ks.derive_stream_keys(stream_secret=epoch1)
 
+    entry = Entry(
+        Kind.FILE,
+        FILE_NAME,
+        FILE_SIZE,
+        FILE_MODE,
+        FILE_MTIME_NS,
+        extents=(0, FILE_SIZE),
+        file_id=FILE_ID,
+    )
+    manifest = Manifest([entry], block_size=BLOCK_SIZE)
+    where = manifest.space.locate(BLOCK_SEQ)
     ctx = BlockContext(
         session_id=session.session_id,
         stream=STREAM,
-        file_size=FILE_SIZE,
-        file_id=FILE_ID,
-        block_size=BLOCK_SIZE,
+        space=manifest.space,
+        manifest_id=manifest.id,
     )
     frame = bytes(BlockSealer(stream_secret=stream_secret, ctx=ctx).seal(BLOCK_SEQ, PLAINTEXT))
     sealed = frame[BLOCK_PREFIX : len(frame) - 4]
     tag_len = BLOCK_SUFFIX - 4
     # The AAD as documented in stxpar/records.py (version label, session, stream, epoch,
-    # index, length, total blocks, file id); checked against the sealed block below.
-    aad = b"stx1 block" + struct.pack(
-        ">16sIIIIQ16s",
+    # index, length, total blocks, manifest id, entry, offset in the file); checked against the
+    # sealed block below.
+    aad = b"stx3 block" + struct.pack(
+        ">16sIIIIQ16sIQ",
         session.session_id,
         STREAM,
         0,
         BLOCK_SEQ,
         FILE_SIZE,
         ctx.total_blocks,
-        FILE_ID,
+        manifest.id,
+        where.entry,
+        where.offset,
     )
     block_nonce = ks.nonce(iv=stream_keys.data_iv, counter=0)
     if AESGCM(stream_keys.data_key).decrypt(block_nonce, sealed, aad) != PLAINTEXT:
@@ -169,6 +189,22 @@ def compute_known_answers() -> dict[str, Any]:
             "server_time_ms": SERVER_TIME_MS,
         },
         "handshake": handshake,
+        "manifest": {
+            "block_size": BLOCK_SIZE,
+            "entry": {
+                "kind": "FILE",
+                "path": FILE_NAME,
+                "size": FILE_SIZE,
+                "mode": FILE_MODE,
+                "mtime_ns": FILE_MTIME_NS,
+                "link": "",
+                "extents": [0, FILE_SIZE],
+                "file_id": FILE_ID.hex(),
+            },
+            "entry_encoding": entry.canonical().hex(),
+            "digest": manifest.digest.hex(),
+            "id": manifest.id.hex(),
+        },
         "keys": {
             "psk_early_secret": psk_keys.early.hex(),
             "key_id": psk_keys.key_id.hex(),
@@ -202,7 +238,9 @@ def compute_known_answers() -> dict[str, Any]:
             "file_size": FILE_SIZE,
             "block_size": BLOCK_SIZE,
             "total_blocks": ctx.total_blocks,
-            "file_id": FILE_ID.hex(),
+            "manifest_id": manifest.id.hex(),
+            "entry": where.entry,
+            "offset": where.offset,
             "plaintext": PLAINTEXT.hex(),
             "nonce": block_nonce.hex(),
             "aad": aad.hex(),

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
@@ -612,6 +613,7 @@ SERVER_STATES = [
 
 _OTHER_PAYLOADS: dict[FrameType, bytes] = {
     FrameType.METADATA: os.urandom(64),  # sealed on the wire: opaque bytes
+    FrameType.MANIFEST: os.urandom(64),  # sealed too: a chunk of the manifest
     FrameType.METADATA_ACK: MetadataAck(b"\x00").encode(),
     FrameType.END: End(1, bytes(32)).encode(),
     FrameType.RECEIPT: Receipt(bytes(32), 1).encode(),
@@ -738,6 +740,22 @@ def test_error_frame_raises_the_named_error(psk: bytes, code: int, cls: type[Stx
         with pytest.raises(cls):
             client.receive(FrameType.ERROR, ErrorMsg(code, "nope").encode(), now_ms=NOW)
         assert client.state is State.FAILED
+
+
+def test_a_peer_of_the_previous_version_is_refused_naming_both(psk: bytes) -> None:
+    # An stx2 INIT at an stx3 server, an stx2 SERVER_HELLO at an stx3 client: refused, and the
+    # message says which version each side speaks.
+    server = make_server([psk])
+    with pytest.raises(ProtocolError, match="'stx2'.*stx3"):
+        server.receive(FrameType.INIT, msgpack.packb(["stx2"]), now_ms=NOW)
+    assert server.state is State.FAILED
+    client = reach("client", State.WAIT_SERVER_HELLO, psk)
+    hello = msgpack.unpackb(recorded_frames(psk)[FrameType.SERVER_HELLO])
+    assert hello[0] == "stx3"
+    hello[0] = "stx2"
+    with pytest.raises(ProtocolError, match="'stx2'.*stx3"):
+        client.receive(FrameType.SERVER_HELLO, msgpack.packb(hello), now_ms=NOW)
+    assert client.state is State.FAILED
 
 
 def test_malformed_error_frame_is_a_protocol_error(psk: bytes) -> None:

@@ -3,7 +3,7 @@
 The first test catches any change to the key schedule, framing or record layout. The others
 re-derive values from docs/known-answers.json with ``cryptography``, ``hmac``, ``hashlib``,
 ``msgpack`` and ``zlib`` only, following the layouts documented in stxpar/keyschedule.py,
-stxpar/handshake.py and stxpar/records.py, so the file is not only the code checking itself.
+stxpar/handshake.py, stxpar/manifest.py and stxpar/records.py, so the file is not only the code checking itself.
 """
 
 from __future__ import annotations
@@ -108,8 +108,11 @@ def test_file_has_everything_promised(published: dict[str, Any]) -> None:
         "stream0_epoch1_secret",
     ):
         assert bytes.fromhex(published["keys"][name])
-    for name in ("frame", "crc32", "ciphertext", "tag", "nonce", "aad"):
+    for name in ("frame", "crc32", "ciphertext", "tag", "nonce", "aad", "manifest_id"):
         assert bytes.fromhex(published["first_block"][name])
+    for name in ("entry_encoding", "digest", "id"):
+        assert bytes.fromhex(published["manifest"][name])
+    assert published["protocol"]["version"] == "stx3"
 
 
 # ---------------------------------------------------------------- independent re-derivation
@@ -153,15 +156,15 @@ def test_handshake_frames_and_transcript_from_raw_primitives(published: dict[str
     s_auth = bytes.fromhex(keys["server_auth_key"])
     fin = bytes.fromhex(keys["server_finished_key"])
 
-    assert fields[0] == ["stx2"]
+    assert fields[0] == ["stx3"]
     assert fields[1] == [
-        "stx2",
+        "stx3",
         suite,
         bytes.fromhex(inputs["server_nonce"]),
         inputs["server_time_ms"],
     ]
     assert fields[2] == [
-        "stx2",
+        "stx3",
         suite,
         bytes.fromhex(keys["key_id"]),
         bytes.fromhex(inputs["client_nonce"]),
@@ -225,19 +228,52 @@ def test_session_keys_from_raw_primitives(published: dict[str, Any]) -> None:
     )
 
 
+def test_manifest_digest_and_id_from_raw_msgpack_and_sha256(published: dict[str, Any]) -> None:
+    man = published["manifest"]
+    e = man["entry"]
+    assert e["kind"] == "FILE" and e["size"] == 100 and e["extents"] == [0, 100]
+    # The entry's canonical encoding: the msgpack array
+    # [kind, path, size, mode, mtime_ns, link, extents, file_id] (kind FILE = 0, file_id as bin).
+    encoding = msgpack.packb(
+        [
+            0,
+            e["path"],
+            e["size"],
+            e["mode"],
+            e["mtime_ns"],
+            e["link"],
+            e["extents"],
+            bytes.fromhex(e["file_id"]),
+        ],
+        use_bin_type=True,
+    )
+    assert _hex(published, "manifest.entry_encoding") == encoding
+    digest = hashlib.sha256(
+        b"stx3 manifest" + struct.pack(">I", man["block_size"]) + encoding
+    ).digest()
+    assert _hex(published, "manifest.digest") == digest
+    assert _hex(published, "manifest.id") == digest[:16]
+    assert _hex(published, "first_block.manifest_id") == digest[:16]
+
+
 def test_first_block_from_raw_aesgcm(published: dict[str, Any]) -> None:
     keys = published["keys"]
     blk = published["first_block"]
     plaintext = bytes.fromhex(blk["plaintext"])
     assert plaintext == bytes(range(100))
     assert blk["seq"] == 0 and blk["file_size"] == 100 and blk["block_size"] == 4096
+    assert blk["entry"] == 0 and blk["offset"] == 0
     data_key = bytes.fromhex(keys["stream0_data_key"])
     data_iv = bytes.fromhex(keys["stream0_data_iv"])
     session_id = bytes.fromhex(keys["session_id"])
-    file_id = bytes.fromhex(blk["file_id"])
+    manifest_id = bytes.fromhex(published["manifest"]["id"])
 
     nonce = data_iv  # record counter 0: iv XOR 0
-    aad = b"stx1 block" + struct.pack(">16sIIIIQ16s", session_id, 0, 0, 0, 100, 1, file_id)
+    # AAD: "stx3 block" | session | stream | epoch | seq | size | total blocks | manifest id |
+    # entry | offset of the block in its file.
+    aad = b"stx3 block" + struct.pack(
+        ">16sIIIIQ16sIQ", session_id, 0, 0, 0, 100, 1, manifest_id, 0, 0
+    )
     assert _hex(published, "first_block.nonce") == nonce
     assert _hex(published, "first_block.aad") == aad
     sealed = AESGCM(data_key).encrypt(nonce, plaintext, aad)

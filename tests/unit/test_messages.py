@@ -14,7 +14,6 @@ from stxpar.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
-FILE = m.FileRef(path="/data/f", dev=1, ino=2, size=3, mtime_ns=4, ctime_ns=5)
 SAMPLES: list[m.Message] = [
     m.Hello(slot=3),
     m.Get(slot=0),
@@ -24,9 +23,8 @@ SAMPLES: list[m.Message] = [
         session_id=b"i" * 16,
         host="127.0.0.1",
         port=9000,
-        files=(FILE,),
-        block_size=4 << 20,
-        file_id=b"f" * 16,
+        layout="/run/stxpar/c1/layout-1",
+        manifest_id=b"f" * 16,
         rekey_records=1 << 20,
         rekey_bytes=1 << 36,
         connect_timeout=10.0,
@@ -42,9 +40,9 @@ SAMPLES: list[m.Message] = [
         stream=2,
         secret=b"s" * 32,
         path="/dest/.f.stxpart",
-        size=10,
-        block_size=4,
-        file_id=b"f" * 16,
+        tree=False,
+        layout="/run/stxpar/r1/layout-2",
+        manifest_id=b"f" * 16,
         rekey_records=1,
         rekey_bytes=2,
         sync_bytes=3,
@@ -82,6 +80,12 @@ def test_inode_may_be_none() -> None:
     assert m.decode(m.encode(job), expect=(m.StreamJob,)) == job
 
 
+def test_tree_job_round_trips() -> None:
+    job = dataclasses.replace(SAMPLES[9], tree=True, path="/dest/.stx-tree")  # type: ignore[type-var]
+    got = m.decode(m.encode(job), expect=(m.StreamJob,))
+    assert got == job and got.tree is True
+
+
 def test_only_expected_kinds() -> None:
     with pytest.raises(ProtocolError, match="unexpected worker message 'done'"):
         m.decode(m.encode(m.Done()), expect=m.SENDER_REPORTS)
@@ -102,7 +106,40 @@ def test_version_checked() -> None:
         [m.VERSION, "get", True],  # a bool is not an int
         [m.VERSION, "blocks", [1, "x"]],
         [m.VERSION, "acked", 1, [[1, 2]], 3],  # an int for a digest
-        [m.VERSION, "stream", b"i", 1, b"s", "p", 1, 1, b"f", 1, 1, 1, 1, [1]],  # half an inode
+        [
+            m.VERSION,
+            "stream",
+            b"i",
+            1,
+            b"s",
+            "p",
+            False,
+            "l",
+            b"f",
+            1,
+            1,
+            1,
+            1,
+            [1],
+        ],  # half an inode
+        [m.VERSION, "stream", b"i", 1, b"s", "p", 1, "l", b"f", 1, 1, 1, 1, [1, 2]],  # int for tree
+        [
+            m.VERSION,
+            "stream",
+            b"i",
+            1,
+            b"s",
+            "p",
+            False,
+            b"l",
+            b"f",
+            1,
+            1,
+            1,
+            1,
+            None,
+        ],  # bin layout
+        [m.VERSION, "setup", 1, b"s", b"i", "h", 1, "l", "f", 1, 1, 1.0],  # str manifest id
     ],
 )
 def test_wrong_fields(fields: list[object]) -> None:

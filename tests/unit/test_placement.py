@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
+from transfers import one_file
 
 from stxpar import messages
 from stxpar.messages import Beat, Landed, StreamClosed, StreamFailed, StreamJob
@@ -19,7 +20,7 @@ from stxpar.placement import (
     is_liveness,
     stream_job,
 )
-from stxpar.wire import Metadata
+from stxpar.transfer import Transfer
 
 SID = bytes(range(16))
 
@@ -135,31 +136,33 @@ class Target:
     stream: int
     secret: bytes
     path: str
-    md: Metadata
+    md: Transfer
     inode: tuple[int, int] | None
+    tree: bool = False
+    layout: str = ""
 
 
 def test_stream_job_from_a_target() -> None:
-    md = Metadata(
-        name="f.bin",
-        size=10 << 20,
-        mtime_ns=1,
+    md = one_file(
+        "f.bin",
+        10 << 20,
         block_size=4 << 20,
         file_id=b"\x07" * 16,
+        mtime_ns=1,
         streams=4,
         rekey_records=1000,
         rekey_bytes=1 << 30,
     )
-    target = Target(SID, 2, b"\x09" * 32, "/dest/.f.bin.stxpart", md, (5, 6))
+    target = Target(SID, 2, b"\x09" * 32, "/dest/.f.bin.stxpart", md, (5, 6), False, "/p/l0")
     job = stream_job(target, sync_bytes=1 << 20)
     assert job == StreamJob(
         session_id=SID,
         stream=2,
         secret=b"\x09" * 32,
         path="/dest/.f.bin.stxpart",
-        size=10 << 20,
-        block_size=4 << 20,
-        file_id=b"\x07" * 16,
+        tree=False,
+        layout="/p/l0",
+        manifest_id=md.manifest.id,
         rekey_records=1000,
         rekey_bytes=1 << 30,
         sync_bytes=1 << 20,
@@ -167,6 +170,16 @@ def test_stream_job_from_a_target() -> None:
         inode=(5, 6),
     )
     # it crosses the channel and comes back the same
+    assert messages.decode(messages.encode(job), expect=messages.RECEIVER_JOBS) == job
+    # a tree's: its staging directory, its layout
+    tree = Target(SID, 3, b"\x09" * 32, "/dest/.D.stxtree", md, (7, 8), True, "/p/l1")
+    job = stream_job(tree, sync_bytes=1 << 20)
+    assert (job.path, job.tree, job.layout, job.inode) == (
+        "/dest/.D.stxtree",
+        True,
+        "/p/l1",
+        (7, 8),
+    )
     assert messages.decode(messages.encode(job), expect=messages.RECEIVER_JOBS) == job
 
 

@@ -12,8 +12,9 @@ import pytest
 import zmq
 from stxpar.workers.receiver import Worker
 
-from stxpar import ipc, messages
+from stxpar import ipc, layout, messages
 from stxpar.errors import ConnectError
+from stxpar.layout import Layout
 from stxpar.messages import Cancel, StreamFailed, StreamJob
 
 pytestmark = pytest.mark.timeout(30)
@@ -21,15 +22,23 @@ pytestmark = pytest.mark.timeout(30)
 SID = b"\x05" * 16
 
 
-def _job(stream: int) -> StreamJob:
+@pytest.fixture
+def layout_file(tmp_path: Path) -> str:
+    """The layout of a one-file transfer of 1 byte (its partial is the job's path)."""
+    path = str(tmp_path / "layout")
+    layout.write(path, Layout(1 << 20, ((0, 1),), (None,)))
+    return path
+
+
+def _job(stream: int, layout_path: str, *, sid: bytes = SID) -> StreamJob:
     return StreamJob(
-        session_id=SID,
+        session_id=sid,
         stream=stream,
         secret=b"\x01" * 32,
         path="/nonexistent/.f.stxpart",
-        size=1,
-        block_size=1 << 20,
-        file_id=b"\x02" * 16,
+        tree=False,
+        layout=layout_path,
+        manifest_id=b"\x02" * 16,
         rekey_records=1 << 20,
         rekey_bytes=1 << 30,
         sync_bytes=1 << 20,
@@ -65,7 +74,7 @@ def _report(pull: zmq.Socket) -> messages.Message:
 
 
 def test_garbage_on_the_channel_is_dropped_with_its_descriptor(
-    rig: tuple[socket.socket, zmq.Socket, Worker],
+    rig: tuple[socket.socket, zmq.Socket, Worker], layout_file: str
 ) -> None:
     chan, pull, worker = rig
     a, b = socket.socketpair()
@@ -78,7 +87,7 @@ def test_garbage_on_the_channel_is_dropped_with_its_descriptor(
         assert b.recv(1) == b""
         assert not worker.streams
         # and it still serves its channel: a job that lost its descriptor is reported
-        chan.send(messages.encode(_job(7)))
+        chan.send(messages.encode(_job(7, layout_file)))
         got = _report(pull)
         assert isinstance(got, StreamFailed) and (got.session_id, got.stream) == (SID, 7)
         assert got.code == ConnectError.wire_code and "out of file descriptors" in got.message
@@ -86,18 +95,43 @@ def test_garbage_on_the_channel_is_dropped_with_its_descriptor(
         b.close()
 
 
-def test_a_job_runs_and_a_cancel_ends_it(rig: tuple[socket.socket, zmq.Socket, Worker]) -> None:
+def test_a_job_runs_and_a_cancel_ends_it(
+    rig: tuple[socket.socket, zmq.Socket, Worker], layout_file: str
+) -> None:
     chan, pull, worker = rig
     ours, theirs = socket.socketpair()
     try:
         # the partial file does not exist: the stream fails at once, and says so
-        socket.send_fds(chan, [messages.encode(_job(3))], [theirs.fileno()])
+        socket.send_fds(chan, [messages.encode(_job(3, layout_file))], [theirs.fileno()])
         theirs.close()
         got = _report(pull)
         assert isinstance(got, StreamFailed) and got.stream == 3
         assert "cannot open the partial file" in got.message
         chan.send(messages.encode(Cancel(SID)))  # nothing left to cancel: no harm
-        chan.send(messages.encode(_job(4)))
+        chan.send(messages.encode(_job(4, layout_file)))
         assert isinstance(_report(pull), StreamFailed)
     finally:
         ours.close()
+
+
+def test_a_job_whose_layout_cannot_be_read_fails(
+    rig: tuple[socket.socket, zmq.Socket, Worker], tmp_path: Path
+) -> None:
+    chan, pull, worker = rig
+    bad = tmp_path / "bad-layout"
+    bad.write_bytes(b"not a layout")
+    cases = [
+        (str(tmp_path / "missing"), "cannot read the transfer's layout"),
+        (str(bad), "malformed layout file"),
+    ]
+    for n, (path, why) in enumerate(cases):
+        ours, theirs = socket.socketpair()
+        try:
+            job = _job(n, path, sid=bytes([n]) * 16)  # a session of its own: no layout kept
+            socket.send_fds(chan, [messages.encode(job)], [theirs.fileno()])
+            theirs.close()
+            got = _report(pull)
+            assert isinstance(got, StreamFailed) and got.stream == n
+            assert why in got.message
+        finally:
+            ours.close()

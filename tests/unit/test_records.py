@@ -13,9 +13,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transfers import one_file
 
 from stxpar import keyschedule as ks
 from stxpar import records
+from stxpar.blocks import BlockRef, BlockSpace
 from stxpar.errors import AuthError, ProtocolError
 from stxpar.records import (
     BLOCK_PREFIX,
@@ -33,16 +35,25 @@ from stxpar.wire import BLOCK_HEADER, HEADER, TAG_LEN, FrameType
 
 BS = 4096
 SID = bytes(range(16))
-FID = bytes(range(0xA0, 0xB0))
+MID = bytes(range(0xA0, 0xB0))  # the manifest's id
 SIZE = 3 * BS + 100  # three full blocks and a short last one
 
 
-def make_ctx(**changes: Any) -> BlockContext:
+def make_ctx(*, file_size: int = SIZE, **changes: Any) -> BlockContext:
+    """The context of a one-file transfer of ``file_size`` bytes (one extent, entry 0)."""
     fields: dict[str, Any] = dict(
-        session_id=SID, stream=2, file_size=SIZE, file_id=FID, block_size=BS
+        session_id=SID,
+        stream=2,
+        space=BlockSpace([file_size], block_size=BS),
+        manifest_id=MID,
     )
     fields.update(changes)
     return BlockContext(**fields)
+
+
+def extents_ctx(*extents: tuple[int, ...], **changes: Any) -> BlockContext:
+    """The context of a transfer whose entries have these extents (``()``: no data)."""
+    return make_ctx(space=BlockSpace.of_extents(extents, block_size=BS), **changes)
 
 
 def pair(secret: bytes, ctx: BlockContext) -> tuple[BlockSealer, BlockOpener]:
@@ -63,13 +74,15 @@ def open_frame(opener: BlockOpener, frame: bytes) -> bytes:
     """What a receiver worker does with one BLOCK frame; returns a copy of the plaintext.
 
     The opener gets the whole BLOCK payload (``seq | size | ct | tag | crc``) and reports the
-    index it found in the (CRC-checked) header, which must be the one the frame carries.
+    index it found in the (CRC-checked) header, which must be the one the frame carries, with
+    where that block lies in the opener's block space.
     """
     raw_type, length = HEADER.unpack_from(frame)
     assert raw_type == FrameType.BLOCK and length == len(frame) - HEADER.size
     header_seq, header_size = BLOCK_HEADER.unpack_from(frame, HEADER.size)
-    seq, plain = opener.open(memoryview(frame)[HEADER.size :])
-    assert seq == header_seq
+    where, plain = opener.open(memoryview(frame)[HEADER.size :])
+    assert where.block == header_seq
+    assert where.length == header_size
     assert len(plain) == header_size
     return bytes(plain)
 
@@ -121,8 +134,9 @@ def test_open_returns_the_index_and_a_plaintext_view() -> None:
     secret = os.urandom(32)
     sealer, opener = pair(secret, make_ctx())
     for seq in (2, 0, 3):  # any order of indices (one record counter)
-        seq_out, plain = opener.open(memoryview(seal(sealer, seq))[HEADER.size :])
-        assert seq_out == seq
+        where, plain = opener.open(memoryview(seal(sealer, seq))[HEADER.size :])
+        assert isinstance(where, BlockRef)
+        assert where == BlockRef(block=seq, entry=0, offset=seq * BS, length=len(block(seq)))
         assert isinstance(plain, memoryview)
         assert bytes(plain) == block(seq)
 
@@ -268,10 +282,10 @@ def test_dropped_block_is_an_auth_error() -> None:
     [
         {"session_id": bytes(16)},
         {"stream": 3},
-        {"file_id": bytes(16)},
+        {"manifest_id": bytes(16)},
         {"file_size": SIZE + BS},  # another total block count
     ],
-    ids=["session", "stream", "file-id", "total-blocks"],
+    ids=["session", "stream", "manifest-id", "total-blocks"],
 )
 def test_block_moved_to_another_context_is_an_auth_error(changes: dict[str, Any]) -> None:
     # Same stream secret on purpose: the AAD alone must bind the block to its context.
@@ -281,6 +295,72 @@ def test_block_moved_to_another_context_is_an_auth_error(changes: dict[str, Any]
     with pytest.raises(AuthError):
         open_frame(opener, frame)
     assert open_frame(BlockOpener(stream_secret=secret, ctx=make_ctx()), frame) == block(0)
+
+
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [
+        # block 1 is entry 1 at offset 0 / entry 2 at offset 0 (entry 1 has no data)
+        (((0, BS), (0, BS)), ((0, BS), (), (0, BS))),
+        # block 1 is entry 1 at offset 0 / entry 1 at offset BS (a hole before it)
+        (((0, BS), (0, BS)), ((0, BS), (BS, BS))),
+        # block 1 is entry 1 at offset 0 / entry 0 at offset BS (one file of two blocks)
+        (((0, BS), (0, BS)), ((0, 2 * BS), ())),
+    ],
+    ids=["other-entry", "other-offset", "other-entry-and-offset"],
+)
+def test_block_moved_to_another_entry_or_offset_is_an_auth_error(
+    sent: tuple[tuple[int, ...], ...], received: tuple[tuple[int, ...], ...]
+) -> None:
+    # Same secret, session, stream, manifest id, seq, size and total blocks: only the entry or
+    # the file offset in the AAD differ, and that alone must fail.
+    secret = os.urandom(32)
+    sent_ctx, received_ctx = extents_ctx(*sent), extents_ctx(*received)
+    assert sent_ctx.total_blocks == received_ctx.total_blocks == 2
+    at_sender, at_receiver = sent_ctx.space.locate(1), received_ctx.space.locate(1)
+    assert at_sender.length == at_receiver.length == BS
+    assert (at_sender.entry, at_sender.offset) != (at_receiver.entry, at_receiver.offset)
+    data = os.urandom(BS)
+    frame = bytes(BlockSealer(stream_secret=secret, ctx=sent_ctx).seal(1, data))
+    with pytest.raises(AuthError):
+        open_frame(BlockOpener(stream_secret=secret, ctx=received_ctx), frame)
+    assert open_frame(BlockOpener(stream_secret=secret, ctx=sent_ctx), frame) == data
+
+
+@pytest.mark.parametrize(
+    ("entry", "offset"), [(1, 0), (0, 0), (2, 0), (1, BS)], ids=["right", "entry0", "entry2", "off"]
+)
+def test_sealer_binds_the_given_entry_and_offset(entry: int, offset: int) -> None:
+    # seal(..., entry=, offset=) puts what it is told in the AAD; the opener uses where the
+    # block lies in its own space (entry 1, offset 0 here), so any other place fails.
+    secret = os.urandom(32)
+    ctx = extents_ctx((0, BS), (0, BS))
+    data = os.urandom(BS)
+    frame = bytes(
+        BlockSealer(stream_secret=secret, ctx=ctx).seal(1, data, entry=entry, offset=offset)
+    )
+    opener = BlockOpener(stream_secret=secret, ctx=ctx)
+    if (entry, offset) == (1, 0):
+        assert open_frame(opener, frame) == data
+    else:
+        with pytest.raises(AuthError):
+            open_frame(opener, frame)
+
+
+def test_block_of_a_manifest_with_another_id_is_an_auth_error() -> None:
+    # Two transfers of the same shape (same name, size, block space) whose manifests differ only
+    # in the file's identity: a block sealed for one does not open in the other.
+    secret = os.urandom(32)
+    ours = one_file("f.bin", SIZE, block_size=BS, file_id=bytes(16)).manifest
+    theirs = one_file("f.bin", SIZE, block_size=BS, file_id=b"\x01" * 16).manifest
+    assert ours.id != theirs.id and ours.space.total == theirs.space.total == 4
+    ctx_ours = make_ctx(space=ours.space, manifest_id=ours.id)
+    ctx_theirs = make_ctx(space=theirs.space, manifest_id=theirs.id)
+    for seq in range(4):
+        frame = seal(BlockSealer(stream_secret=secret, ctx=ctx_theirs), seq)
+        with pytest.raises(AuthError):
+            open_frame(BlockOpener(stream_secret=secret, ctx=ctx_ours), frame)
+        assert open_frame(BlockOpener(stream_secret=secret, ctx=ctx_theirs), frame) == block(seq)
 
 
 def test_block_from_another_stream_secret_is_an_auth_error() -> None:
@@ -454,7 +534,8 @@ def test_epoch_keys_follow_the_ratchet() -> None:
     epoch2 = ks.ratchet(stream_secret=ks.ratchet(stream_secret=secret))
     keys = ks.derive_stream_keys(stream_secret=epoch2)
     frame = frames[4]  # record 4 = epoch 2, counter 0
-    aad = b"stx1 block" + struct.pack(">16sIIIIQ16s", SID, 2, 2, 4, BS, 10, FID)
+    # entry 0, at offset 4 * BS of the file
+    aad = b"stx3 block" + struct.pack(">16sIIIIQ16sIQ", SID, 2, 2, 4, BS, 10, MID, 0, 4 * BS)
     ct = frame[BLOCK_PREFIX:-4]
     assert AESGCM(keys.data_key).decrypt(keys.data_iv, ct, aad) == block(4, 10 * BS)
 

@@ -4,15 +4,17 @@ what the core answers; effects are answered by the test."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transfers import one_file, tree
 
 from stxpar.blocks import BlockLedger, BlockSpace
-from stxpar.digest import BLOCK_DIGEST_LEN, block_digest, file_digest
+from stxpar.digest import BLOCK_DIGEST_LEN, block_digest
 from stxpar.errors import (
     AuthError,
     ConnectError,
@@ -23,6 +25,7 @@ from stxpar.errors import (
     error_from_code,
 )
 from stxpar.keyschedule import derive_session_keys
+from stxpar.manifest import Entry, Kind, Limits, chunks, encode_chunk
 from stxpar.records import ControlChannel
 from stxpar.recv_session import (
     COMPLETE_TIMEOUT,
@@ -61,12 +64,13 @@ from stxpar.session_base import (
     Succeeded,
     Tick,
 )
+from stxpar.transfer import Transfer
 from stxpar.wire import (
     HEADER,
+    MAX_HANDSHAKE_PAYLOAD,
     End,
     ErrorMsg,
     FrameType,
-    Metadata,
     MetadataAck,
     Receipt,
     parse_header,
@@ -77,27 +81,29 @@ SIZE = 3 * BS + 1000
 TOTAL = 4
 STALL = 60.0
 DIGESTS = [block_digest(bytes([i]) * 64) for i in range(TOTAL)]
-WHOLE = file_digest(block_digests=b"".join(DIGESTS), block_size=BS, size=SIZE)
 
 
-def metadata(**kw: Any) -> Metadata:
+def metadata(**kw: Any) -> Transfer:
     fields: dict[str, Any] = {
-        "name": "f.bin",
-        "size": SIZE,
         "mtime_ns": 1_700_000_000_000_000_000,
         "block_size": BS,
         "file_id": b"F" * 16,
         "streams": 2,
         "rekey_records": 1 << 20,
         "rekey_bytes": 1 << 36,
+        "run_id": b"R" * 16,
     }
     fields.update(kw)
-    return Metadata(**fields)
+    return one_file("f.bin", SIZE, **fields)
 
 
 def ledger(held: list[int] = []) -> BlockLedger:  # noqa: B006  (never mutated)
     space = BlockSpace([SIZE], block_size=BS)
     return BlockLedger.of(space, [(i, DIGESTS[i]) for i in held])
+
+
+#: the whole-transfer digest of the one file f.bin, every block held
+WHOLE = metadata().manifest.tree_digest(ledger(list(range(TOTAL))))
 
 
 def split(frame: bytes) -> tuple[FrameType, bytes]:
@@ -108,9 +114,11 @@ def split(frame: bytes) -> tuple[FrameType, bytes]:
 class Pair:
     """A core and the sender's end of its control channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
         keys = derive_session_keys(master=os.urandom(32))
-        self.core = ReceiverSession(keys, peer="192.0.2.1", stall_timeout=STALL, now=100.0)
+        self.core = ReceiverSession(
+            keys, peer="192.0.2.1", stall_timeout=STALL, now=100.0, limits=limits
+        )
         self.sender = ControlChannel(session=keys, client=True)
         self.now = 100.0
 
@@ -121,9 +129,21 @@ class Pair:
         self.now += dt
         return self.feed(Tick(self.now))
 
-    def metadata(self, md: Metadata | None = None) -> list[Output]:
-        body = (md or metadata()).encode()
-        return self.feed(FrameIn(*split(self.sender.seal(FrameType.METADATA, body))))
+    def frame(self, ftype: FrameType, body: bytes) -> FrameIn:
+        return FrameIn(*split(self.sender.seal(ftype, body)))
+
+    def header(self, md: Transfer | None = None) -> list[Output]:
+        """METADATA alone (the transfer's header)."""
+        return self.feed(self.frame(FrameType.METADATA, (md or metadata()).header.encode()))
+
+    def metadata(self, md: Transfer | None = None) -> list[Output]:
+        """METADATA, then every MANIFEST chunk: what the last frame answered."""
+        md = md or metadata()
+        assert self.header(md) == [] and self.core.state is State.WAIT_MANIFEST
+        parts = chunks(md.manifest.entries)
+        for part in parts[:-1]:
+            assert self.feed(self.frame(FrameType.MANIFEST, part)) == []
+        return self.feed(self.frame(FrameType.MANIFEST, parts[-1]))
 
     def end(self, digest: bytes = WHOLE, total: int = TOTAL) -> list[Output]:
         body = End(total_blocks=total, digest=digest).encode()
@@ -179,6 +199,9 @@ def test_fresh_transfer_to_receipt() -> None:
         "bytes": SIZE,
         "streams": 2,
         "resumed_blocks": 0,
+        "files": 1,
+        "dirs": 0,
+        "symlinks": 0,
     }
     assert p.ack.held(TOTAL) == []
     assert p.land([0, 2]) == []
@@ -256,6 +279,111 @@ def test_superseded_while_finishing_is_quiet_too() -> None:
     assert "superseded" in events(out) and "failed" not in events(out)
 
 
+# ---------------------------------------------------------------- the manifest
+
+
+TREE = [
+    Entry(Kind.DIR, "D", 0, 0o755, 1),
+    Entry(Kind.FILE, "D/a", 5, 0o644, 1, extents=(0, 5), file_id=b"a" * 16),
+    Entry(Kind.FILE, "D/empty", 0, 0o644, 1, file_id=b"e" * 16),
+    Entry(Kind.SYMLINK, "D/l", 0, 0o777, 1, link="a"),
+]
+
+
+def test_metadata_then_manifest_chunks_then_admit() -> None:
+    t = tree(TREE, block_size=BS)
+    parts = [encode_chunk(i, [e]) for i, e in enumerate(TREE)]
+    many = Transfer(dataclasses.replace(t.header, chunks=len(parts)), t.manifest)
+    p = Pair()
+    assert p.core.state is State.WAIT_METADATA and p.core.reads_frames
+    assert p.header(many) == []
+    assert p.core.state is State.WAIT_MANIFEST and p.core.reads_frames
+    assert p.core.deadline() == pytest.approx(100.0 + STALL)
+    for part in parts[:-1]:
+        assert p.feed(p.frame(FrameType.MANIFEST, part)) == []
+        assert p.core.state is State.WAIT_MANIFEST and not p.core.admitted
+    (admit,) = p.feed(p.frame(FrameType.MANIFEST, parts[-1]))
+    assert isinstance(admit, Admit) and p.core.state is State.ADMITTING
+    assert admit.md.header == many.header
+    assert admit.md.manifest.entries == tuple(TREE) and admit.md.manifest.id == t.manifest.id
+    out = p.feed(Admitted("D", BlockLedger(admit.md.manifest.space)))
+    ev = events(out)["accepted"]
+    assert (ev["file"], ev["bytes"], ev["files"], ev["dirs"], ev["symlinks"]) == ("D", 5, 2, 1, 1)
+
+
+def test_frame_caps_while_the_manifest_arrives() -> None:
+    p = Pair()
+    assert p.core.frame_cap(FrameType.METADATA) == MAX_HANDSHAKE_PAYLOAD
+    assert p.core.frame_cap(FrameType.MANIFEST) == -1
+    p.header()
+    assert p.core.frame_cap(FrameType.MANIFEST) > 1 << 20  # a whole chunk and its tag
+    assert p.core.frame_cap(FrameType.ERROR) == MAX_HANDSHAKE_PAYLOAD
+    assert p.core.frame_cap(FrameType.METADATA) == -1
+    assert p.core.frame_cap(FrameType.BLOCK) == -1
+
+
+def test_hostile_manifest_is_refused_before_admission() -> None:
+    p = Pair()
+    bad = tree(
+        [Entry(Kind.DIR, "D", 0, 0o755, 1), dataclasses.replace(BAD_ENTRY, path="D/../x")],
+        block_size=BS,
+    )
+    p.header(bad)
+    out = p.feed(p.frame(FrameType.MANIFEST, chunks(bad.manifest.entries)[0]))
+    err = sent_error(p, out)
+    assert isinstance(err, ProtocolError) and "bad manifest" in str(err)
+    assert isinstance(failed(out), ProtocolError)
+    assert not any(isinstance(o, Admit | EndFiles | CheckPartial) for o in out)
+    assert p.core.terminal and not p.core.admitted
+
+
+def test_manifest_over_the_limits_is_rejected() -> None:
+    p = Pair(Limits(max_files=3))
+    out = p.header(tree(TREE, block_size=BS))  # 4 entries: refused at METADATA already
+    assert isinstance(sent_error(p, out), RejectedError) and "--max-files" in str(failed(out))
+    assert p.core.terminal and not p.core.admitted
+    p = Pair(Limits(max_bytes=SIZE - 1))
+    p.header()
+    out = p.feed(p.frame(FrameType.MANIFEST, chunks(metadata().manifest.entries)[0]))
+    assert isinstance(sent_error(p, out), RejectedError) and "--max-bytes" in str(failed(out))
+    assert not any(isinstance(o, Admit) for o in out)
+
+
+def test_manifest_frames_out_of_place() -> None:
+    p = Pair()
+    p.header()
+    out = p.feed(p.frame(FrameType.END, b""))
+    assert str(failed(out)) == "expected MANIFEST, got END"
+    p = Pair()
+    p.header()
+    out = p.feed(p.frame(FrameType.ERROR, ErrorMsg(6, "no").encode()))
+    assert str(sent_error(p, out)) == "sender aborted the transfer"
+    p = Pair()
+    p.header()
+    out = p.feed(FrameIn(FrameType.MANIFEST, b"x" * 40))  # not sealed by the sender
+    assert isinstance(failed(out), AuthError)
+    p = Pair()
+    out = p.feed(p.frame(FrameType.MANIFEST, chunks(metadata().manifest.entries)[0]))
+    assert str(failed(out)) == "expected METADATA, got MANIFEST"
+    p = Pair()
+    p.header()
+    out = p.feed(p.frame(FrameType.MANIFEST, encode_chunk(1, metadata().manifest.entries)))
+    assert isinstance(failed(out), ProtocolError) and "chunk 1" in str(failed(out))
+
+
+def test_manifest_stall_and_lost_connection() -> None:
+    p = Pair()
+    p.header()
+    assert p.tick(STALL - 1) == []
+    out = p.tick(2)
+    assert isinstance(failed(out), ConnectError) and "manifest stalled" in str(failed(out))
+    assert p.core.terminal and not any(isinstance(o, CheckPartial) for o in out)
+    p = Pair()
+    p.header()
+    out = p.feed(ConnectionLost(ConnectError("connection reset")))
+    assert str(failed(out)) == "connection reset" and p.core.state is State.FAILED
+
+
 # ---------------------------------------------------------------- failure paths
 
 
@@ -288,7 +416,7 @@ def test_digest_mismatch_discards() -> None:
     assert isinstance(sent_error(p, out), IntegrityError)
     out = p.feed(PartialChecked(gone=False))
     assert EndFiles("discard") in out and events(out)["failed"]["partial"] == "discarded"
-    assert str(failed(out)) == "whole-file digest mismatch for f.bin"
+    assert str(failed(out)) == "whole-transfer digest mismatch for f.bin"
 
 
 def test_partial_gone() -> None:
@@ -421,6 +549,9 @@ def _drive_to(state: State) -> Pair:
     p = Pair()
     if state is State.WAIT_METADATA:
         return p
+    if state is State.WAIT_MANIFEST:
+        p.header()
+        return p
     p.metadata()
     if state is State.ADMITTING:
         return p
@@ -442,7 +573,10 @@ def _drive_to(state: State) -> Pair:
     return p
 
 
-def _sample(kind: type[Input], data: st.DataObject) -> Input:
+BAD_ENTRY = Entry(Kind.FILE, "../f.bin", 10, 0o644, 1, extents=(0, 10), file_id=b"F" * 16)
+
+
+def _sample(kind: type[Input], data: st.DataObject, p: Pair) -> Input:
     error = data.draw(
         st.sampled_from([AuthError("a"), ConnectError("c"), RejectedError("r"), ProtocolError("p")])
     )
@@ -450,8 +584,19 @@ def _sample(kind: type[Input], data: st.DataObject) -> Input:
         st.lists(st.tuples(st.integers(-2, TOTAL + 2), st.binary(max_size=20)), max_size=4)
     )
     make: dict[type[Input], Any] = {
-        FrameIn: lambda: FrameIn(
-            data.draw(st.sampled_from(list(FrameType))), data.draw(st.binary(max_size=64))
+        FrameIn: lambda: data.draw(
+            st.one_of(
+                st.builds(FrameIn, st.sampled_from(list(FrameType)), st.binary(max_size=64)),
+                # sealed by the sender: its MANIFEST chunk, its METADATA, anything else
+                st.sampled_from(
+                    [
+                        p.frame(FrameType.MANIFEST, chunks(metadata().manifest.entries)[0]),
+                        p.frame(FrameType.METADATA, metadata().header.encode()),
+                        p.frame(FrameType.MANIFEST, encode_chunk(0, [BAD_ENTRY])),
+                    ]
+                ),
+                st.builds(p.frame, st.sampled_from(list(FrameType)), st.binary(max_size=64)),
+            )
         ),
         Tick: lambda: Tick(data.draw(st.floats(0, 1e6, allow_nan=False))),
         ConnectionLost: lambda: ConnectionLost(error),
@@ -479,7 +624,7 @@ def _sample(kind: type[Input], data: st.DataObject) -> Input:
 def test_every_state_and_input(state: State, kind: type[Input], data: st.DataObject) -> None:
     """Never an exception; anything not in the table fails the session with ProtocolError."""
     p = _drive_to(state)
-    event = _sample(kind, data)
+    event = _sample(kind, data, p)
     out = p.feed(event)
     if p.core.terminal and state in ReceiverSession.TERMINAL:
         assert out == []

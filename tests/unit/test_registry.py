@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transfers import one_file
 
 from stxpar.blocks import BlockLedger, BlockSpace
 from stxpar.errors import AuthError, RejectedError
@@ -16,7 +17,7 @@ from stxpar.keyschedule import SessionKeys, derive_join_key, derive_session_keys
 from stxpar.messages import Landed
 from stxpar.registry import RECENT_KEEP, RECENT_MAX_BLOCKS, SessionRegistry
 from stxpar.state import Identity
-from stxpar.wire import Join, Metadata
+from stxpar.wire import Join
 
 FINAL = Path("/dest/f.bin")
 
@@ -30,14 +31,30 @@ class FakeOpened:
 
 
 class FakeLink:
-    def __init__(self, file_id: bytes = b"F" * 16, streams: int = 1) -> None:
+    def __init__(self, file_id: bytes = b"F" * 16, streams: int = 1, tree: bool = False) -> None:
         self.keys: SessionKeys = derive_session_keys(master=os.urandom(32))
         self.lock = threading.Lock()
         self.streams: set[int] = set()
-        self.md = Metadata("f.bin", 10, 1, 65536, file_id, streams, 1 << 20, 1 << 30)
+        self.md = one_file(
+            "f.bin",
+            10,
+            block_size=65536,
+            file_id=file_id,
+            mtime_ns=1,
+            streams=streams,
+            rekey_records=1 << 20,
+            rekey_bytes=1 << 30,
+        )
         self.opened: Any = FakeOpened()
+        self.tree = tree
         self.got: list[Any] = []
         self.superseded = False
+
+    def data_target(self) -> tuple[str, bool, str, tuple[int, int] | None]:
+        """As control's link: a tree's staging directory, or the one file's partial."""
+        if self.tree:
+            return "/dest/.D.stxtree", True, "/priv/layout-1", (3, 4)
+        return os.fspath(self.opened.names.part), False, "/priv/layout-0", self.opened.inode()
 
     def deliver(self, report: Any) -> None:
         self.got.append(report)
@@ -81,6 +98,7 @@ def test_joins_are_checked_and_counted() -> None:
     reg.activate(FINAL, link)
     target = reg.accept_stream(join_for(link, 0))
     assert target.path == "/dest/.f.bin.stxpart" and target.inode == (1, 2)
+    assert not target.tree and target.layout == "/priv/layout-0" and target.md is link.md
     assert target.secret == link.keys.stream_secret(0)
     with pytest.raises(AuthError, match="repeated or too many"):
         reg.accept_stream(join_for(link, 0))
@@ -94,6 +112,20 @@ def test_joins_are_checked_and_counted() -> None:
     unknown = FakeLink()
     with pytest.raises(AuthError, match="unknown session"):
         reg.accept_stream(join_for(unknown, 0))
+
+
+def test_a_trees_streams_land_in_its_staging_directory() -> None:
+    reg = SessionRegistry()
+    link = FakeLink(tree=True)
+    reg.reserve(FINAL, link.md.file_id, "D")
+    reg.activate(FINAL, link)
+    target = reg.accept_stream(join_for(link, 0))
+    assert (target.path, target.tree, target.layout, target.inode) == (
+        "/dest/.D.stxtree",
+        True,
+        "/priv/layout-1",
+        (3, 4),
+    )
 
 
 def test_reports_go_to_their_session_only() -> None:
@@ -120,3 +152,13 @@ def test_completions_are_remembered_within_bounds() -> None:
     huge = BlockLedger(BlockSpace([(RECENT_MAX_BLOCKS + 1) * 16], block_size=16))
     reg.remember(FINAL, ident, huge)
     assert reg.remembered(FINAL, ident) is None
+
+
+def test_a_tree_completion_is_remembered_by_its_manifest_id() -> None:
+    reg = SessionRegistry()
+    md = FakeLink().md
+    ledger = BlockLedger(md.manifest.space)
+    reg.remember(FINAL, md.manifest.id, ledger)
+    assert reg.remembered(FINAL, md.manifest.id) is ledger
+    assert reg.remembered(FINAL, b"\0" * 16) is None
+    assert reg.remembered(FINAL, Identity("f.bin", 10, 1, 65536, md.manifest.id)) is None

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from stxpar import sources
 from stxpar.config import SendOptions
+from stxpar.digest import block_digest
 from stxpar.errors import ConnectError
+from stxpar.manifest import Entry, Kind, chunks
+from stxpar.messages import FileRef
 from stxpar.netio import Backoff
 from stxpar.send_run import Retry, Run
 from stxpar.send_session import DeadlineReached
-from stxpar.source import SourceFile
 
 OPTS = SendOptions(max_retries=2, backoff=Backoff(initial=1.0, factor=2.0, cap=30.0))
 
@@ -40,17 +41,49 @@ def test_deadline() -> None:
         r.after(ConnectError("x"), now=9.0, progressed=False)  # the wait would pass it
 
 
-def test_resumed_only_on_the_first_ack(tmp_path: Path) -> None:
-    p = tmp_path / "f"
-    p.write_bytes(b"x" * 10_000)
-    src = SourceFile.open(p)
-    try:
-        run = Run.new(src, 4096)
-        assert run.total == 3 and run.complete == 0
-        assert run.resumed(2, 8192) is True
-        assert (run.blocks_resumed, run.bytes_resumed) == (2, 8192)
-        assert run.resumed(3, 10_000) is False and run.blocks_resumed == 2
-        run2 = Run.new(src, 4096)
-        assert run2.resumed(0, 0) is False and run2.blocks_resumed == 0
-    finally:
-        src.close()
+def _file(path: str, size: int, *, extents: tuple[int, ...] | None = None) -> Entry:
+    if extents is None:
+        extents = (0, size) if size else ()
+    return Entry(Kind.FILE, path, size, 0o644, 1, extents=extents, file_id=path.encode()[:1] * 16)
+
+
+def _ref(path: str, size: int) -> FileRef:
+    return FileRef(f"/src/{path}", 1, hash(path) & 0xFFFF, size, 1, 1)
+
+
+def test_resumed_only_on_the_first_ack() -> None:
+    src = sources.Sources([_file("f", 10_000)], [_ref("f", 10_000)])
+    run = Run.new(src, 4096)
+    assert run.total == 3 and run.complete == 0
+    assert run.resumed(2, 8192) is True
+    assert (run.blocks_resumed, run.bytes_resumed) == (2, 8192)
+    assert run.resumed(3, 10_000) is False and run.blocks_resumed == 2
+    run2 = Run.new(src, 4096)
+    assert run2.resumed(0, 0) is False and run2.blocks_resumed == 0
+    assert run.run_id != run2.run_id
+
+
+def test_a_tree_run() -> None:
+    entries = [
+        Entry(Kind.DIR, "D", 0, 0o755, 1),
+        _file("D/a", 5000),
+        _file("D/empty", 0),
+        _file("D/holes", 1 << 20, extents=()),  # only a hole: no data
+        _file("D/sparse", 1 << 20, extents=(0, 100, 8192, 4096)),
+        Entry(Kind.SYMLINK, "D/l", 0, 0o777, 1, link="a"),
+    ]
+    refs = [None, _ref("a", 5000), _ref("e", 0), _ref("h", 1 << 20), _ref("s", 1 << 20), None]
+    run = Run.new(sources.Sources(entries, refs), 4096)
+    assert run.manifest.entries == tuple(entries) and run.manifest.block_size == 4096
+    assert run.size == 5000 + 100 + 4096  # holes are not data
+    assert run.total == 2 + 1 + 1 and run.empty_files == 2
+    assert run.chunks == chunks(entries) and run.chunks is run.chunks  # encoded once
+    assert run.files_done() == 2  # the files without data are done from the start
+    space = run.manifest.space
+    for b in space.entry_blocks(1):
+        run.ledger.record(b, block_digest(bytes([b])))
+    assert run.files_done() == 3
+    for b in range(run.total):
+        run.ledger.record(b, block_digest(bytes([b])))
+    assert run.files_done() == 4
+    assert run.whole_digest() == run.manifest.tree_digest(run.ledger)

@@ -3,11 +3,13 @@ keys; no sockets, no processes. Every (state, input) pair is swept with hypothes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transfers import one_file, tree
 
 from stxpar import keyschedule as ks
 from stxpar.blocks import BlockLedger, BlockSpace
@@ -21,6 +23,7 @@ from stxpar.errors import (
     SourceChangedError,
     StxError,
 )
+from stxpar.manifest import Entry, Header, Kind, decode_chunk, encode_chunk
 from stxpar.records import ControlChannel
 from stxpar.send_session import (
     CheckSource,
@@ -45,12 +48,12 @@ from stxpar.session_base import (
     Succeeded,
     Tick,
 )
+from stxpar.transfer import Transfer
 from stxpar.wire import (
     HEADER,
     End,
     ErrorMsg,
     FrameType,
-    Metadata,
     MetadataAck,
     Receipt,
     bitmap,
@@ -89,24 +92,29 @@ def _digest(b: int) -> bytes:
 
 
 def _make(
-    *, deadline: float | None = None, ledger: BlockLedger | None = None
+    *,
+    deadline: float | None = None,
+    ledger: BlockLedger | None = None,
+    transfer: Transfer | None = None,
+    manifest_chunks: list[bytes] | None = None,
 ) -> tuple[SenderSession, Peer]:
     keys = ks.derive_session_keys(master=os.urandom(32))
-    md = Metadata(
-        name="f",
-        size=SIZE,
-        mtime_ns=1,
+    md = transfer or one_file(
+        "f",
+        SIZE,
         block_size=BS,
         file_id=bytes(16),
+        mtime_ns=1,
         streams=2,
         rekey_records=1 << 20,
         rekey_bytes=1 << 30,
         run_id=bytes(16),
     )
-    ledger = ledger or BlockLedger(BlockSpace([SIZE], block_size=BS))
+    ledger = ledger or BlockLedger(md.manifest.space)
     s = SenderSession(
         channel=ControlChannel(session=keys, client=True),
         metadata=md,
+        manifest_chunks=manifest_chunks,
         ledger=ledger,
         stall_timeout=60.0,
         deadline=deadline,
@@ -124,9 +132,22 @@ def _ack(peer: Peer, held: list[int]) -> FrameIn:
     return peer.frame(FrameType.METADATA_ACK, body)
 
 
+def _start(s: SenderSession, peer: Peer) -> tuple[Header, list[tuple[int, tuple[Entry, ...]]]]:
+    """Start ``s``: METADATA (the header), then one MANIFEST frame per chunk, nothing else."""
+    out = s.start(0.0)
+    header = Header.decode(peer.read(out[0], FrameType.METADATA))
+    assert len(out) == 1 + header.chunks
+    parts = [decode_chunk(peer.read(o, FrameType.MANIFEST)) for o in out[1:]]
+    assert [i for i, _ in parts] == list(range(header.chunks))
+    assert sum(len(e) for _, e in parts) == header.entries
+    return header, parts
+
+
 def _until_end(s: SenderSession, peer: Peer, held: list[int]) -> None:
-    md = Metadata.decode(peer.read(s.start(0.0)[0], FrameType.METADATA))
-    assert md.size == SIZE
+    header, parts = _start(s, peer)
+    assert header.block_size == BS and header.streams == 2 and header.run_id == bytes(16)
+    assert parts == [(0, s.metadata.manifest.entries)]
+    assert s.metadata.size == SIZE
     out = s.handle(_ack(peer, held))
     missing = [b for b in range(TOTAL) if b not in held]
     if missing:
@@ -147,7 +168,7 @@ def _finish(
 ) -> list[Output]:
     out = s.handle(SourceChecked())
     end = End.decode(peer.read(out[0], FrameType.END))
-    assert end.total_blocks == TOTAL and end.digest == s.ledger.whole_digest(size=SIZE)
+    assert end.total_blocks == TOTAL and end.digest == s.metadata.manifest.tree_digest(s.ledger)
     assert s.state is State.WAIT_RECEIPT
     receipt = Receipt(digest=end.digest if digest is None else digest, size=size)
     return s.handle(peer.frame(FrameType.RECEIPT, receipt.encode()))
@@ -161,8 +182,31 @@ def test_whole_session() -> None:
     assert s.handle(Tick(1e9)) == []  # over: no more outputs
 
 
+def test_start_sends_metadata_then_every_manifest_chunk() -> None:
+    entries = [Entry(Kind.DIR, "D", 0, 0o755, 1)] + [
+        Entry(Kind.FILE, f"D/{i}", 10, 0o644, 1, extents=(0, 10), file_id=bytes([i]) * 16)
+        for i in range(3)
+    ]
+    transfer = tree(entries, block_size=BS)
+    parts = [
+        encode_chunk(0, entries[:2]),
+        encode_chunk(1, entries[2:3]),
+        encode_chunk(2, entries[3:]),
+    ]
+    many = Transfer(dataclasses.replace(transfer.header, chunks=3), transfer.manifest)
+    s, peer = _make(transfer=many, manifest_chunks=parts)
+    header, got = _start(s, peer)
+    assert header == many.header and header.entries == 4
+    assert got == [(0, tuple(entries[:2])), (1, tuple(entries[2:3])), (2, tuple(entries[3:]))]
+    assert s.state is State.WAIT_ACK
+    # without encoded chunks given, the core encodes the manifest itself
+    s, peer = _make(transfer=transfer)
+    header, got = _start(s, peer)
+    assert header == transfer.header and got == [(0, tuple(entries))]
+
+
 def test_resume_with_held_blocks_takes_the_receivers_digests() -> None:
-    ledger = BlockLedger(BlockSpace([SIZE], block_size=BS))
+    ledger = BlockLedger(BlockSpace([SIZE], block_size=BS))  # one file's space, as the manifest's
     ledger.record(9, bytes(16))  # acknowledged in an earlier session, lost by the receiver since
     s, peer = _make(ledger=ledger)
     _until_end(s, peer, [0, 3, 4])
@@ -172,7 +216,7 @@ def test_resume_with_held_blocks_takes_the_receivers_digests() -> None:
 
 def test_nothing_needed_goes_straight_to_end() -> None:
     s, peer = _make()
-    peer.read(s.start(0.0)[0], FrameType.METADATA)
+    _start(s, peer)
     out = s.handle(_ack(peer, list(range(TOTAL))))
     assert out == [Reconciled(TOTAL, SIZE), CheckSource()]
     assert _finish(s, peer) == [Succeeded()]
@@ -303,7 +347,7 @@ def _to(s: SenderSession, peer: Peer, state: State) -> None:
     if state is State.FAILED:
         s.handle(DataComplete())
         return
-    peer.read(s.start(0.0)[0], FrameType.METADATA)
+    _start(s, peer)
     if state is State.WAIT_ACK:
         return
     s.handle(_ack(peer, [] if state is State.DATA else list(range(TOTAL))))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
+from transfers import one_file, tree
 
 from stxpar import recv_session as rs
 from stxpar import send_session as ss
@@ -31,6 +32,7 @@ from stxpar.errors import (
 )
 from stxpar.handshake import ClientHandshake, ServerHandshake, keyring_for
 from stxpar.keyschedule import SessionKeys
+from stxpar.manifest import Entry, Kind, Limits, encode_chunk
 from stxpar.records import ControlChannel
 from stxpar.session_base import (
     ConnectionLost,
@@ -42,7 +44,8 @@ from stxpar.session_base import (
     Succeeded,
     Tick,
 )
-from stxpar.wire import FrameType, Metadata
+from stxpar.transfer import Transfer
+from stxpar.wire import FrameType
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,13 +73,13 @@ def _keys() -> tuple[SessionKeys, SessionKeys]:
     return client.session, server.session
 
 
-def _metadata(run_id: bytes) -> Metadata:
-    return Metadata(
-        name="data.bin",
-        size=len(DATA),
-        mtime_ns=1,
+def _metadata(run_id: bytes) -> Transfer:
+    return one_file(
+        "data.bin",
+        len(DATA),
         block_size=BS,
         file_id=b"f" * 16,
+        mtime_ns=1,
         streams=4,
         rekey_records=1 << 20,
         rekey_bytes=1 << 30,
@@ -96,13 +99,17 @@ class Disk:
     refuse: StxError | None = None
     append_error: StxError | None = None
     ended: list[str] = field(default_factory=list)
+    admitted: list[Transfer] = field(default_factory=list)
+    #: the digest of block b of what is sent (the one file DATA unless a test says otherwise)
+    digest: Callable[[int], bytes] = _digest
 
-    def admit(self, md: Metadata) -> Input:
+    def admit(self, md: Transfer) -> Input:
         if self.refuse is not None:
             return rs.Refused(self.refuse)
-        space = BlockSpace([md.size], block_size=md.block_size)
+        self.admitted.append(md)
+        space = md.manifest.space
         if self.remembered and self.final and not self.partial:
-            ledger = BlockLedger.of(space, ((b, _digest(b)) for b in range(space.total)))
+            ledger = BlockLedger.of(space, ((b, self.digest(b)) for b in range(space.total)))
             return rs.Admitted(name=md.name, ledger=ledger, complete=True)
         if not self.partial:
             self.log.clear()
@@ -114,17 +121,29 @@ class Pair:
     """One session: the sender's core and the receiver's core, frames carried between them
     (``drop`` loses frames of a type on the way), effects carried out in memory."""
 
-    def __init__(self, disk: Disk, sender_ledger: BlockLedger, *, run_id: bytes = b"r" * 16):
+    def __init__(
+        self,
+        disk: Disk,
+        sender_ledger: BlockLedger,
+        *,
+        run_id: bytes = b"r" * 16,
+        transfer: Transfer | None = None,
+        manifest_chunks: list[bytes] | None = None,
+        limits: Limits | None = None,
+    ):
         ck, sk = _keys()
         self.now = 100.0
         self.disk = disk
         self.sender = ss.SenderSession(
             channel=ControlChannel(session=ck, client=True),
-            metadata=_metadata(run_id),
+            metadata=transfer if transfer is not None else _metadata(run_id),
+            manifest_chunks=manifest_chunks,
             ledger=sender_ledger,
             stall_timeout=60.0,
         )
-        self.receiver = rs.ReceiverSession(sk, peer="127.0.0.1", stall_timeout=60.0, now=self.now)
+        self.receiver = rs.ReceiverSession(
+            sk, peer="127.0.0.1", stall_timeout=60.0, now=self.now, limits=limits
+        )
         self.drop: set[FrameType] = set()
         self.lost: list[FrameType] = []
         self.to_receiver: list[Input] = []
@@ -133,8 +152,8 @@ class Pair:
         self.receiver_out: list[Output] = []
         self.needed: tuple[int, ...] | None = None
         #: what the receiver's workers report as landed: block -> digest (None: never reports)
-        self.lands: Callable[[int], bytes | None] = _digest
-        self.sender_digest: Callable[[int], bytes] = _digest
+        self.lands: Callable[[int], bytes | None] = disk.digest
+        self.sender_digest: Callable[[int], bytes] = disk.digest
 
     # -- carrying frames and effects
     def _carry(self, frames: list[Output], to: list[Input]) -> None:
@@ -267,8 +286,108 @@ def test_whole_transfer() -> None:
     assert disk.final and not disk.partial
     assert [e["file"] for e in pair.events("accepted")] == ["data.bin"]
     done = [o for o in pair.receiver_out if isinstance(o, rs.Completed)]
-    assert [d.digest for d in done] == [pair.sender.ledger.whole_digest(size=len(DATA))]
+    assert [d.digest for d in done] == [
+        pair.sender.metadata.manifest.tree_digest(pair.sender.ledger)
+    ]
     assert pair.sender.state is ss.State.DONE and pair.receiver.state is rs.State.DONE
+
+
+def _tree_transfer() -> tuple[Transfer, Callable[[int], bytes]]:
+    """A small tree (a directory, two files, a symlink, an empty file) and the digest of each
+    of its blocks."""
+    a, b = os.urandom(BS * 2 + 10), os.urandom(BS)
+    entries = [
+        Entry(Kind.DIR, "D", 0, 0o755, 1),
+        Entry(Kind.FILE, "D/a.bin", len(a), 0o644, 1, extents=(0, len(a)), file_id=b"a" * 16),
+        Entry(Kind.FILE, "D/b.bin", len(b), 0o600, 1, extents=(0, len(b)), file_id=b"b" * 16),
+        Entry(Kind.FILE, "D/empty", 0, 0o644, 1, file_id=b"e" * 16),
+        Entry(Kind.SYMLINK, "D/link", 0, 0o777, 1, link="a.bin"),
+    ]
+    transfer = tree(entries, block_size=BS, streams=2, run_id=b"t" * 16)
+    data = {1: a, 2: b}
+    space = transfer.manifest.space
+
+    def digest(block: int) -> bytes:
+        ref = space.locate(block)
+        return block_digest(data[ref.entry][ref.offset : ref.offset + ref.length])
+
+    return transfer, digest
+
+
+def test_whole_transfer_of_a_tree() -> None:
+    transfer, digest = _tree_transfer()
+    disk = Disk(digest=digest)
+    pair = Pair(disk, BlockLedger(transfer.manifest.space), transfer=transfer)
+    pair.run()
+    assert isinstance(pair.sender_end, Succeeded)
+    assert isinstance(pair.receiver_end, Succeeded)
+    # METADATA, then the manifest's one chunk, before anything else
+    sent = [FrameType(o.data[0]) for o in pair.sender_out if isinstance(o, SendFrame)]
+    assert sent[:2] == [FrameType.METADATA, FrameType.MANIFEST]
+    (admitted,) = disk.admitted
+    assert admitted.manifest.entries == transfer.manifest.entries
+    assert admitted.manifest.id == transfer.manifest.id
+    assert (admitted.manifest.files, admitted.manifest.dirs, admitted.manifest.symlinks) == (
+        3,
+        1,
+        1,
+    )
+    assert pair.needed == tuple(range(transfer.manifest.space.total)) == (0, 1, 2, 3)
+    (accepted,) = pair.events("accepted")
+    assert (accepted["files"], accepted["dirs"], accepted["symlinks"]) == (3, 1, 1)
+    assert accepted["bytes"] == BS * 3 + 10
+    done = [o for o in pair.receiver_out if isinstance(o, rs.Completed)]
+    assert [d.digest for d in done] == [transfer.manifest.tree_digest(pair.sender.ledger)]
+    assert disk.final and pair.receiver.state is rs.State.DONE
+
+
+def test_manifest_in_many_chunks() -> None:
+    """Every chunk is awaited (WAIT_MANIFEST) before admission."""
+    transfer, digest = _tree_transfer()
+    entries = transfer.manifest.entries
+    parts = [encode_chunk(i, [e]) for i, e in enumerate(entries)]
+    many = Transfer(replace(transfer.header, chunks=len(parts)), transfer.manifest)
+    disk = Disk(digest=digest)
+    pair = Pair(disk, BlockLedger(many.manifest.space), transfer=many, manifest_chunks=parts)
+    pair.run()
+    assert isinstance(pair.receiver_end, Succeeded) and isinstance(pair.sender_end, Succeeded)
+    sent = [FrameType(o.data[0]) for o in pair.sender_out if isinstance(o, SendFrame)]
+    assert sent[: 1 + len(parts)] == [FrameType.METADATA] + [FrameType.MANIFEST] * len(parts)
+    assert len(disk.admitted) == 1
+
+
+def test_hostile_manifest_is_refused_before_admission() -> None:
+    """A sender that seals a path with ".." in it: ProtocolError, nothing admitted."""
+    hostile = [
+        Entry(Kind.DIR, "D", 0, 0o755, 1),
+        Entry(Kind.FILE, "D/../escape", 5, 0o644, 1, extents=(0, 5), file_id=b"x" * 16),
+    ]
+    transfer = tree(hostile, block_size=BS, run_id=b"h" * 16)
+    disk = Disk()
+    pair = Pair(disk, BlockLedger(transfer.manifest.space), transfer=transfer)
+    pair.run()
+    err = _failed_with(pair.receiver_end, ProtocolError)
+    assert "bad manifest" in str(err) and ".." in str(err)
+    assert disk.admitted == [] and disk.ended == []
+    assert not any(isinstance(o, rs.Admit) for o in pair.receiver_out)
+    _failed_with(pair.sender_end, ProtocolError)  # its sealed ERROR reached the sender
+
+
+def test_manifest_over_max_files_is_rejected_before_admission() -> None:
+    transfer, _ = _tree_transfer()  # 5 entries
+    disk = Disk()
+    pair = Pair(
+        disk,
+        BlockLedger(transfer.manifest.space),
+        transfer=transfer,
+        limits=Limits(max_files=4),
+    )
+    pair.run()
+    err = _failed_with(pair.receiver_end, RejectedError)
+    assert "--max-files" in str(err)
+    assert disk.admitted == [] and disk.ended == []
+    assert not any(isinstance(o, rs.Admit) for o in pair.receiver_out)
+    _failed_with(pair.sender_end, RejectedError)
 
 
 def test_resume_sends_only_what_the_receiver_lacks() -> None:
@@ -449,7 +568,7 @@ def test_sender_error_frame_and_unexpected_frames() -> None:
     pair.lands = lambda b: None
     pair.run()
     # A frame the receiver does not expect in the data phase (a second METADATA).
-    again = pair.sender.channel.seal(FrameType.METADATA, pair.sender.metadata.encode())
+    again = pair.sender.channel.seal(FrameType.METADATA, pair.sender.metadata.header.encode())
     pair._on_receiver(pair.receiver.handle(FrameIn(FrameType.METADATA, again[5:])))
     pair.pump()
     _failed_with(pair.receiver_end, ProtocolError)

@@ -1,4 +1,10 @@
-"""Framing and message codecs: round trips, recorded frames, FrameBuffer, malformed input."""
+"""Framing and message codecs: round trips, recorded frames, FrameBuffer, malformed input.
+
+METADATA's body is ``stxpar.manifest.Header`` since stx3 (it replaced ``wire.Metadata``): it runs
+through the same codec checks as every wire message here; its own field rules (entries against
+chunks, the bounds) and the MANIFEST chunk codec are tested in test_manifest.py and
+test_manifest_fuzz.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from hypothesis import strategies as st
 
 from stxpar import wire
 from stxpar.errors import ProtocolError
+from stxpar.manifest import Entry, Header, Kind, decode_chunk, encode_chunk
 from stxpar.wire import (
     Ack,
     ClientHello,
@@ -25,7 +32,6 @@ from stxpar.wire import (
     Join,
     KeyShare,
     MacOnly,
-    Metadata,
     MetadataAck,
     Receipt,
     ServerHello,
@@ -45,7 +51,7 @@ CODECS: list[type[Any]] = [
     MacOnly,
     KeyShare,
     ErrorMsg,
-    Metadata,
+    Header,
     MetadataAck,
     End,
     Receipt,
@@ -66,12 +72,10 @@ SAMPLES: dict[type[Any], Any] = {
     MacOnly: MacOnly(mac=_b(32)),
     KeyShare: KeyShare(public=_b(32), mac=_b(32, 2)),
     ErrorMsg: ErrorMsg(code=3, message="authentication failed"),
-    Metadata: Metadata(
-        name="a.bin",
-        size=12345,
-        mtime_ns=-5,
+    Header: Header(
+        entries=5,
+        chunks=2,
         block_size=4096,
-        file_id=_b(16),
         streams=4,
         rekey_records=100,
         rekey_bytes=1 << 20,
@@ -94,7 +98,6 @@ def _fields(msg: Any) -> list[Any]:
 
 # ---------------------------------------------------------------- round trips
 
-names = st.text(max_size=200).filter(lambda s: len(s.encode()) <= wire.MAX_NAME_BYTES)
 block_ints = st.integers(0, wire.MAX_BLOCKS)
 #: ERROR texts that survive encoding unchanged (at most ERROR_TEXT_BYTES of UTF-8).
 error_texts = st.text(max_size=300).filter(
@@ -103,15 +106,13 @@ error_texts = st.text(max_size=300).filter(
 
 
 @st.composite
-def metadata(draw: st.DrawFn) -> Metadata:
-    """Any valid Metadata: the size is bounded by MAX_BLOCKS blocks of the drawn block size."""
-    block_size = draw(st.integers(wire.MIN_BLOCK_SIZE, wire.MAX_BLOCK_SIZE))
-    return Metadata(
-        draw(names),
-        draw(st.integers(0, min(1 << 62, wire.MAX_BLOCKS * block_size))),
-        draw(st.integers(-(1 << 63), (1 << 63) - 1)),
-        block_size,
-        draw(st.binary(min_size=16, max_size=16)),
+def headers(draw: st.DrawFn) -> Header:
+    """Any valid Header: 1 .. 2**32 chunks, each of 1 .. MAX_CHUNK_ENTRIES entries."""
+    count = draw(st.integers(1, 1 << 32))
+    return Header(
+        draw(st.integers(count, min(1 << 32, count * 4096))),
+        count,
+        draw(st.integers(wire.MIN_BLOCK_SIZE, wire.MAX_BLOCK_SIZE)),
         draw(st.integers(1, wire.MAX_STREAMS)),
         draw(st.integers(1, 1 << 24)),
         draw(st.integers(1, 1 << 36)),
@@ -133,7 +134,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         KeyShare, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32)
     ),
     ErrorMsg: st.builds(ErrorMsg, st.integers(0, 255), error_texts),
-    Metadata: metadata(),
+    Header: headers(),
     MetadataAck: st.builds(MetadataAck, st.binary(max_size=1000), st.binary(max_size=1000)),
     End: st.builds(End, block_ints, st.binary(min_size=32, max_size=32)),
     Receipt: st.builds(Receipt, st.binary(min_size=32, max_size=32), st.integers(0, 1 << 62)),
@@ -170,36 +171,32 @@ BOUNDARY_MESSAGES = [
     ErrorMsg(code=255, message=""),
     ErrorMsg(code=0, message="\U0001f600" * (ERROR_TEXT_BYTES // 4)),
     ErrorMsg(code=0, message="x" * ERROR_TEXT_BYTES),
-    Metadata(
-        name="n" * wire.MAX_NAME_BYTES,
-        size=wire.MAX_BLOCKS * wire.MIN_BLOCK_SIZE,
-        mtime_ns=(1 << 63) - 1,
+    Header(
+        entries=1 << 32,
+        chunks=1 << 32,
         block_size=wire.MIN_BLOCK_SIZE,
-        file_id=bytes(16),
         streams=wire.MAX_STREAMS,
         rekey_records=1 << 24,
         rekey_bytes=1 << 36,
         run_id=b"\xff" * 16,
     ),
-    Metadata(
-        name="big",
-        size=wire.MAX_BLOCKS * wire.MAX_BLOCK_SIZE,  # the largest file: 256 TiB
-        mtime_ns=0,
+    Header(
+        entries=1 << 32,
+        chunks=(1 << 32) // 4096,  # every chunk full
         block_size=wire.MAX_BLOCK_SIZE,
-        file_id=bytes(16),
         streams=1,
         rekey_records=1,
         rekey_bytes=1,
+        run_id=bytes(16),
     ),
-    Metadata(
-        name="",
-        size=0,
-        mtime_ns=-(1 << 63),
+    Header(
+        entries=1,
+        chunks=1,
         block_size=wire.MAX_BLOCK_SIZE,
-        file_id=bytes(16),
         streams=1,
         rekey_records=1,
         rekey_bytes=1,
+        run_id=bytes(16),
     ),
     End(total_blocks=wire.MAX_BLOCKS, digest=bytes(32)),
     Receipt(digest=bytes(32), size=1 << 62),
@@ -271,41 +268,26 @@ def test_limits_are_as_documented() -> None:
     assert wire.MAX_HANDSHAKE_PAYLOAD == 512
 
 
-def test_run_id_round_trips_and_defaults_to_zero() -> None:
-    md = SAMPLES[Metadata]
-    assert md.run_id == _b(16, 3)
-    fields = _fields(md)
-    assert len(fields) == 9 and fields[8] == _b(16, 3)  # the run id is the last field
-    assert Metadata.decode(md.encode()).run_id == _b(16, 3)
+def test_header_is_the_metadata_body() -> None:
+    # METADATA carries seven fields, the run id last; there is no default run id (every sender
+    # run draws one).
+    h = SAMPLES[Header]
+    fields = _fields(h)
+    assert fields == [5, 2, 4096, 4, 100, 1 << 20, _b(16, 3)]
+    assert Header.decode(h.encode()) == h
     for run_id in (bytes(16), b"\xff" * 16, bytes(range(16))):
-        again = Metadata.decode(dataclasses.replace(md, run_id=run_id).encode())
+        again = Header.decode(dataclasses.replace(h, run_id=run_id).encode())
         assert again.run_id == run_id
-        assert again == dataclasses.replace(md, run_id=run_id)
-    legacy = Metadata(*fields[:8])
-    assert legacy.run_id == bytes(16)
-    assert Metadata.decode(legacy.encode()).run_id == bytes(16)
+        assert again == dataclasses.replace(h, run_id=run_id)
+    assert not hasattr(wire, "Metadata")
 
 
-def test_metadata_without_a_run_id_is_refused() -> None:
-    # The eight-field layout from before the run id is not accepted as "run id zero".
+def test_stx2_metadata_is_refused() -> None:
+    # The nine-field stx2 Metadata (name, size, mtime, block size, file id, streams, rekey
+    # records, rekey bytes, run id) is not a Header.
+    old = ["a.bin", 12345, -5, 4096, _b(16), 4, 100, 1 << 20, _b(16, 3)]
     with pytest.raises(ProtocolError):
-        Metadata.decode(msgpack.packb(_fields(SAMPLES[Metadata])[:8], use_bin_type=True))
-
-
-@pytest.mark.parametrize(
-    "block_size",
-    [wire.MIN_BLOCK_SIZE, 1 << 20, 4 << 20, wire.MAX_BLOCK_SIZE - 1, wire.MAX_BLOCK_SIZE],
-)
-def test_metadata_block_count_limit(block_size: int) -> None:
-    md = dataclasses.replace(SAMPLES[Metadata], block_size=block_size)
-    largest = dataclasses.replace(md, size=wire.MAX_BLOCKS * block_size)
-    assert largest.total_blocks == wire.MAX_BLOCKS
-    assert Metadata.decode(largest.encode()) == largest
-    for size in (wire.MAX_BLOCKS * block_size + 1, (wire.MAX_BLOCKS + 1) * block_size, 1 << 62):
-        too_big = dataclasses.replace(md, size=size)
-        assert too_big.total_blocks > wire.MAX_BLOCKS
-        with pytest.raises(ProtocolError, match="too many blocks"):
-            Metadata.decode(too_big.encode())
+        Header.decode(msgpack.packb(old, use_bin_type=True))
 
 
 # ---------------------------------------------------------------- METADATA_ACK: bitmap, digests
@@ -454,14 +436,34 @@ def test_metadata_ack_digests_longer_than_the_cap_are_refused() -> None:
 # Generated once with the codecs above and pinned: any change to the framing or to a message's
 # field order or encoding makes these fail.
 RECORDED_CLIENT_HELLO = bytes.fromhex(
-    "020000005895a473747832bc7832353531392d686b64662d7368613235362d61657332353667636dc4080001"
+    "020000005895a473747833bc7832353531392d686b64662d7368613235362d61657332353667636dc4080001"
     "020304050607c420202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3fcf000001"
     "8bcfe56800"
 )
-# Nine fields since the run id was added (array 0x99, run id last as bin8 of 16 bytes).
+# stx3: the Header, seven fields (array 0x97: entries, chunks, block size, streams, rekey
+# records, rekey bytes, run id as bin8 of 16 bytes).
 RECORDED_METADATA = bytes.fromhex(
-    "070000005299aa7265706f72742e62696ece00989680cf17979cfe3d85cd15ce00400000c410a0a1a2a3a4a5"
-    "a6a7a8a9aaabacadaeaf04ce01000000cf0000001000000000c410c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
+    "0700000029970301ce0040000004ce01000000cf0000001000000000c410c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
+)
+# A MANIFEST frame (type 0x0B): [index 0, [entry, entry, entry]], each entry
+# [kind, path, size, mode, mtime_ns, link, extents, file_id].
+RECORDED_MANIFEST = bytes.fromhex(
+    "0b0000005d9200939801a16400cd01edffa090c4009800a7642f612e62696ece00989680cd01a4cf17979cfe"
+    "3d85cd15a09400cd1000cd2000cd1000c410a0a1a2a3a4a5a6a7a8a9aaabacadaeaf9802a3642f6c00cd01ff"
+    "00a5612e62696e90c400"
+)
+RECORDED_MANIFEST_ENTRIES = (
+    Entry(Kind.DIR, "d", 0, 0o755, -1),
+    Entry(
+        Kind.FILE,
+        "d/a.bin",
+        10_000_000,
+        0o644,
+        1_700_000_000_123_456_789,
+        extents=(0, 4096, 8192, 4096),
+        file_id=bytes(range(0xA0, 0xB0)),
+    ),
+    Entry(Kind.SYMLINK, "d/l", 0, 0o777, 0, link="a.bin"),
 )
 # [bitmap 0x05 (blocks 0 and 2), digests: 2 x 16 bytes], written by hand from the layout.
 RECORDED_METADATA_ACK = bytes.fromhex("080000002692c40105c420" + bytes(range(32)).hex())
@@ -479,12 +481,10 @@ RECORDED = [
     pytest.param(
         RECORDED_METADATA,
         FrameType.METADATA,
-        Metadata(
-            name="report.bin",
-            size=10_000_000,
-            mtime_ns=1_700_000_000_123_456_789,
+        Header(
+            entries=3,
+            chunks=1,
             block_size=4 << 20,
-            file_id=bytes(range(0xA0, 0xB0)),
             streams=4,
             rekey_records=1 << 24,
             rekey_bytes=1 << 36,
@@ -514,6 +514,19 @@ def test_recorded_frame_parse_and_reserialise(raw: bytes, ftype: FrameType, expe
     msg = type(expected).decode(payload)
     assert msg == expected
     assert encode_frame(got_type, msg.encode()) == raw
+
+
+def test_recorded_manifest_frame_parse_and_reserialise() -> None:
+    assert FrameType.MANIFEST == 0x0B
+    buf = FrameBuffer(cap=lambda t: 1 << 20)
+    buf.feed(RECORDED_METADATA + RECORDED_MANIFEST)
+    assert buf.next_frame() == (FrameType.METADATA, RECORDED_METADATA[5:])
+    frame = buf.next_frame()
+    assert frame is not None and buf.pending == 0
+    got_type, payload = frame
+    assert got_type is FrameType.MANIFEST
+    assert decode_chunk(payload) == (0, RECORDED_MANIFEST_ENTRIES)
+    assert encode_frame(got_type, encode_chunk(0, RECORDED_MANIFEST_ENTRIES)) == RECORDED_MANIFEST
 
 
 def test_frame_header_layout() -> None:
@@ -718,8 +731,7 @@ FIXED_LENGTH_FIELDS = [
     (MacOnly, 0, 32),
     (KeyShare, 0, 32),
     (KeyShare, 1, 32),
-    (Metadata, 4, 16),
-    (Metadata, 8, 16),
+    (Header, 6, 16),
     (End, 1, 32),
     (Receipt, 0, 32),
     (Join, 1, 16),
@@ -742,7 +754,8 @@ def test_wrong_field_lengths(cls: type[Any], index: int, size: int) -> None:
 
 #: (class, field index, value) that are of the right type but out of range or unsupported.
 OUT_OF_RANGE = [
-    (Init, 0, "stx1"),  # the previous version
+    (Init, 0, "stx2"),  # the previous version
+    (Init, 0, "stx1"),
     (Init, 0, "STX1"),
     (ServerHello, 0, "stx0"),
     (ServerHello, 1, "x25519-hkdf-sha256-aes128gcm"),
@@ -752,19 +765,22 @@ OUT_OF_RANGE = [
     (ErrorMsg, 0, 256),
     (ErrorMsg, 0, -1),
     (ErrorMsg, 1, "x" * 801),
-    (Metadata, 0, "n" * (wire.MAX_NAME_BYTES + 1)),
-    (Metadata, 1, -1),
-    (Metadata, 1, (1 << 62) + 1),
-    (Metadata, 1, 1 << 62),  # fits the size range but gives more than MAX_BLOCKS blocks
-    (Metadata, 2, 1 << 63),
-    (Metadata, 3, wire.MIN_BLOCK_SIZE - 1),
-    (Metadata, 3, wire.MAX_BLOCK_SIZE + 1),
-    (Metadata, 5, 0),
-    (Metadata, 5, wire.MAX_STREAMS + 1),
-    (Metadata, 6, 0),
-    (Metadata, 6, (1 << 24) + 1),
-    (Metadata, 7, 0),
-    (Metadata, 7, (1 << 36) + 1),
+    (Header, 0, 0),
+    (Header, 0, -1),
+    (Header, 0, (1 << 32) + 1),
+    (Header, 0, 1),  # fewer entries than chunks (2)
+    (Header, 0, 2 * 4096 + 1),  # more entries than 2 chunks can hold
+    (Header, 1, 0),
+    (Header, 1, 6),  # more chunks than entries (5)
+    (Header, 1, (1 << 32) + 1),
+    (Header, 2, wire.MIN_BLOCK_SIZE - 1),
+    (Header, 2, wire.MAX_BLOCK_SIZE + 1),
+    (Header, 3, 0),
+    (Header, 3, wire.MAX_STREAMS + 1),
+    (Header, 4, 0),
+    (Header, 4, (1 << 24) + 1),
+    (Header, 5, 0),
+    (Header, 5, (1 << 36) + 1),
     (MetadataAck, 0, bytes((wire.MAX_BLOCKS + 7) // 8 + 1)),  # a bitmap for too many blocks
     (End, 0, wire.MAX_BLOCKS + 1),
     (End, 0, -1),
@@ -778,6 +794,13 @@ OUT_OF_RANGE = [
     (Ack, 1, [None]),
     (Ack, 0, [True]),
 ]
+
+
+def test_an_older_version_is_named_in_the_refusal() -> None:
+    with pytest.raises(ProtocolError, match="unsupported protocol version 'stx2'.* speaks stx3"):
+        Init.decode(msgpack.packb(["stx2"]))
+    with pytest.raises(ProtocolError, match="unsupported protocol version$"):  # not echoed
+        Init.decode(msgpack.packb(["x" * 17]))
 
 
 @pytest.mark.parametrize(
