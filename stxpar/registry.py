@@ -35,7 +35,6 @@ from .transfer import Transfer
 from .wire import Join
 
 if TYPE_CHECKING:
-    from .destination import NameLock
     from .partials import Opened
     from .treefiles import TreeOpened
 
@@ -45,6 +44,12 @@ RECENT_KEEP = 16
 RECENT_MAX_BLOCKS = 1 << 18
 #: How many ``ReceivedFile`` records ``Receiver.completed`` keeps (the most recent ones).
 COMPLETED_KEEP = 1000
+
+
+class Releasable(Protocol):
+    """A name lock (``destination.NameLock``) or a tree's locks (``control.RootLocks``)."""
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -146,7 +151,7 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._sessions: dict[bytes, Link] = {}
         self._active: dict[Path, Link] = {}  # final path -> link (or _RESERVED)
-        self._locks: dict[Path, NameLock] = {}
+        self._locks: dict[Path, Releasable] = {}
         self._recent: OrderedDict[Path, _Recent] = OrderedDict()
         self.completed = CompletedList(completed_keep)
 
@@ -168,7 +173,7 @@ class SessionRegistry:
         with self._lock:
             return final in self._locks
 
-    def set_lock(self, final: Path, lock: NameLock) -> None:
+    def set_lock(self, final: Path, lock: Releasable) -> None:
         with self._lock:
             self._locks[final] = lock
 

@@ -590,8 +590,8 @@ def send(
 def _paths(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
 ) -> list[str | os.PathLike[str]]:
-    if isinstance(path, str | bytes | os.PathLike):
-        return [path]  # type: ignore[list-item]
+    if isinstance(path, str | os.PathLike):
+        return [path]
     return list(path)
 
 

@@ -139,7 +139,10 @@ class StreamThread(threading.Thread):
         job = self.job
         secret = job.secret
         self.job = dataclasses.replace(job, secret=b"")
-        plan, space = self.owner.layout(job.session_id, job.layout)
+        try:
+            plan, space = self.owner.layout(job.session_id, job.layout)
+        except ProtocolError as exc:  # our own file: a fault here, not the sender's
+            raise RejectedError(f"receiver error: {exc}") from None
         ctx = BlockContext(
             session_id=self.sid,
             stream=self.stream,
