@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import msgpack
 from xxhash import xxh3_128_digest
 
 from stxpar import ipc
@@ -286,16 +287,25 @@ def blocks_for(size: int, block_size: int) -> int:
 
 
 def expected_digest(path: Path, block_size: int) -> str:
-    """The STX whole-file digest, computed here from the definition (not with stxpar):
-    SHA-256 over the label "stx1 file digest", u32 block size, u64 size and the XXH3-128 of
-    every block in order."""
-    size = path.stat().st_size
+    """The STX whole-transfer digest of sending the one file ``path``, computed here from the
+    definition (docs/protocol.md §9; not with stxpar): the file's entry (its file id from its
+    real path, device, inode, size, mtime and ctime), the manifest digest over it, the file
+    digest over the XXH3-128 of every block, and the tree digest over both."""
+    st = path.stat()
+    real = os.path.realpath(path)
+    ident = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    file_id = hashlib.sha256(ident.encode()).digest()[:16]
+    extents = [0, st.st_size] if st.st_size else []
+    entry = [0, path.name, st.st_size, st.st_mode & 0o777, st.st_mtime_ns, "", extents, file_id]
+    manifest = hashlib.sha256(b"stx3 manifest" + struct.pack(">I", block_size))
+    manifest.update(msgpack.packb(entry, use_bin_type=True))
     h = hashlib.sha256(b"stx1 file digest")
-    h.update(struct.pack(">IQ", block_size, size))
+    h.update(struct.pack(">IQ", block_size, st.st_size))
     with open(path, "rb") as f:
         while block := f.read(block_size):
             h.update(xxh3_128_digest(block))
-    return h.hexdigest()
+    tree = hashlib.sha256(b"stx3 tree" + manifest.digest() + h.digest())
+    return tree.hexdigest()
 
 
 def assert_dest_exactly(dest: Path, names: set[str]) -> None:

@@ -140,8 +140,14 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
     if name == "unreadable-file":
         os.chmod(src, 0)
         return Case(send, 2, "cannot read")
-    if name == "directory":
-        return Case(["send", scratch, *send[2:]], 2, "directory")
+    if name == "fifo":
+        os.mkfifo(scratch / "pipe")
+        return Case(["send", scratch / "pipe", *send[2:]], 2, "FIFO")
+    if name == "same-name-twice":
+        (scratch / "a").mkdir()
+        twin = scratch / "a" / "input.bin"
+        write_random(twin, 10)
+        return Case(["send", src, twin, *send[2:]], 2, "both arrive as input.bin")
     if name == "no-port":
         return Case(["send", src, "nohostport", *send[3:]], 2, "nohostport")
     if name == "port-out-of-range":
@@ -179,7 +185,8 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
 CASES = [
     "missing-file",
     "unreadable-file",
-    "directory",
+    "fifo",
+    "same-name-twice",
     "no-port",
     "port-out-of-range",
     "missing-key",
