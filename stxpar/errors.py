@@ -70,6 +70,11 @@ class ProtocolError(RemoteError):
     wire_code = 1
 
 
+class VersionError(ProtocolError):
+    """The peer speaks another version of the protocol. Told to the peer even before it
+    authenticated (a version string reveals nothing of the key)."""
+
+
 class AuthError(RemoteError):
     """Authentication failed: wrong key, unknown key, forged or altered data. Fatal, no retry."""
 

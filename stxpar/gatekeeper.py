@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import keyschedule as ks
-from .errors import ConnectError, ProtocolError, StxError
+from .errors import ConnectError, ProtocolError, StxError, VersionError
 from .handshake import ReplayCache, ServerHandshake, handshake_cap, now_ms
 from .limits import FdBudget as FdBudget
 from .limits import GateLimits as GateLimits
@@ -382,7 +382,11 @@ class Gatekeeper:
                 return
             if ftype is not FrameType.INIT:
                 raise ProtocolError(f"unexpected {ftype.name} as the first frame")
-            Init.decode(payload)
+            try:
+                Init.decode(payload)
+            except VersionError:
+                conn.greeted = True  # an older or newer peer is told why
+                raise
             conn.greeted = True
             if not self._rates.take(conn.key):
                 raise ConnectError(BUSY_HANDSHAKES)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .errors import AuthError, ProtocolError, StxError
+from .errors import AuthError, ProtocolError, StxError, VersionError
 from .handshake import ClockSkewError
 
 
@@ -170,11 +170,12 @@ class FdBudget:
 def error_text(exc: StxError, *, generic: bool) -> str:
     """What the peer is told: before authentication, one text for every authentication and
     protocol failure, so a guesser learns nothing; the clock-skew error is raised only after the
-    key was proven, so its own text leaks nothing."""
+    key was proven, so its own text leaks nothing, and a version mismatch says nothing of the
+    key (an old peer must learn why it is refused)."""
     if (
         generic
         and isinstance(exc, AuthError | ProtocolError)
-        and not isinstance(exc, ClockSkewError)
+        and not isinstance(exc, ClockSkewError | VersionError)
     ):
         return "authentication failed"
     return str(exc)

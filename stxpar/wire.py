@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import ProtocolError, VersionError
 
 #: Protocol version string, first field of INIT and SERVER_HELLO. "stx3": a transfer is a
 #: manifest of entries (files, directories, symlinks) sent in MANIFEST chunks after METADATA, and
@@ -175,7 +175,7 @@ def _str(value: Any, what: str, *, max_len: int) -> str:
 def _expect(value: Any, expected: str, what: str) -> None:
     if value != expected:
         if what == "protocol version" and isinstance(value, str) and len(value) <= 16:
-            raise ProtocolError(
+            raise VersionError(
                 f"unsupported protocol version {printable(value)!r}: this side speaks"
                 f" {expected}; upgrade stxpar on the older side"
             )

@@ -362,12 +362,6 @@ def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
     return ftype, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: gatekeeper._frame runs Init.decode before conn.greeted = True, so"
-    " _fail sends no ERROR (the connection is closed silently); and once greeted, error_text"
-    "(generic=True) turns every ProtocolError into 'authentication failed'",
-)
 @pytest.mark.timeout(60)
 def test_a_stx2_peer_is_told_the_version(
     api_receiver: stxpar.Receiver, key: bytes, scratch: Path
