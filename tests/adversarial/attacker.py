@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from transfers import one_file
 
 import stxpar
 from stxpar import keyschedule as ks
@@ -37,8 +38,10 @@ from stxpar.digest import block_digest, file_digest
 from stxpar.errors import StxError
 from stxpar.handshake import ClientHandshake
 from stxpar.keyschedule import SessionKeys
+from stxpar.manifest import chunks
 from stxpar.receiver import STATE_SUFFIX
 from stxpar.records import AckChannel, BlockContext, BlockSealer, ControlChannel, crc32, join_mac
+from stxpar.transfer import Transfer
 from stxpar.wire import (
     BLOCK_HEADER,
     CRC,
@@ -48,7 +51,6 @@ from stxpar.wire import (
     ErrorMsg,
     FrameType,
     Join,
-    Metadata,
     MetadataAck,
     Receipt,
     blocks_for,
@@ -338,17 +340,16 @@ def make_metadata(
     file_id: bytes | None = None,
     run_id: bytes | None = None,
     mtime_ns: int = 1_700_000_000_000_000_000,
-) -> Metadata:
-    return Metadata(
-        name=name,
-        size=size,
-        mtime_ns=mtime_ns,
+) -> Transfer:
+    """The transfer of one regular file ``name`` of ``size`` bytes (no holes)."""
+    return one_file(
+        name,
+        size,
         block_size=block_size,
-        file_id=file_id if file_id is not None else os.urandom(16),
         streams=streams,
-        rekey_records=ks.MAX_RECORDS_PER_KEY,
-        rekey_bytes=ks.MAX_BYTES_PER_KEY,
-        run_id=run_id if run_id is not None else os.urandom(16),
+        file_id=file_id,
+        run_id=run_id,
+        mtime_ns=mtime_ns,
     )
 
 
@@ -360,7 +361,7 @@ class Session:
     peer: Peer
     keys: SessionKeys
     channel: ControlChannel
-    md: Metadata | None = None
+    md: Transfer | None = None
     held: list[int] = field(default_factory=list)
 
     @property
@@ -372,9 +373,14 @@ class Session:
         self.peer.send_frame(*split_frame(frame))
         return frame
 
-    def send_metadata(self, md: Metadata) -> bytes:
+    def send_metadata(self, md: Transfer) -> bytes:
+        """METADATA (the transfer's header), then its MANIFEST chunks; returns the METADATA
+        frame."""
         self.md = md
-        return self.send_sealed(FrameType.METADATA, md.encode())
+        frame = self.send_sealed(FrameType.METADATA, md.header.encode())
+        for chunk in chunks(md.manifest.entries):
+            self.send_sealed(FrameType.MANIFEST, chunk)
+        return frame
 
     def recv_sealed(self, want: FrameType, timeout: float = READ_TIMEOUT) -> bytes | None:
         """The opened body of the next frame, which must be ``want``; None if the receiver
@@ -397,7 +403,7 @@ class Session:
     def send_end(self, data: bytes, *, digest: bytes | None = None) -> None:
         assert self.md is not None
         if digest is None:
-            digest = whole_digest(data, self.md.block_size)
+            digest = whole_digest(data, self.md)
         self.send_sealed(FrameType.END, End(self.md.total_blocks, digest).encode())
 
     def receipt(self, timeout: float = READ_TIMEOUT) -> Receipt | None:
@@ -418,7 +424,7 @@ def handshake_session(addr: tuple[str, int], psk: bytes) -> Session:
     return Session(addr, peer, hs.session, peer.channel)
 
 
-def open_session(addr: tuple[str, int], psk: bytes, md: Metadata) -> Session:
+def open_session(addr: tuple[str, int], psk: bytes, md: Transfer) -> Session:
     """Handshake, METADATA and METADATA_ACK; asserts the receiver admitted it."""
     s = handshake_session(addr, psk)
     s.send_metadata(md)
@@ -446,9 +452,8 @@ class Stream:
         self.ctx = BlockContext(
             session_id=session.session_id,
             stream=number,
-            file_size=md.size,
-            file_id=md.file_id,
-            block_size=md.block_size,
+            space=md.manifest.space,
+            manifest_id=md.manifest.id,
             rekey_records=md.rekey_records,
             rekey_bytes=md.rekey_bytes,
         )
@@ -513,14 +518,20 @@ def block_of(data: bytes, seq: int, block_size: int) -> bytes:
     return data[seq * block_size : (seq + 1) * block_size]
 
 
-def whole_digest(data: bytes, block_size: int) -> bytes:
+def whole_digest(data: bytes, md: Transfer) -> bytes:
+    """END's digest for one-file transfer ``md`` of ``data``: the manifest's tree digest
+    (``Manifest.tree_digest``), computed here from the data."""
+    block_size = md.block_size
     n = blocks_for(len(data), block_size)
     digests = b"".join(block_digest(block_of(data, i, block_size)) for i in range(n))
-    return file_digest(block_digests=digests, block_size=block_size, size=len(data))
+    h = hashlib.sha256(b"stx3 tree")
+    h.update(md.manifest.digest)
+    h.update(file_digest(block_digests=digests, block_size=block_size, size=len(data)))
+    return h.digest()
 
 
 def raw_transfer(
-    addr: tuple[str, int], psk: bytes, md: Metadata, data: bytes
+    addr: tuple[str, int], psk: bytes, md: Transfer, data: bytes
 ) -> tuple[Session, Receipt | None]:
     """A complete transfer as an honest sender would make it, over one stream, without the
     product's sender (so the metadata can say anything)."""

@@ -47,9 +47,12 @@ from stxpar.errors import (
     StxError,
 )
 from stxpar.handshake import ClientHandshake, ServerHandshake, handshake_cap, keyring_for
+from stxpar.manifest import Builder, Header, Limits, Manifest
 from stxpar.netio import Backoff, FramedSocket
 from stxpar.psk import load_key_file, write_key_file
 from stxpar.records import AckChannel, BlockContext, BlockOpener, ControlChannel
+from stxpar.scan import scan
+from stxpar.transfer import Transfer
 from stxpar.wire import (
     Ack,
     End,
@@ -58,7 +61,6 @@ from stxpar.wire import (
     Join,
     KeyShare,
     MacOnly,
-    Metadata,
     MetadataAck,
     Receipt,
     ServerHello,
@@ -103,7 +105,7 @@ class Fake:
     accepted: int = 0
     bugs: list[str] = field(default_factory=list)
     #: session id -> (keys, metadata), for the data streams of a key-holding fake
-    sessions: dict[bytes, tuple[ks.SessionKeys, Metadata]] = field(default_factory=dict)
+    sessions: dict[bytes, tuple[ks.SessionKeys, Transfer]] = field(default_factory=dict)
     #: block index -> digest of what a key-holding fake really received and acknowledged
     landed: dict[int, bytes] = field(default_factory=dict)
     conns: list[socket.socket] = field(default_factory=list)
@@ -211,20 +213,26 @@ def server_handshake(fs: FramedSocket, psk: bytes) -> ks.SessionKeys:
     return hs.session
 
 
-def admit(fake: Fake, fs: FramedSocket) -> tuple[ks.SessionKeys, ControlChannel, Metadata]:
-    """Handshake with the key, then read the sealed METADATA."""
+def admit(fake: Fake, fs: FramedSocket) -> tuple[ks.SessionKeys, ControlChannel, Transfer]:
+    """Handshake with the key, then read the sealed METADATA and MANIFEST chunks."""
     session = server_handshake(fs, fake.psk)
     channel = ControlChannel(session=session, client=False)
     ftype, payload = fs.recv_frame(cap=_any_cap)
     assert ftype is FrameType.METADATA
-    md = Metadata.decode(channel.open(ftype, payload))
+    header = Header.decode(channel.open(ftype, payload))
+    builder = Builder(header, Limits())
+    while not builder.done:
+        ftype, payload = fs.recv_frame(cap=_any_cap)
+        assert ftype is FrameType.MANIFEST, ftype
+        builder.feed(channel.open(ftype, payload))
+    md = Transfer(header, builder.manifest())
     assert md.block_size == BLOCK and md.size == SIZE
     with fake.lock:
         fake.sessions[session.session_id] = (session, md)
     return session, channel, md
 
 
-def claim_all(channel: ControlChannel, md: Metadata, digests: bytes) -> bytes:
+def claim_all(channel: ControlChannel, md: Transfer, digests: bytes) -> bytes:
     """A METADATA_ACK saying every block is already held, with ``digests``."""
     have = bitmap(b"\x01" * md.total_blocks)
     return channel.seal(FrameType.METADATA_ACK, MetadataAck(have=have, digests=digests).encode())
@@ -235,7 +243,7 @@ def true_digests(path: Path) -> bytes:
     return b"".join(block_digest(data[i : i + BLOCK]) for i in range(0, len(data), BLOCK))
 
 
-def read_end(fs: FramedSocket, channel: ControlChannel, md: Metadata) -> End:
+def read_end(fs: FramedSocket, channel: ControlChannel, md: Transfer) -> End:
     ftype, payload = fs.recv_frame(cap=_any_cap)
     assert ftype is FrameType.END, ftype
     end = End.decode(channel.open(ftype, payload))
@@ -243,19 +251,33 @@ def read_end(fs: FramedSocket, channel: ControlChannel, md: Metadata) -> End:
     return end
 
 
-def stream_ctx(session: ks.SessionKeys, md: Metadata, stream: int) -> BlockContext:
+def stream_ctx(session: ks.SessionKeys, md: Transfer, stream: int) -> BlockContext:
     return BlockContext(
         session_id=session.session_id,
         stream=stream,
-        file_size=md.size,
-        file_id=md.file_id,
-        block_size=md.block_size,
+        space=md.manifest.space,
+        manifest_id=md.manifest.id,
         rekey_records=md.rekey_records,
         rekey_bytes=md.rekey_bytes,
     )
 
 
-def read_join(fake: Fake, payload: bytes) -> tuple[Join, ks.SessionKeys, Metadata]:
+def tree_digest(manifest: Manifest, block_digests: bytes) -> bytes:
+    """The whole-transfer digest (END, RECEIPT) of one-file ``manifest`` whose blocks have
+    ``block_digests`` (``Manifest.tree_digest``, computed the same way)."""
+    (entry,) = manifest.entries
+    h = hashlib.sha256(b"stx3 tree")
+    h.update(manifest.digest)
+    h.update(file_digest(block_digests=block_digests, block_size=BLOCK, size=entry.data_bytes))
+    return h.digest()
+
+
+def scanned(path: Path) -> Manifest:
+    """The manifest the real sender makes of ``path`` (as long as the file does not change)."""
+    return Manifest(scan([path]).entries, block_size=BLOCK)
+
+
+def read_join(fake: Fake, payload: bytes) -> tuple[Join, ks.SessionKeys, Transfer]:
     join = Join.decode(payload)
     with fake.lock:
         session, md = fake.sessions[join.session_id]
@@ -574,7 +596,7 @@ def test_key_holder_claims_every_block_then_sends_a_wrong_receipt(
         fs.send(claim_all(channel, md, bogus))
         end = read_end(fs, channel, md)
         # the sender folded the bogus digests in (threat model §7.3), nothing else
-        assert end.digest == file_digest(block_digests=bogus, block_size=BLOCK, size=SIZE)
+        assert end.digest == tree_digest(md.manifest, bogus)
         if lie == "wrong-digest":
             receipt = Receipt(digest=os.urandom(FILE_DIGEST_LEN), size=md.size)
         else:
@@ -615,7 +637,7 @@ def test_receipt_in_place_of_server_hello_without_the_key(
     target: Target, fake_receiver: Callable[..., Fake], capfd
 ) -> None:
     """No key at all: a RECEIPT frame (plain msgpack with the right digest) straight away."""
-    digest = file_digest(block_digests=true_digests(target.path), block_size=BLOCK, size=SIZE)
+    digest = tree_digest(scanned(target.path), true_digests(target.path))
 
     def serve(fake: Fake, fs: FramedSocket, index: int) -> None:
         fs.recv_frame(cap=handshake_cap)
@@ -750,7 +772,8 @@ def _serve_data_honestly(fake: Fake, fs: FramedSocket, payload: bytes) -> None:
         assert ftype is FrameType.BLOCK
         body = bytearray(length)
         fs.recv_into(memoryview(body))
-        seq, plain = opener.open(memoryview(body))
+        where, plain = opener.open(memoryview(body))
+        seq = where.block
         with fake.lock:
             fake.landed[seq] = block_digest(plain)
         fs.send(acks.seal(Ack(durable=(seq,), resend=()).encode()))
@@ -802,7 +825,7 @@ def test_no_receipt_after_end(
         match=r"gave up after 2 attempts",
         stall=3.0,
     )
-    want = file_digest(block_digests=true_digests(target.path), block_size=BLOCK, size=SIZE)
+    want = tree_digest(scanned(target.path), true_digests(target.path))
     assert len(ends) == 2, "expected END once per session (the first try and one retry)"
     assert all(e.digest == want for e in ends)
     assert len(fake.landed) == blocks_for(SIZE, BLOCK)

@@ -452,7 +452,7 @@ def test_blocks_missing_at_end_are_never_committed(arena: Arena, how: str) -> No
 @pytest.mark.parametrize(
     ("end", "code", "message", "kept"),
     [
-        ("wrong digest", 5, "whole-file digest mismatch for end.bin", set()),
+        ("wrong digest", 5, "whole-transfer digest mismatch for end.bin", set()),
         ("wrong block count", 1, "END names a different number of blocks", {0, 1, 2}),
         ("forged", 3, "END failed authentication", set()),
     ],

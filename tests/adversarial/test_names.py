@@ -31,21 +31,23 @@ from attacker import (
 from itest_support import wait_for
 
 import stxpar
+from stxpar.manifest import chunks
 from stxpar.state import Identity, encode_header
-from stxpar.wire import ErrorMsg, FrameType, Metadata, Receipt
+from stxpar.transfer import Transfer
+from stxpar.wire import ErrorMsg, FrameType, Receipt
 
 T = FrameType
 DATA = b"stx adversarial name test\n" * 200
 TOKEN = "stx-adv-" + os.urandom(6).hex()
 
-REFUSED = [
+#: refused by the manifest's checks (a path, not a name, that breaks a rule): wire code 1
+BAD_PATHS = [
     "",
     ".",
     "..",
     "../",
     "/",
     "x/..",
-    ".hidden",
     "dir/.hidden",
     "../.hidden",
     "a\0b",
@@ -56,23 +58,45 @@ REFUSED = [
     "del\x7f",
     "x" * 256,
     "é" * 128,  # 256 bytes of UTF-8
-    "evil\u202etxt.exe",  # a bidi override would disguise the name in logs
     "c1\x85control",
+    # a path instead of a name: before stx3 reduced to its base name, now a manifest whose
+    # entry has no parent directory (or an empty, "." or ".." component)
+    f"../{TOKEN}",
+    f"../../{TOKEN}",
+    f"/tmp/{TOKEN}",
+    f"/etc/{TOKEN}",
+    f"sub/dir/{TOKEN}",
+    f"./{TOKEN}",
+]
+
+#: a valid manifest path, but not a name the receiver stores: wire code 6
+UNSAFE_NAMES = [
+    ".hidden",
+    "evil\u202etxt.exe",  # a bidi override would disguise the name in logs
+]
+
+REFUSED = [(n, 1, "bad manifest: ") for n in BAD_PATHS] + [
+    (n, 6, "refusing unsafe file name ") for n in UNSAFE_NAMES
 ]
 
 STORED = {
     # name sent: name stored in the destination
-    f"../{TOKEN}": TOKEN,
-    f"../../{TOKEN}": TOKEN,
-    f"/tmp/{TOKEN}": TOKEN,
-    f"/etc/{TOKEN}": TOKEN,
     f"..\\..\\{TOKEN}": TOKEN,
     f"C:\\Windows\\{TOKEN}": TOKEN,
-    f"sub/dir/{TOKEN}": TOKEN,
-    f"./{TOKEN}": TOKEN,
     "ünïcödé.bin": "ünïcödé.bin",
     "x" * 200: "x" * 200,
 }
+
+
+def _metadata_frames(
+    peer: Peer, md: Transfer, *, manifest: list[bytes] | None = None
+) -> list[bytes]:
+    """METADATA and the MANIFEST chunks (``manifest``: other chunk payloads), sealed."""
+    assert peer.channel is not None
+    payloads = chunks(md.manifest.entries) if manifest is None else manifest
+    return [peer.channel.seal(T.METADATA, md.header.encode())] + [
+        peer.channel.seal(T.MANIFEST, c) for c in payloads
+    ]
 
 
 def _no_escape() -> None:
@@ -82,33 +106,33 @@ def _no_escape() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", REFUSED, ids=[repr(n)[:24] for n in REFUSED])
-def test_unsafe_name_is_refused(arena: Arena, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "code", "prefix"), REFUSED, ids=[repr(n)[:24] for n, _, _ in REFUSED]
+)
+def test_unsafe_name_is_refused(arena: Arena, name: str, code: int, prefix: str) -> None:
     md = make_metadata(name, len(DATA))
     with Peer(arena.addr) as peer:
         assert client_handshake(peer, arena.psk).established
-        assert peer.channel is not None
-        peer.send_frames([peer.channel.seal(T.METADATA, md.encode())])
-        expect_refused(peer, 6)
-        assert peer.errors[0].message.startswith("refusing unsafe file name ")
-    assert wait_for(
-        lambda: any(f["error"].startswith("refusing unsafe") for f in arena.kinds("rejected"))
-    )
+        peer.send_frames(_metadata_frames(peer, md))
+        expect_refused(peer, code)
+        assert peer.errors[0].message.startswith(prefix), peer.errors
+        assert peer.sealed_errors == 1
+    assert wait_for(lambda: any(f["error"].startswith(prefix) for f in arena.kinds("rejected")))
     _no_escape()
     arena.unharmed()
 
 
 @pytest.mark.timeout(60)
 def test_name_that_is_not_utf8_is_refused(arena: Arena) -> None:
-    """msgpack ``str`` whose bytes are not UTF-8: malformed METADATA (wire code 1)."""
+    """msgpack ``str`` whose bytes are not UTF-8: malformed MANIFEST (wire code 1)."""
     md = make_metadata("ZZZ", len(DATA))
-    body = md.encode().replace(b"\xa3ZZZ", b"\xa3\xff/.", 1)
-    assert body != md.encode()
+    (chunk,) = chunks(md.manifest.entries)
+    body = chunk.replace(b"\xa3ZZZ", b"\xa3\xff/.", 1)
+    assert body != chunk
     with Peer(arena.addr) as peer:
         assert client_handshake(peer, arena.psk).established
-        assert peer.channel is not None
-        peer.send_frames([peer.channel.seal(T.METADATA, body)])
-        expect_refused(peer, 1, "malformed Metadata message")
+        peer.send_frames(_metadata_frames(peer, md, manifest=[body]))
+        expect_refused(peer, 1, "malformed MANIFEST message")
     arena.unharmed()
 
 
@@ -141,8 +165,7 @@ def test_longest_names_are_refused_or_stored_inside(arena: Arena) -> None:
         md = make_metadata(name, len(DATA))
         with Peer(arena.addr) as peer:
             assert client_handshake(peer, arena.psk).established
-            assert peer.channel is not None
-            peer.send_frames([peer.channel.seal(T.METADATA, md.encode())])
+            peer.send_frames(_metadata_frames(peer, md))
             got = peer.recv_frame()
             assert got is not None
             if got[0] is T.ERROR:
@@ -192,7 +215,7 @@ def test_planted_symlinks_are_not_followed(arena: Arena, planted: str) -> None:
     arena.unharmed()
 
 
-def _transfer_tolerant(arena: Arena, md: Metadata, data: bytes) -> tuple[Session, Receipt | None]:
+def _transfer_tolerant(arena: Arena, md: Transfer, data: bytes) -> tuple[Session, Receipt | None]:
     """Like ``raw_transfer``, but the receiver may refuse at any step (then no receipt)."""
     s = handshake_session(arena.addr, arena.psk)
     s.send_metadata(md)
@@ -228,7 +251,9 @@ def test_planted_partial_symlink_with_a_matching_state_log(arena: Arena) -> None
     assert len(padded) == size and Path(padded).resolve() == victim.resolve()
     name = "resumed.bin"
     md = make_metadata(name, size, block_size=BLOCK)
-    ident = Identity(name, md.size, md.mtime_ns, md.block_size, md.file_id)
+    entry = md.manifest.single()
+    assert entry is not None
+    ident = Identity(name, entry.size, entry.mtime_ns, md.block_size, entry.file_id)
     (arena.dest / f".{name}.stxstate").write_bytes(encode_header(ident))
     (arena.dest / f".{name}.stxpart").symlink_to(padded)
     data = os.urandom(size)
