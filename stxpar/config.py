@@ -8,10 +8,10 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .manifest import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from . import keyschedule as ks
 from .errors import UsageError
 from .handshake import DEFAULT_WINDOW_MS
+from .manifest import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
 from .netio import Backoff
 from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 

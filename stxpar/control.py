@@ -35,8 +35,8 @@ from . import partials, treefiles
 from .blocks import BlockLedger
 from .destination import NameLock, Names, check_final, disk_error, safe_name
 from .errors import ConnectError, StxError, error_from_wire
-from .wire import printable
 from .keyschedule import SessionKeys
+from .manifest import Limits
 from .messages import FileRef, Landed, StreamFailed
 from .netio import FramedSocket
 from .recv_session import (
@@ -64,8 +64,8 @@ from .recv_session import (
 )
 from .registry import ReceivedFile, SessionRegistry
 from .session_base import ConnectionLost, Failed, FrameIn, Input, Output, SendFrame, Succeeded, Tick
-from .manifest import Limits
 from .transfer import Transfer
+from .wire import printable
 
 #: Seconds one send on a control connection may block (the peer is authenticated by then).
 SEND_TIMEOUT = 120.0

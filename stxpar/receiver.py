@@ -46,7 +46,6 @@ from .config import DEFAULT_SYNC_BYTES as DEFAULT_SYNC_BYTES
 from .config import WORKER_TIMEOUT as WORKER_TIMEOUT
 from .config import RecvOptions
 from .control import ControlHandler
-from .manifest import Limits
 from .destination import LOCK_SUFFIX as LOCK_SUFFIX
 from .destination import PART_SUFFIX as PART_SUFFIX
 from .destination import STATE_SUFFIX as STATE_SUFFIX
@@ -58,6 +57,7 @@ from .errors import ConnectError, StxError, UsageError
 from .gatekeeper import Gatekeeper, GateLimits, error_frame
 from .handshake import ReplayCache, keyring_for
 from .keyschedule import SessionKeys
+from .manifest import Limits
 from .netio import FramedSocket, listen_all
 from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .placement import WORKER_QUIET_S as WORKER_QUIET_S

@@ -18,7 +18,6 @@ recent ``ReceivedFile`` records. One lock guards the maps; it is never held acro
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass

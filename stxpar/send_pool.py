@@ -15,10 +15,9 @@ still runs and removes the private directory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import zmq

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from .blocks import BlockLedger
 from .errors import ConnectError
-from .send_session import DeadlineReached
 from .manifest import Manifest, chunks
+from .send_session import DeadlineReached
 from .sources import Sources
 
 if TYPE_CHECKING:

@@ -37,15 +37,15 @@ for METADATA_ACK and RECEIPT and, in the data phase, the time without a complete
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .blocks import BlockLedger
 from .digest import BLOCK_DIGEST_LEN
 from .errors import ConnectError, IntegrityError, ProtocolError, StxError, error_from_wire
+from .manifest import chunks
 from .records import ControlChannel
 from .session_base import (
     ConnectionLost,
@@ -59,7 +59,6 @@ from .session_base import (
     Succeeded,
     Tick,
 )
-from .manifest import chunks
 from .transfer import Transfer
 from .wire import End, ErrorMsg, FrameType, MetadataAck, Receipt
 

@@ -37,10 +37,12 @@ from typing import Any
 import zmq
 
 from . import ipc
+from . import layout as layout_file
 from .config import SendOptions, TransferResult, default_workers, is_loopback
 from .errors import ConnectError, StxError, UsageError, error_from_code
 from .handshake import ClientHandshake, handshake_cap, now_ms
 from .keyschedule import SessionKeys
+from .manifest import Header
 from .messages import (
     Acked,
     Alive,
@@ -71,8 +73,6 @@ from .send_session import (
     sealed_error,
 )
 from .session_base import ConnectionLost, Failed, FrameIn, Output, SendFrame, Succeeded, Tick
-from . import layout as layout_file
-from .manifest import Header
 from .source import REPLACED, SourceFile
 from .sources import Sources, choose_block_size, open_sources
 from .transfer import Transfer

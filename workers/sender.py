@@ -25,7 +25,6 @@ from typing import Any
 import zmq
 
 from stxpar import channel, ipc, layout
-from stxpar.blocks import BlockSpace
 from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, ProtocolError, SourceChangedError, StxError, error_from_wire
 from stxpar.messages import (

@@ -57,7 +57,7 @@ CRC_LEN = 4
 T_INIT = 0x00
 T_JOIN = 0x10
 T_BLOCK = 0x11
-KNOWN_TYPES = frozenset({*range(0x00, 0x0B), 0x0F, 0x10, 0x11, 0x12})
+KNOWN_TYPES = frozenset({*range(0x00, 0x0C), 0x0F, 0x10, 0x11, 0x12})
 #: anything longer is not an STX frame (64 MiB blocks + headers)
 MAX_FRAME_PAYLOAD = (136 << 20) + 64
 #: offset of the ciphertext in a whole BLOCK frame (frame header + block header)

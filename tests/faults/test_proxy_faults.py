@@ -41,10 +41,11 @@ from itest_support import (
 )
 from stxpar.workers.receiver import MAX_CRC_RETRIES
 from tcp_relay import RelayConnection
+from transfers import context
 
 import stxpar
 from stxpar.errors import AuthError
-from stxpar.records import BlockContext, BlockOpener, BlockSealer, CrcMismatch
+from stxpar.records import BlockOpener, BlockSealer, CrcMismatch
 
 BLOCK = 256 << 10
 SIZE = 4 << 20
@@ -98,11 +99,11 @@ def new_session(relay: FaultRelay, old: set[int]) -> bool:
 def test_damage_block_is_caught_by_crc_or_by_tag() -> None:
     """The proxy's two kinds of damage are what they claim: a flipped bit fails the CRC; a
     flipped bit with a recomputed CRC passes the CRC and fails the GCM tag."""
-    ctx = BlockContext(
+    ctx = context(
         session_id=bytes(range(16)),
         stream=3,
-        file_size=3 * 4096 + 7,
-        file_id=b"F" * 16,
+        size=3 * 4096 + 7,
+        manifest_id=b"F" * 16,
         block_size=4096,
     )
     secret = bytes(range(32, 64))
@@ -111,8 +112,8 @@ def test_damage_block_is_caught_by_crc_or_by_tag() -> None:
         opener = BlockOpener(stream_secret=secret, ctx=ctx)
         frame = bytes(sealer.seal(1, b"x" * 4096))
         # the untouched frame opens (so the failure below is the damage's doing)
-        seq, plain = opener.open(memoryview(frame)[5:])
-        assert (seq, bytes(plain)) == (1, b"x" * 4096)
+        where, plain = opener.open(memoryview(frame)[5:])
+        assert (where.block, bytes(plain)) == (1, b"x" * 4096)
         frame2 = bytes(sealer.seal(2, b"y" * 4096))
         bad = damage_block(frame2, fix_crc=fix_crc)
         assert bad != frame2 and len(bad) == len(frame2)

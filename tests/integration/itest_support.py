@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import msgpack
+import psutil
 from xxhash import xxh3_128_digest
 
 from stxpar import ipc
