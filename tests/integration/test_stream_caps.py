@@ -117,7 +117,8 @@ def test_global_stream_cap(scratch: Path, psk: bytes) -> None:
         extra = b.stream(1)
         assert _refused_busy(extra)
         assert extra.peer.closed_by_peer(wait=5)
-        assert sum(p.num_threads() for p in workers) == base + 3
+        threads = lambda: sum(p.num_threads() for p in workers)  # noqa: E731
+        assert wait_for(lambda: threads() == base + 3, timeout=5), (threads(), base)
         # once one is gone, a new one is taken
         held.pop().close()
         assert wait_for(lambda: r.snapshot().streams_open == 2, timeout=10)
