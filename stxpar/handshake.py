@@ -1,4 +1,4 @@
-"""The STX handshake state machines, version ``stx2`` (sans-IO: frames in, frames out, clock
+"""The STX handshake state machines, version ``stx3`` (sans-IO: frames in, frames out, clock
 passed in).
 
 Theory of operation
@@ -6,7 +6,7 @@ Theory of operation
 The seed's flow, with SECURITY.md's fixes::
 
     client (sender)                                server (receiver)
-    -- INIT("stx2") -->                              (the seed's "Init Connection")
+    -- INIT("stx3") -->                              (the seed's "Init Connection")
                      <-- SERVER_HELLO(nonce_s, t) --
     -- CLIENT_HELLO(key_id, nonce_c, t) -->
     -- CLIENT_AUTH(MAC_c(TH)) -->                   checks the cheap PSK MAC first

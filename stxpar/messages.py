@@ -12,7 +12,7 @@ by SCM_RIGHTS), cancels a session's streams (``Cancel``), and hears what landed 
 
 On the wire of a channel a message is the msgpack array ``[VERSION, TAG, field, ...]`` in the
 dataclass's field order: only plain values (ints, floats, strings, bytes, bools, arrays) cross
-the codec boundary; nested records (``FileRef``) travel as arrays of their fields. ``decode``
+the codec boundary; nested records (dataclasses) travel as arrays of their fields. ``decode``
 is the one boundary where foreign input becomes a message: size and msgpack limits first,
 then the version, the tag (only the kinds the caller expects), the number of fields and each
 field's type; anything else is a ProtocolError, never another exception. The channel a

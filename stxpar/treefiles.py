@@ -10,7 +10,9 @@ the same PATHs finds it again) holding:
     state            the resume log (``stxpar.treestate``)
     <key hex>        one partial per FILE entry, named by ``Manifest.key``: the receiver's workers
                      create it and ``pwrite`` its blocks at their offsets in the file
-    layout           written by the session (``control``); never touched here
+
+(The session's layout file, which tells the workers where each block goes, lives in the
+receiver's private directory, not here: ``control`` writes it.)
 
 A file gets its final name the moment its last block is recorded (``log.append``): the partial
 is cut to the file's size (a trailing hole stays a hole), given its mode and mtime, fsynced and
