@@ -110,6 +110,10 @@ class BlockSpace:
     def entries(self) -> int:
         return len(self._starts) - 1
 
+    def entry_starts(self) -> Sequence[int]:
+        """The first block of each entry, and the total at the end."""
+        return self._starts
+
     def entry_blocks(self, entry: int) -> range:
         return range(self._starts[entry], self._starts[entry + 1])
 

@@ -37,7 +37,7 @@ from .destination import NameLock, Names, check_final, disk_error, safe_name
 from .errors import ConnectError, StxError, error_from_wire
 from .keyschedule import SessionKeys
 from .manifest import Limits
-from .messages import FileRef, Landed, StreamFailed
+from .messages import Landed, StreamFailed
 from .netio import FramedSocket
 from .recv_session import (
     Admit,
@@ -341,13 +341,10 @@ class ControlHandler:
     @staticmethod
     def _plan(md: Transfer, opened: partials.Opened | treefiles.TreeOpened) -> layout_file.Layout:
         manifest = md.manifest
-        extents = tuple(e.extents for e in manifest.entries)
-        files: list[FileRef | None] = [None] * len(extents)
-        for i, e in enumerate(manifest.entries):
-            if e.extents:
-                name = treefiles.partial_name(manifest.key(i))
-                files[i] = FileRef(name, 0, 0, e.size, e.mtime_ns, 0)
-        return layout_file.Layout(md.block_size, extents, tuple(files))
+        extents = [e.extents for e in manifest.entries]
+        key, name = manifest.key, treefiles.partial_name
+        names = {i: name(key(i)) for i, ext in enumerate(extents) if ext}
+        return layout_file.Layout.named(md.block_size, extents, names)
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:
         failed: StxError | None = None

@@ -33,7 +33,9 @@ def block_digest(data: bytes | memoryview | bytearray) -> bytes:
     return xxh3_128_digest(data)
 
 
-def file_digest(*, block_digests: bytes | bytearray, block_size: int, size: int) -> bytes:
+def file_digest(
+    *, block_digests: bytes | bytearray | memoryview, block_size: int, size: int
+) -> bytes:
     h = hashlib.sha256(_LABEL)
     h.update(struct.pack(">IQ", block_size, size))
     h.update(block_digests)

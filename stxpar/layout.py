@@ -34,23 +34,60 @@ MAGIC = "stx3 layout"
 MAX_LAYOUT = 1 << 30
 
 
+class _Rows(Sequence["FileRef | None"]):
+    """Per entry, its file (a ``FileRef``, made when asked for: a million entries must not
+    cost a million objects up front) or None."""
+
+    def __init__(self, n: int, rows: dict[int, tuple[str, int, int, int, int, int]]) -> None:
+        self.n = n
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> FileRef | None:  # type: ignore[override]
+        row = self.rows.get(i)
+        return None if row is None else FileRef(*row)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Per manifest entry: its data extents (``()`` for none) and its file (``None``: none)."""
 
     block_size: int
     extents: tuple[tuple[int, ...], ...]
-    files: tuple[FileRef | None, ...]
+    files: Sequence[FileRef | None]
+
+    @classmethod
+    def named(
+        cls, block_size: int, extents: Sequence[tuple[int, ...]], names: dict[int, str]
+    ) -> Layout:
+        """A receiver's layout: the partial file's name of each entry with data."""
+        rows = {i: (name, 0, 0, 0, 0, 0) for i, name in names.items()}
+        return cls(block_size, tuple(extents), _Rows(len(extents), rows))
+
+    def name(self, i: int) -> str | None:
+        """Entry ``i``'s file name or path (None: the entry holds no data)."""
+        files = self.files
+        if isinstance(files, _Rows):
+            row = files.rows.get(i)
+            return None if row is None else row[0]
+        ref = files[i]
+        return None if ref is None else ref.path
 
     def space(self) -> BlockSpace:
         return BlockSpace.of_extents(self.extents, block_size=self.block_size)
 
     def encode(self) -> bytes:
-        rows = [
-            [i, list(self.extents[i]), f.path, f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns]
-            for i, f in enumerate(self.files)
-            if f is not None
-        ]
+        files = self.files
+        if isinstance(files, _Rows):
+            rows = [[i, list(self.extents[i]), *row] for i, row in files.rows.items()]
+        else:
+            rows = [
+                [i, list(self.extents[i]), f.path, f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns]
+                for i, f in enumerate(files)
+                if f is not None
+            ]
         return msgpack.packb([MAGIC, self.block_size, len(self.extents), rows], use_bin_type=True)
 
     @classmethod
@@ -68,11 +105,11 @@ class Layout:
             if magic != MAGIC or not 0 < n <= 1 << 24:
                 raise ValueError("not a layout")
             extents: list[tuple[int, ...]] = [()] * n
-            files: list[FileRef | None] = [None] * n
+            files: dict[int, tuple[str, int, int, int, int, int]] = {}
             for i, ext, path, dev, ino, size, mtime, ctime in rows:
-                extents[i] = tuple(int(x) for x in ext)
-                files[i] = FileRef(str(path), dev, ino, size, mtime, ctime)
-            return cls(int(block_size), tuple(extents), tuple(files))
+                extents[i] = tuple(ext)
+                files[i] = (path, dev, ino, size, mtime, ctime)
+            return cls(int(block_size), tuple(extents), _Rows(n, files))
         except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
             raise ProtocolError("malformed layout file") from exc
 

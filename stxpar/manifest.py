@@ -596,13 +596,10 @@ class Manifest:
         every = memoryview(ledger.all_digests())
         h = hashlib.sha256(_TREE_LABEL)
         h.update(self.digest)
+        starts, bs, n = self.space.entry_starts(), self.block_size, BLOCK_DIGEST_LEN
         for i, e in enumerate(self.entries):
             if e.kind == Kind.FILE:
-                blocks = self.space.entry_blocks(i)
-                digests = every[blocks.start * BLOCK_DIGEST_LEN : blocks.stop * BLOCK_DIGEST_LEN]
-                h.update(
-                    file_digest(
-                        block_digests=bytes(digests), block_size=self.block_size, size=e.data_bytes
-                    )
-                )
+                size = sum(e.extents[1::2]) if len(e.extents) != 2 else e.extents[1]
+                digests = every[starts[i] * n : starts[i + 1] * n]
+                h.update(file_digest(block_digests=digests, block_size=bs, size=size))
         return h.digest()

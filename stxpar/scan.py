@@ -87,12 +87,13 @@ class Scan:
         no descriptors kept."""
         for index in sorted(self.sources):
             ref = self.sources[index]
-            name = _printable(ref.path)
             try:
                 st = os.lstat(ref.path)
             except OSError:
+                name = _printable(ref.path)
                 raise SourceChangedError(f"{REPLACED}: {name} was removed or renamed") from None
             if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or not stat.S_ISREG(st.st_mode):
+                name = _printable(ref.path)
                 raise SourceChangedError(f"{REPLACED}: {name} names another file now")
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
                 ref.size,
@@ -100,7 +101,8 @@ class Scan:
                 ref.ctime_ns,
             ):
                 raise SourceChangedError(
-                    f"{name} changed during the transfer (size, modification or change time);"
+                    f"{_printable(ref.path)} changed during the transfer (size, modification or"
+                    " change time);"
                     " send it again once it is stable"
                 )
 

@@ -46,6 +46,8 @@ class Run:
     width: int = 0
     #: files with no data at all (empty, or only holes): done as soon as the run is
     empty_files: int = 0
+    #: the whole-transfer digest the receipt confirmed (END's)
+    digest: bytes = b""
 
     @classmethod
     def new(cls, sources: Sources, block_size: int) -> Run:
@@ -91,7 +93,7 @@ class Run:
         return held > 0
 
     def whole_digest(self) -> bytes:
-        return self.manifest.tree_digest(self.ledger)
+        return self.digest or self.manifest.tree_digest(self.ledger)
 
 
 @dataclass

@@ -402,7 +402,8 @@ def _session(
     assert opts.block_size is not None
     try:
         src = run.sources
-        src.check_unchanged()
+        if run.reconnects or src.single is not None:  # (a tree was walked just now)
+            src.check_unchanged()
         timeout = opts.connect_timeout
         if deadline is not None:
             timeout = min(timeout, max(0.01, deadline - time.monotonic()))
@@ -521,6 +522,7 @@ def _session(
             elif isinstance(out, Failed):
                 raise out.error
             elif isinstance(out, Succeeded):
+                run.digest = session.digest
                 if phase is not None:
                     phase.finish()  # the workers wound down while END and RECEIPT crossed
                 return

@@ -286,7 +286,7 @@ class _TreeTarget(_Target):
         if inode is not None and (st.st_dev, st.st_ino) != inode:
             os.close(self.dir)
             raise RejectedError("the staging directory was removed or replaced under the receiver")
-        self.files = plan.files
+        self.plan = plan
         self.open: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.dirty: set[int] = set()
 
@@ -295,8 +295,8 @@ class _TreeTarget(_Target):
         if fd is not None:
             self.open.move_to_end(entry)
             return fd
-        ref = self.files[entry]
-        if ref is None:
+        name = self.plan.name(entry)
+        if name is None:
             raise ProtocolError(f"block for entry {entry}, which holds no data")
         if len(self.open) >= OPEN_PARTIALS:
             old, old_fd = self.open.popitem(last=False)
@@ -305,7 +305,7 @@ class _TreeTarget(_Target):
             os.close(old_fd)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(ref.path, flags, 0o600, dir_fd=self.dir)
+            fd = os.open(name, flags, 0o600, dir_fd=self.dir)
         except OSError as exc:
             raise _open_error(exc, "a partial file") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
