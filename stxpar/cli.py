@@ -301,7 +301,13 @@ def _partials(args: argparse.Namespace) -> int:
                     "blocks_total": p.blocks_total,
                     "age_s": round(p.age_s, 1),
                     "action": verb,
+                    "tree": p.tree,
                 }
+            )
+        elif p.tree:
+            print(
+                f"{verb} tree {p.name}: {_human(p.have_bytes)} held ({p.blocks_have} blocks),"
+                f" untouched for {p.age_s / 3600:.1f} h"
             )
         else:
             print(
@@ -343,8 +349,10 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 mbps = (
                     (fields["bytes"] - held) / fields["seconds"] / 1e6 if fields["seconds"] else 0.0
                 )
+                tree = fields.get("dirs") or fields.get("symlinks") or fields.get("files", 1) != 1
+                files = f"{fields.get('files', 0)} files, " if tree else ""
                 print(
-                    f"received {fields['file']}: {_amount(fields['bytes'], held)} in"
+                    f"received {fields['file']}: {files}{_amount(fields['bytes'], held)} in"
                     f" {fields['seconds']:.2f} s ({mbps:.1f} MB/s)",
                     file=sys.stderr,
                 )
@@ -491,7 +499,10 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         " --max-retries it bounds how long a receiver outage is waited out",
     )
     p.add_argument(
-        "--json", action="store_true", help="print one JSON summary line on stdout at the end"
+        "--json",
+        action="store_true",
+        help="print one JSON summary line on stdout at the end (bytes, seconds, blocks, digest;"
+        " files, dirs, symlinks, skipped and bytes_sparse: holes of sparse files not sent)",
     )
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no progress line and no summary on stderr"
@@ -590,7 +601,10 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         help="remove partial transfers in --dest untouched for AGE (e.g. 30m, 12h, 7d) and exit",
     )
     p.add_argument(
-        "--json", action="store_true", help="print one JSON line on stdout per received file"
+        "--json",
+        action="store_true",
+        help="print one JSON line on stdout per received file or tree (with files, dirs and"
+        " symlinks for a tree)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
     p.set_defaults(func=cmd_recv)

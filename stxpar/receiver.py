@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from . import ipc
+from . import destination, ipc, treefiles
 from .channel import report_pull, report_push
 from .config import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .config import DEFAULT_MAX_WORKER_STREAMS as DEFAULT_MAX_WORKER_STREAMS
@@ -50,8 +50,6 @@ from .destination import LOCK_SUFFIX as LOCK_SUFFIX
 from .destination import PART_SUFFIX as PART_SUFFIX
 from .destination import STATE_SUFFIX as STATE_SUFFIX
 from .destination import check_dest
-from .destination import list_partials as list_partials
-from .destination import purge_partials as purge_partials
 from .destination import safe_name as safe_name
 from .errors import ConnectError, StxError, UsageError
 from .gatekeeper import Gatekeeper, GateLimits, error_frame
@@ -68,6 +66,7 @@ from .recvpool import SPAWN_DESCRIPTORS as SPAWN_DESCRIPTORS
 from .recvpool import ReceiverPool, route_reports
 from .registry import COMPLETED_KEEP, CompletedList, SessionRegistry
 from .registry import ReceivedFile as ReceivedFile
+from .state import Partial
 from .state import load as load_state  # noqa: F401  (tests count its calls)
 from .wire import Join
 
@@ -412,3 +411,17 @@ class Receiver:
             with contextlib.suppress(StxError):  # retryable: the sender replaces the stream
                 fs.send(error_frame(exc, generic=False))
             raise
+
+
+def list_partials(dest: str | os.PathLike[str]) -> list[Partial]:
+    """Partial transfers in ``dest`` (what a resume would continue): single files' partials,
+    then trees' staging directories."""
+    found = destination.list_partials(dest)
+    return found + treefiles.find_trees(Path(dest), now=time.time())
+
+
+def purge_partials(dest: str | os.PathLike[str], *, older_than_s: float) -> list[Partial]:
+    """Remove partial transfers (files and trees) untouched for ``older_than_s`` seconds whose
+    names no receiver holds now; return them."""
+    removed = destination.purge_partials(dest, older_than_s=older_than_s)
+    return removed + treefiles.purge_trees(Path(dest), older_than_s=older_than_s, now=time.time())

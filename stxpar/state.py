@@ -286,6 +286,8 @@ class Partial:
     blocks_total: int
     age_s: float
     files: tuple[Path, ...]
+    #: a directory tree's staging directory (its size is not known: ``size`` is 0)
+    tree: bool = False
 
 
 def find_partials(dest: Path, *, part_suffix: str, state_suffix: str, now: float) -> list[Partial]:

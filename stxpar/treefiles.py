@@ -36,6 +36,7 @@ there), unlinks every other partial, rewrites the log compactly and makes the di
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -47,10 +48,11 @@ from pathlib import Path
 
 from . import treestate
 from .blocks import BlockLedger
-from .destination import disk_error, free_bytes, is_ours
+from .destination import NameLock, Names, disk_error, free_bytes, is_ours
 from .errors import RejectedError, StateFileError
 from .manifest import Entry, Kind, Manifest
 from .partials import NullLog
+from .state import Partial
 from .treestate import BLOCK, DONE, ENTRY, TreeStateLog, encode_record
 
 LAYOUT = "layout"
@@ -61,10 +63,13 @@ _SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NOT_A_DIR = (errno.ENOTDIR, errno.ELOOP)
 
 
+STAGING_SUFFIX = ".stxtree"
+
+
 def staging_name(roots: Sequence[str]) -> str:
     """The staging directory of a tree with these top-level names."""
     joined = b"\0".join(sorted(r.encode() for r in roots))
-    return ".stx-" + hashlib.sha256(joined).hexdigest()[:16] + ".stxtree"
+    return ".stx-" + hashlib.sha256(joined).hexdigest()[:16] + STAGING_SUFFIX
 
 
 def partial_name(key: bytes) -> str:
@@ -769,3 +774,118 @@ class _DestFd:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)
+
+
+# ---------------------------------------------------------------- trees left behind
+
+#: The most of a staging directory's log read to list it (a million files' records fit).
+LIST_LOG_LIMIT = 256 << 20
+
+
+def find_trees(dest: Path, *, now: float) -> list[Partial]:
+    """The staging directories of tree transfers left in ``dest`` (``stx recv
+    --list-partial``): their top-level names (from the log), the bytes and blocks held, how
+    long untouched. Only real directories of this user are looked at; nothing is followed."""
+    found = []
+    for entry in sorted(dest.iterdir()):
+        n = entry.name
+        if not (n.startswith(".stx-") and n.endswith(STAGING_SUFFIX)):
+            continue
+        try:
+            st = os.lstat(entry)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            dfd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        held = blocks = 0
+        newest = st.st_mtime
+        roots: tuple[str, ...] = ()
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    with contextlib.suppress(OSError):
+                        est = e.stat(follow_symlinks=False)
+                        newest = max(newest, est.st_mtime)
+                        if stat.S_ISREG(est.st_mode) and e.name != treestate.NAME:
+                            held += est.st_blocks * 512
+            with contextlib.suppress(OSError, StateFileError):
+                got = treestate.read(dfd, LIST_LOG_LIMIT)
+                if got is not None:
+                    parsed = treestate.parse(got[0])
+                    roots = parsed.header.roots
+                    blocks = sum(len(f.blocks) for f in parsed.files.values())
+        except OSError:
+            continue
+        finally:
+            os.close(dfd)
+        name = ", ".join(_show(r) for r in roots) if roots else n
+        found.append(Partial(name, 0, held, blocks, 0, now - newest, (entry,), tree=True))
+    return found
+
+
+def purge_trees(dest: Path, *, older_than_s: float, now: float) -> list[Partial]:
+    """Remove the staging directories untouched for ``older_than_s`` seconds whose top-level
+    names no receiver holds now (``stx recv --purge-partial``); return them. Files already
+    put in place and directories already made stay."""
+    removed = []
+    for partial in find_trees(dest, now=now):
+        if partial.age_s < older_than_s:
+            continue
+        roots = _roots_of(partial.files[0])
+        locks: list[NameLock] = []
+        try:
+            for root in sorted(set(roots)):
+                lock = NameLock.try_acquire(Names.of(dest, root).lock)
+                if lock is None:
+                    break  # a live receiver works on it
+                locks.append(lock)
+            else:
+                if remove_staging(dest, partial):
+                    removed.append(partial)
+        except OSError:
+            pass
+        finally:
+            for lock in locks:
+                lock.release()
+    return removed
+
+
+def _roots_of(path: Path) -> tuple[str, ...]:
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ()
+    try:
+        got = treestate.read(dfd, LIST_LOG_LIMIT)
+        return treestate.parse(got[0]).header.roots if got is not None else ()
+    except (OSError, StateFileError):
+        return ()
+    finally:
+        os.close(dfd)
+
+
+def remove_staging(dest: Path, partial: Partial) -> bool:
+    """Remove a tree's staging directory left behind (the caller holds its names' locks):
+    its files are unlinked, never followed, then the directory itself. False if it is not
+    a directory of this user any more."""
+    (path,) = partial.files
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        with os.scandir(dfd) as it:
+            names = [e.name for e in it if not e.is_dir(follow_symlinks=False)]
+        for name in names:
+            _unlink(name, dfd)
+    finally:
+        os.close(dfd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
