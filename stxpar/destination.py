@@ -376,7 +376,7 @@ class NameLock:
         try:
             lock = cls.try_acquire(path)
         except OSError as exc:
-            raise RejectedError(f"cannot lock {name} in the destination: {exc.strerror}") from None
+            raise disk_error(exc, f"cannot lock {name} in the destination") from None
         if lock is None:
             raise ConnectError(
                 f"{name} is being received into this destination by another receiver;"

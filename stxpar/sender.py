@@ -449,6 +449,15 @@ def _session(
         )
 
         layout_path = ""
+        block_size = opts.block_size
+
+        def write_layout(workers: SenderPool) -> None:
+            """The layout the workers read, once per pool, in its private directory."""
+            nonlocal layout_path
+            path = os.path.join(workers.endpoints.workdir, "layout")
+            if not os.path.exists(path):
+                layout_file.write(path, src.layout(block_size))
+            layout_path = path
 
         def setup(stream: int) -> Setup:
             return Setup(
@@ -467,6 +476,9 @@ def _session(
         pending = deque(session.start(time.monotonic()))
         while True:
             if not pending:
+                if pool is not None and not layout_path:
+                    # While the receiver checks the manifest and admits the transfer.
+                    write_layout(pool)
                 # The receiver fsyncs and renames before it answers RECEIPT; no answer for
                 # stall_timeout (METADATA_ACK too) is a stall like any other.
                 ctl.sock.settimeout(opts.stall_timeout)
@@ -487,9 +499,7 @@ def _session(
                 if pool is None:  # the receiver lost blocks acknowledged earlier
                     pool = SenderPool(min(opts.workers or 1, len(out.needed)))
                 ctl.sock.settimeout(None)
-                layout_path = os.path.join(pool.endpoints.workdir, "layout")
-                if not os.path.exists(layout_path):
-                    layout_file.write(layout_path, src.layout(opts.block_size))
+                write_layout(pool)  # (a pool made just now has none yet)
                 phase = _DataPhase(
                     run=run,
                     session=session,

@@ -416,7 +416,10 @@ def open_tree(
             raise disk_error(exc, "cannot check the destination") from None
         # Read only: what the log (if any) says is held and still there.
         held, done = _survey(dirs, staging_fd, manifest, on_restart)
-        recent = remembered(manifest.digest)
+        # A completion remembered, but a staging directory there: a later run of the same tree
+        # was cut off (its files may all be in place, its directories' modes and times not yet):
+        # resume it, and let its finalize put them right.
+        recent = remembered(manifest.digest) if staging_fd < 0 else None
         if recent is not None and all(
             _in_place(dirs, manifest.entries[i])
             for i, e in enumerate(manifest.entries)

@@ -494,20 +494,7 @@ class Rig:
             listen=listen,
         )
         self.receivers.append(r)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r.start()
-                break
-            except AssertionError:
-                # the port may be briefly unavailable right after a SIGKILL; try again
-                if r.proc is not None:
-                    self.guard.track(r.proc)
-                if time.monotonic() > deadline or "address already in use" not in r.stderr:
-                    raise
-                time.sleep(0.1)
-        assert r.proc is not None
-        self.guard.track(r.proc)
+        start_on_port(r, self.guard)
         if self.port == 0:
             self.port = r.port
         assert r.port == self.port
@@ -732,6 +719,24 @@ def rig_factory(
                 rig.stop()
 
 
+def start_on_port(r: CliReceiver, guard: Any) -> None:
+    """Start ``r``; its port may be briefly unavailable right after a SIGKILL of the receiver
+    that had it: try again for up to 20 s. ``guard`` tracks every process started."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            r.start()
+            break
+        except AssertionError:
+            if r.proc is not None:
+                guard.track(r.proc)
+            if time.monotonic() > deadline or "address already in use" not in r.stderr:
+                raise
+            time.sleep(0.1)
+    assert r.proc is not None
+    guard.track(r.proc)
+
+
 @pytest.fixture
 def kit() -> Any:
     """The helper classes and functions, for tests that need them by name."""
@@ -747,6 +752,7 @@ def kit() -> Any:
         make_source = staticmethod(make_source)
         check_state_claims = staticmethod(check_state_claims)
         workers_of = staticmethod(workers_of)
+        start_on_port = staticmethod(start_on_port)
 
     return Kit
 

@@ -22,7 +22,6 @@ import contextlib
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,27 +80,15 @@ class TreeRig:
 
     # -- processes
     def start_receiver(self) -> CliReceiver:
-        deadline = time.monotonic() + 20
-        while True:
-            r = CliReceiver(
-                self.keyfile,
-                self.dest,
-                self.logdir,
-                workers=WORKERS,
-                once=False,
-                listen=f"127.0.0.1:{self.port}",
-            )
-            try:
-                r.start()
-                break
-            except AssertionError:
-                if r.proc is not None:
-                    self.guard.track(r.proc)
-                if time.monotonic() > deadline or "address already in use" not in r.stderr:
-                    raise
-                time.sleep(0.1)
-        assert r.proc is not None
-        self.guard.track(r.proc)
+        r = CliReceiver(
+            self.keyfile,
+            self.dest,
+            self.logdir,
+            workers=WORKERS,
+            once=False,
+            listen=f"127.0.0.1:{self.port}",
+        )
+        self.kit.start_on_port(r, self.guard)
         self.receivers.append(r)
         if self.port == 0:
             self.port = r.port

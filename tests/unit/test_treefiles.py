@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -410,6 +411,40 @@ def test_remembered_completion_does_nothing(dest: Path) -> None:
     assert not again.complete and again.staging.exists()
     end(again, "discard")
     assert not again.staging.exists()
+
+
+def test_a_cut_off_rerun_of_a_remembered_tree_is_finished_not_taken_as_done(dest: Path) -> None:
+    """A tree completed (and remembered), sent again, and that run cut off after every file
+    was in place but before its finalize: the staging directory is there, the directories
+    are still 0700. The next run must resume and finalize (modes, mtimes), not answer
+    "complete" from memory because every file looks in place."""
+    big = os.urandom(3 * BS - 100)
+    t = make(  # files with data only: all of them are in place before finalize
+        [
+            (D("D", mode=0o750), b""),
+            (D("D/sub", mode=0o755), b""),
+            (F("D/big.bin", big, mode=0o640), big),
+            (F("D/sub/small", b"hello"), b"hello"),
+        ]
+    )
+    first = admit(dest, t.m)
+    t.send(first, all_blocks(t))
+    ledger = BlockLedger.of(t.m.space, t.write(first, []))
+    finalize(first, mode=0)
+    shutil.rmtree(dest / "D")  # the copy removed; then the same tree again, cut off at the end
+    rerun = admit(dest, t.m)
+    t.send(rerun, all_blocks(t))
+    end(rerun, "keep")
+    assert stat.S_IMODE(os.stat(dest / "D").st_mode) == 0o700
+    got = admit(dest, t.m, remembered=lambda digest: ledger if digest == t.m.digest else None)
+    assert not got.complete
+    got.log.append([])
+    finalize(got, mode=0)
+    for e in t.m.entries:
+        if e.kind == Kind.DIR:
+            st = os.stat(dest / e.path)
+            assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (e.mode, e.mtime_ns)
+    assert not got.staging.exists()
 
 
 # ---------------------------------------------------------------- plants and refusals
