@@ -113,7 +113,7 @@ def _printable(path: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _bad_name(encoded: bytes) -> str | None:
+def bad_name(encoded: bytes) -> str | None:
     """Why the receiver would refuse a path component (its bytes), or None."""
     try:
         text = encoded.decode("utf-8")
@@ -356,7 +356,7 @@ class _Walker:
         path and in the absolute one."""
         name = e.name
         display = os.path.join(ddisplay, name)
-        why = _bad_name(encoded)
+        why = bad_name(encoded)
         if why is None and len(encoded) > room[0]:
             why = f"its path is longer than {MAX_PATH_BYTES} bytes"
         elif why is None and len(encoded) > room[1]:
@@ -446,7 +446,7 @@ def _roots(paths: Sequence[str | os.PathLike[str]]) -> list[_Root]:
         name = os.path.basename(real)
         if not name:
             raise UsageError(f"{shown}: cannot send the root directory; name what is under it")
-        why = _bad_name(os.fsencode(name))
+        why = bad_name(os.fsencode(name))
         if why is not None:
             raise UsageError(f"{shown}: cannot send it: {why}")
         if name.endswith(RESERVED_SUFFIXES):

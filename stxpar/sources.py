@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .layout import Layout
-from .manifest import Entry, Kind, Manifest
+from .manifest import RESERVED_SUFFIXES, Entry, Kind, Manifest
 from .messages import FileRef
-from .scan import Scan, extents_of, scan
+from .scan import Scan, bad_name, extents_of, scan
 from .source import SourceFile
-from .wire import MAX_BLOCK_SIZE, MAX_BLOCKS, blocks_for
+from .wire import MAX_BLOCK_SIZE, MAX_BLOCKS, blocks_for, printable
 
 
 @dataclass
@@ -113,6 +113,12 @@ def of_file(src: SourceFile) -> Sources:
         src.close()
         raise UsageError(f"{src.path}: cannot read: {exc.strerror}") from None
     name = os.fsencode(src.path.name).decode("utf-8", "replace")
+    why = bad_name(os.fsencode(src.path.name))  # as for a tree's top-level names (scan)
+    if why is None and name.endswith(RESERVED_SUFFIXES):
+        why = "names ending in .stx... are reserved"
+    if why is not None:
+        src.close()
+        raise UsageError(f"{printable(os.fspath(src.path))}: cannot send it: {why}")
     entry = Entry(
         Kind.FILE,
         name,

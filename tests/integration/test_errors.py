@@ -143,6 +143,14 @@ def build_case(name: str, scratch: Path, key: Path, stack: contextlib.ExitStack)
     if name == "fifo":
         os.mkfifo(scratch / "pipe")
         return Case(["send", scratch / "pipe", *send[2:]], 2, "FIFO")
+    if name == "reserved-name":
+        reserved = scratch / "backup.stxlock"
+        write_random(reserved, 10)
+        return Case(["send", reserved, *send[2:]], 2, "reserved")
+    if name == "control-character-name":
+        odd = scratch / "two\nlines.bin"
+        write_random(odd, 10)
+        return Case(["send", odd, *send[2:]], 2, "control characters")
     if name == "same-name-twice":
         (scratch / "a").mkdir()
         twin = scratch / "a" / "input.bin"
@@ -187,6 +195,8 @@ CASES = [
     "unreadable-file",
     "fifo",
     "same-name-twice",
+    "reserved-name",
+    "control-character-name",
     "no-port",
     "port-out-of-range",
     "missing-key",
