@@ -115,7 +115,11 @@ class Worker:
         sock = self.link.report_socket()
         try:
             while not self.stopping.wait(channel.BEAT_INTERVAL):
-                if self.link.coordinator_gone():
+                try:
+                    gone = self.link.coordinator_gone()
+                except zmq.ZMQError:
+                    return  # the context is being torn down: the worker is stopping
+                if gone:
                     _stop_requested.set()
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
@@ -277,6 +281,16 @@ def _quiet_unraisable(args: Any) -> None:
     sys.__unraisablehook__(args)
 
 
+def _quiet_thread_exception(args: Any) -> None:
+    """``threading.excepthook``: once the coordinator has asked this worker to stop, a thread
+    that trips over what the stopping main thread tears down (its ZeroMQ context) says
+    nothing: the worker is killed moments later, and half a line of "Exception in thread"
+    once ended up in front of the user's error line. Before a stop, Python's report."""
+    if _stop_requested.is_set():
+        return
+    threading.__excepthook__(args)
+
+
 def install_signal_handlers() -> None:
     """The coordinator decides when a worker stops, and says so with SIGTERM; Ctrl-C and a
     closed terminal reach the worker too, and are ignored."""
@@ -284,6 +298,7 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
     sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_thread_exception
 
 
 def main(argv: list[str]) -> int:

@@ -48,3 +48,40 @@ def test_stop_signal_inside_a_finalizer_is_quiet_and_kept() -> None:
     assert run.returncode == 0, run.stderr
     assert run.stderr == "", run.stderr
     assert run.stdout.split("\n")[:2] == ["stop requested", "check_alive exits 1"], run.stdout
+
+
+THREAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    from stxpar.workers import sender
+
+    sender.install_signal_handlers()
+    if sys.argv[1] == "stopping":
+        sender._stop_requested.set()
+
+    def trip():
+        raise RuntimeError("the context went away under this thread")
+
+    t = threading.Thread(target=trip, name="beat")
+    t.start()
+    t.join()
+    print("done")
+    """
+)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("state", ["running", "stopping"])
+def test_a_thread_failing_while_the_worker_stops_is_quiet(state: str) -> None:
+    """Once a stop was asked for, a worker thread that trips over the teardown prints nothing
+    (half a line of it once reached the user's terminal before the worker was killed);
+    before that, a thread's failure is reported as Python does."""
+    run = subprocess.run(
+        [sys.executable, "-c", THREAD_SCRIPT, state], capture_output=True, text=True, timeout=20
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "done\n"
+    if state == "stopping":
+        assert run.stderr == "", run.stderr
+    else:
+        assert "Exception in thread beat" in run.stderr and "RuntimeError" in run.stderr
