@@ -110,10 +110,6 @@ class BlockSpace:
     def entries(self) -> int:
         return len(self._starts) - 1
 
-    def entry_starts(self) -> Sequence[int]:
-        """The first block of each entry, and the total at the end."""
-        return self._starts
-
     def entry_blocks(self, entry: int) -> range:
         return range(self._starts[entry], self._starts[entry + 1])
 
@@ -128,10 +124,6 @@ class BlockSpace:
 
     def length(self, block: int) -> int:
         return self.locate(block).length
-
-    def entry_of(self, block: int) -> int:
-        """The entry block ``block`` belongs to."""
-        return bisect.bisect_right(self._starts, block) - 1
 
 
 class BlockLedger:

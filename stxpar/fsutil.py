@@ -5,6 +5,19 @@ from __future__ import annotations
 import os
 
 
+def read_at_most(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``fd`` (fewer at its end): a bounded read of a file that
+    may be larger than anything valid."""
+    chunks = []
+    while n > 0:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a directory's entries durable (a create, rename or unlink in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

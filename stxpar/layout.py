@@ -27,6 +27,7 @@ import msgpack
 
 from .blocks import BlockSpace
 from .errors import ProtocolError
+from .fsutil import read_at_most
 from .messages import FileRef
 
 MAGIC = "stx3 layout"
@@ -114,12 +115,6 @@ class Layout:
             raise ProtocolError("malformed layout file") from exc
 
 
-def of(
-    block_size: int, extents: Sequence[tuple[int, ...]], files: Sequence[FileRef | None]
-) -> Layout:
-    return Layout(block_size, tuple(extents), tuple(files))
-
-
 def write(path: str, layout: Layout) -> None:
     """Write ``layout`` to a new file at ``path`` (in the coordinator's private directory)."""
     data = layout.encode()
@@ -139,16 +134,9 @@ def read(path: str) -> Layout:
     except OSError as exc:
         raise ProtocolError(f"cannot read the transfer's layout: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
-        if size > MAX_LAYOUT:
+        if os.fstat(fd).st_size > MAX_LAYOUT:
             raise ProtocolError("the transfer's layout is too large")
-        chunks = []
-        while size > 0:
-            got = os.read(fd, min(size, 1 << 24))
-            if not got:
-                break
-            chunks.append(got)
-            size -= len(got)
+        data = read_at_most(fd, MAX_LAYOUT)
     finally:
         os.close(fd)
-    return Layout.decode(b"".join(chunks))
+    return Layout.decode(data)

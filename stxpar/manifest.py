@@ -584,10 +584,14 @@ class Manifest:
 
     def file_digest(self, entry: int, ledger: BlockLedger) -> bytes:
         """FILE entry ``entry``'s digest (``digest.file_digest``) from its blocks in ``ledger``."""
-        digests = b"".join(ledger.digest(b) for b in self.space.entry_blocks(entry))
-        return file_digest(
-            block_digests=digests, block_size=self.block_size, size=self.entries[entry].data_bytes
-        )
+        return self._file_digest(entry, memoryview(ledger.all_digests()))
+
+    def _file_digest(self, entry: int, every: memoryview) -> bytes:
+        """From ``every`` block's digest (the ledger's, in block order)."""
+        blocks, e = self.space.entry_blocks(entry), self.entries[entry]
+        size = e.extents[1] if len(e.extents) == 2 else sum(e.extents[1::2])
+        digests = every[blocks.start * BLOCK_DIGEST_LEN : blocks.stop * BLOCK_DIGEST_LEN]
+        return file_digest(block_digests=digests, block_size=self.block_size, size=size)
 
     def tree_digest(self, ledger: BlockLedger) -> bytes:
         """SHA-256("stx3 tree" || digest || the file digest of every FILE entry, in order)."""
@@ -596,10 +600,7 @@ class Manifest:
         every = memoryview(ledger.all_digests())
         h = hashlib.sha256(_TREE_LABEL)
         h.update(self.digest)
-        starts, bs, n = self.space.entry_starts(), self.block_size, BLOCK_DIGEST_LEN
         for i, e in enumerate(self.entries):
             if e.kind == Kind.FILE:
-                size = sum(e.extents[1::2]) if len(e.extents) != 2 else e.extents[1]
-                digests = every[starts[i] * n : starts[i + 1] * n]
-                h.update(file_digest(block_digests=digests, block_size=bs, size=size))
+                h.update(self._file_digest(i, every))
         return h.digest()

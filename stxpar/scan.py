@@ -113,6 +113,16 @@ def _printable(path: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def check_top_name(shown: str, name: str) -> None:
+    """UsageError unless ``name`` may be a top-level name at the receiver (``shown``: the PATH
+    as the message shows it)."""
+    why = bad_name(os.fsencode(name))
+    if why is None and name.endswith(RESERVED_SUFFIXES):
+        why = "names ending in .stx... are reserved"
+    if why is not None:
+        raise UsageError(f"{shown}: cannot send it: {why}")
+
+
 def bad_name(encoded: bytes) -> str | None:
     """Why the receiver would refuse a path component (its bytes), or None."""
     try:
@@ -446,11 +456,7 @@ def _roots(paths: Sequence[str | os.PathLike[str]]) -> list[_Root]:
         name = os.path.basename(real)
         if not name:
             raise UsageError(f"{shown}: cannot send the root directory; name what is under it")
-        why = bad_name(os.fsencode(name))
-        if why is not None:
-            raise UsageError(f"{shown}: cannot send it: {why}")
-        if name.endswith(RESERVED_SUFFIXES):
-            raise UsageError(f"{shown}: cannot send it: names ending in .stx... are reserved")
+        check_top_name(shown, name)
         roots.append(_Root(given, real, name))
     names: dict[str, _Root] = {}
     for root in roots:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .layout import Layout
-from .manifest import RESERVED_SUFFIXES, Entry, Kind, Manifest
+from .manifest import Entry, Kind, Manifest
 from .messages import FileRef
-from .scan import Scan, bad_name, extents_of, scan
+from .scan import Scan, check_top_name, extents_of, scan
 from .source import SourceFile
 from .wire import MAX_BLOCK_SIZE, MAX_BLOCKS, blocks_for, printable
 
@@ -113,12 +113,11 @@ def of_file(src: SourceFile) -> Sources:
         src.close()
         raise UsageError(f"{src.path}: cannot read: {exc.strerror}") from None
     name = os.fsencode(src.path.name).decode("utf-8", "replace")
-    why = bad_name(os.fsencode(src.path.name))  # as for a tree's top-level names (scan)
-    if why is None and name.endswith(RESERVED_SUFFIXES):
-        why = "names ending in .stx... are reserved"
-    if why is not None:
+    try:
+        check_top_name(printable(os.fspath(src.path)), src.path.name)  # as for a tree's
+    except UsageError:
         src.close()
-        raise UsageError(f"{printable(os.fspath(src.path))}: cannot send it: {why}")
+        raise
     entry = Entry(
         Kind.FILE,
         name,

@@ -28,7 +28,7 @@ from pathlib import Path
 import msgpack
 
 from .errors import StateFileError
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, read_at_most
 from .wire import BLOCK_DIGEST_LEN, MAX_BLOCKS, MAX_NAME_BYTES, blocks_for, held_bytes
 
 MAGIC = b"STXSTATE2\n"  # 2: 16-byte XXH3-128 block digests (1 had 32-byte BLAKE3)
@@ -235,10 +235,10 @@ def load(path: Path) -> Parsed | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        head = _read_at_most(fd, HEAD_LEN)
+        head = read_at_most(fd, HEAD_LEN)
         ident, end = parse_header(head)
         limit = max_log_len(ident, end)
-        data = head + _read_at_most(fd, limit - len(head)) if len(head) < limit else head[:limit]
+        data = head + read_at_most(fd, limit - len(head)) if len(head) < limit else head[:limit]
         parsed = parse(data)
     except (OSError, StateFileError):
         return None
@@ -247,17 +247,6 @@ def load(path: Path) -> Parsed | None:
     parsed.inode = (st.st_dev, st.st_ino)
     parsed.ours = _is_ours(st)
     return parsed
-
-
-def _read_at_most(fd: int, n: int) -> bytes:
-    chunks = []
-    while n > 0:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
 
 
 #: Never through a symlink, never blocking on a FIFO, never inherited by a worker.

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from .errors import StateFileError
+from .fsutil import read_at_most
 from .wire import BLOCK_DIGEST_LEN, MAX_BLOCKS
 
 MAGIC = b"STXTREE1\n"
@@ -172,14 +173,7 @@ def read(dir_fd: int, limit: int) -> tuple[bytes, os.stat_result] | None:
         st = os.fstat(fd)
         if not _is_regular(st):
             return None
-        chunks = []
-        while limit > 0:
-            chunk = os.read(fd, min(limit, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            limit -= len(chunk)
-        return b"".join(chunks), st
+        return read_at_most(fd, limit), st
     finally:
         os.close(fd)
 

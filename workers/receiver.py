@@ -316,15 +316,12 @@ class _TreeTarget(_Target):
 
     def write(self, plain: memoryview, entry: int, offset: int) -> None:
         fd = self._fd(entry)
-        done, size = 0, len(plain)
         try:
-            while done < size:
-                n = os.pwrite(fd, plain[done:], offset + done)
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, "no space left on device")
-                done += n
+            written = os.pwrite(fd, plain, offset)
         except OSError as exc:
             raise write_error(exc) from None
+        if written != len(plain):  # (a regular file: short only when the disk is full)
+            raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         self.dirty.add(entry)
 
     def _sync(self, entry: int, fd: int) -> None:
