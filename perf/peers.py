@@ -101,6 +101,16 @@ def version(argv: list[str]) -> str:
     return text[0].strip() if text else "?"
 
 
+def installed_env(cache_dir: Path) -> dict[str, str]:
+    """The environment for timed stx processes: Python's bytecode cached (in ``cache_dir``),
+    as ``pip install`` leaves it. Where PYTHONDONTWRITEBYTECODE is set (as on our CI
+    machines) an editable checkout would otherwise compile every module of every stx process
+    on every run, about 0.07 s a process that an installed stxpar never pays."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(cache_dir)
+    return env
+
+
 class LoopbackSshd:
     """A private ``sshd -D -e`` on 127.0.0.1 and the ssh/scp options that reach it."""
 

@@ -145,6 +145,8 @@ class TreeBench:
             self.stx = shutil.which(self.stx) or shutil.which("stx") or self.stx
         NEEDS["stx"] = ((self.stx,), ())
         self.root = Path(tempfile.mkdtemp(prefix="stx-tree-", dir=args.dir))
+        # stx's bytecode cached as an installed stxpar has it (the warm-up run fills it)
+        self.stx_env = peers.installed_env(self.root / "pycache")
         # the anonymous GridFTP server runs as nobody: it must reach its destinations
         os.chmod(self.root, 0o755)
         self.src = self.root / "src" / TREE
@@ -342,7 +344,7 @@ class TreeBench:
                 rargv = [self.stx, "recv", "--listen", "127.0.0.1:0", "--dest", str(dst)]
                 rargv += ["--psk-file", str(self.key), "--once", "--json"]
                 with open(self.logs / f"{tag}-recv.out", "wb") as rout:
-                    recv = self.spawn(rargv, f"{tag}-recv", stdout=rout)
+                    recv = self.spawn(rargv, f"{tag}-recv", stdout=rout, env=self.stx_env)
                 procs.append(recv)
                 try:
                     text = peers.wait_for_text(
@@ -360,7 +362,7 @@ class TreeBench:
                 self.release()
                 t0 = time.monotonic()
                 with open(self.logs / f"{tag}.out", "wb") as out:
-                    send = self.spawn(argv, tag, stdout=out)
+                    send = self.spawn(argv, tag, stdout=out, env=self.stx_env)
                 procs.append(send)
                 rec["wall"] = self.wait_all([send], t0)
                 try:  # the receiver exits after its receipt (--once): not counted, but awaited

@@ -11,6 +11,17 @@ offset ``b * block_size``. A tree's space (``BlockSpace.of_extents``, from ``man
 covers only the data extents of its files: holes of a sparse file, directories and symlinks
 have no blocks.
 
+Small files are packed (``of_extents(..., pack=True)``, what a manifest's space uses): a run of
+consecutive entries that are each one whole small file (one extent ``(0, size)``, ``size <=
+block_size // PACK_DIVISOR``) shares blocks, up to ``block_size`` bytes and ``PACK_MAX_FILES``
+files a block, their contents back to back in entry order. Such a block's ``BlockRef`` names
+its first entry, offset 0 and ``count`` entries (``members`` lists them); each member's
+``entry_blocks`` is that one block. An entry without data (a directory, a symlink, an empty
+file) or any other file ends a run, so packs never reach across a subdirectory and a change in
+one directory moves no other directory's packs. Both sides compute the same space from the
+manifest, so a pack needs no description on the wire, and its AEAD associated data (first
+entry, offset 0, length, manifest id) binds every member.
+
 The ``BlockLedger`` is the one record of which blocks a side holds and their digests: the
 receiver's durable blocks (from its state log, its workers' reports), the sender's completed
 blocks (acknowledged as durable, digest known). The whole-file digest is computed from it
@@ -40,14 +51,24 @@ class Entry:
     file_id: bytes
 
 
+#: A file of at most ``block_size // PACK_DIVISOR`` bytes, all data, is packed with its
+#: neighbours (``BlockSpace.of_extents(..., pack=True)``).
+PACK_DIVISOR = 8
+#: At most this many files share one block.
+PACK_MAX_FILES = 1024
+
+
 @dataclass(frozen=True)
 class BlockRef:
-    """Where block ``block`` of the space lies: ``length`` bytes at ``offset`` of entry ``entry``."""
+    """Where block ``block`` of the space lies: ``length`` bytes at ``offset`` of entry ``entry``;
+    a packed block (``count`` > 1) holds entries ``entry .. entry + count - 1``, each whole, back
+    to back from ``offset`` 0 (``BlockSpace.members``)."""
 
     block: int
     entry: int
     offset: int
     length: int
+    count: int = 1
 
 
 class BlockSpace:
@@ -68,39 +89,69 @@ class BlockSpace:
 
     @classmethod
     def of_extents(
-        cls, extents_per_entry: Iterable[Sequence[int]], *, block_size: int
+        cls, extents_per_entry: Iterable[Sequence[int]], *, block_size: int, pack: bool = False
     ) -> BlockSpace:
         """Blocks over each entry's flat extents ``(offset, length, offset, length, ...)``
-        (sorted, non-overlapping, each length > 0; ``()`` for an entry without data)."""
+        (sorted, non-overlapping, each length > 0; ``()`` for an entry without data); with
+        ``pack``, small whole files share blocks (see the module docstring)."""
         space = cls.__new__(cls)
-        space._build(extents_per_entry, block_size)
+        space._build(extents_per_entry, block_size, pack=pack)
         return space
 
-    def _build(self, extents_per_entry: Iterable[Sequence[int]], block_size: int) -> None:
+    def _build(
+        self, extents_per_entry: Iterable[Sequence[int]], block_size: int, *, pack: bool = False
+    ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self.block_size = block_size
-        #: first block of each entry, and the total at the end
+        small = block_size // PACK_DIVISOR if pack else 0
+        #: first block of each entry, and the total at the end (a pack member's is its pack's)
         self._starts = array("q", [0])
-        #: per extent: its first block, its file offset, and the file offset where it ends
+        #: per segment (an extent, or a pack): its first block, its first entry, its file
+        #: offset (0 for a pack), where it ends (a pack: its length), its entries (1 but a pack)
         self._seg_block = array("q")
+        self._seg_entry = array("q")
         self._seg_offset = array("q")
         self._seg_end = array("q")
+        self._seg_count = array("i")
+        #: per entry: its size if it may be a pack member (a small whole file), else 0
+        self._packed = array("i")
         block = 0
-        for extents in extents_per_entry:
+        run = 0  # bytes of the open pack (its segment is the last one), 0: none open
+        for entry, extents in enumerate(extents_per_entry):
             if len(extents) % 2:
                 raise ValueError("extents come in (offset, length) pairs")
+            if len(extents) == 2 and extents[0] == 0 and 0 < extents[1] <= small:
+                size = extents[1]
+                if run and run + size <= block_size and self._seg_count[-1] < PACK_MAX_FILES:
+                    run += size
+                    self._seg_end[-1] = run
+                    self._seg_count[-1] += 1
+                else:
+                    run = size
+                    self._segment(block, entry, 0, size, 1)
+                    block += 1
+                self._packed.append(size)
+                self._starts.append(block)
+                continue
+            run = 0
+            self._packed.append(0)
             end = 0
             for i in range(0, len(extents), 2):
                 offset, length = extents[i], extents[i + 1]
                 if offset < end or length <= 0:
                     raise ValueError("extents must be sorted, disjoint and non-empty")
                 end = offset + length
-                self._seg_block.append(block)
-                self._seg_offset.append(offset)
-                self._seg_end.append(end)
+                self._segment(block, entry, offset, end, 1)
                 block += blocks_for(length, block_size)
             self._starts.append(block)
+
+    def _segment(self, block: int, entry: int, offset: int, end: int, count: int) -> None:
+        self._seg_block.append(block)
+        self._seg_entry.append(entry)
+        self._seg_offset.append(offset)
+        self._seg_end.append(end)
+        self._seg_count.append(count)
 
     @property
     def total(self) -> int:
@@ -111,16 +162,42 @@ class BlockSpace:
         return len(self._starts) - 1
 
     def entry_blocks(self, entry: int) -> range:
+        if self._packed[entry]:
+            start = self._seg_block[bisect.bisect_right(self._seg_entry, entry) - 1]
+            return range(start, start + 1)
         return range(self._starts[entry], self._starts[entry + 1])
 
     def locate(self, block: int) -> BlockRef:
         """Where block ``block`` lies; ``offset`` is the offset in the entry's file."""
         if not 0 <= block < self.total:
             raise IndexError(f"block {block} outside 0..{self.total - 1}")
-        entry = bisect.bisect_right(self._starts, block) - 1
         seg = bisect.bisect_right(self._seg_block, block) - 1
+        count = self._seg_count[seg]
+        if count > 1:
+            return BlockRef(block, self._seg_entry[seg], 0, self._seg_end[seg], count)
         offset = self._seg_offset[seg] + (block - self._seg_block[seg]) * self.block_size
-        return BlockRef(block, entry, offset, min(self.block_size, self._seg_end[seg] - offset))
+        return BlockRef(
+            block, self._seg_entry[seg], offset, min(self.block_size, self._seg_end[seg] - offset)
+        )
+
+    def block_entries(self, block: int) -> range:
+        """The entries block ``block`` holds data of (several for a pack)."""
+        ref = self.locate(block)
+        return range(ref.entry, ref.entry + ref.count)
+
+    def members(self, ref: BlockRef) -> list[tuple[int, int, int]]:
+        """``(entry, offset in the block, length)`` of each entry in block ``ref``: each member
+        of a pack, whole; otherwise ``ref``'s one entry."""
+        if ref.count == 1:
+            return [(ref.entry, 0, ref.length)]
+        out = []
+        at = 0
+        packed = self._packed
+        for entry in range(ref.entry, ref.entry + ref.count):
+            size = packed[entry]
+            out.append((entry, at, size))
+            at += size
+        return out
 
     def length(self, block: int) -> int:
         return self.locate(block).length
@@ -175,6 +252,9 @@ class BlockLedger:
         self.count += 1
         where = self.space.locate(block)
         self.bytes += where.length
+        if where.count > 1:  # a pack: its one block is each member's every block
+            self.entries_complete += where.count
+            return True
         held = self._entry_held[where.entry] = self._entry_held[where.entry] + 1
         if held == len(self.space.entry_blocks(where.entry)):
             self.entries_complete += 1

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import keyschedule as ks
+from .blocks import BlockSpace
 from .handshake import ClientHandshake, ServerHandshake, State, keyring_for, x25519_shared
 from .manifest import Entry, Kind, Manifest
 from .records import BLOCK_PREFIX, BLOCK_SUFFIX, BlockContext, BlockSealer, join_mac
@@ -33,7 +34,9 @@ DESCRIPTION = (
     "one FILE entry (its canonical msgpack encoding, digest = SHA-256('stx3 manifest' || u32 "
     "block size || entries) and id = digest[:16]), and the first sealed BLOCK frame of stream 0 "
     "(epoch 0, record counter 0; its AAD binds the manifest id, entry 0 and file offset 0; its "
-    "CRC-32 covers the block header, ciphertext and tag). Byte strings are lowercase "
+    "CRC-32 covers the block header, ciphertext and tag), and the block space of a small "
+    "tree's data extents with small files packed (per block: first entry, entries, offset in "
+    "the entry's file, length). Byte strings are lowercase "
     "hex. Test data only: never use these keys. Regenerate with "
     "'python -m stxpar.kat > docs/known-answers.json'; tests/unit/test_kat.py checks that the "
     "code still produces exactly this file."
@@ -230,6 +233,7 @@ def compute_known_answers() -> dict[str, Any]:
             "stream0_epoch1_data_key": epoch1_keys.data_key.hex(),
             "stream0_epoch1_data_iv": epoch1_keys.data_iv.hex(),
         },
+        "block_space": _block_space(),
         "first_block": {
             "stream": STREAM,
             "epoch": 0,
@@ -249,6 +253,34 @@ def compute_known_answers() -> dict[str, Any]:
             "crc32": frame[-4:].hex(),
             "frame": frame.hex(),
         },
+    }
+
+
+#: A small tree's FILE extents in manifest order (() for a directory or an empty file), at a
+#: 64 KiB block size: files of at most 8 KiB whole are packed, up to 64 KiB a block.
+PACK_BLOCK_SIZE = 64 << 10
+PACK_EXTENTS: tuple[tuple[int, ...], ...] = (
+    (),
+    (0, 8192),
+    (0, 8192),
+    (0, 8193),
+    (0, 100),
+    (0, 200),
+    (),
+    (0, 1),
+    (0, 70000),
+    (4096, 10, 200000, 5),
+    (0, 5000),
+)
+
+
+def _block_space() -> dict[str, Any]:
+    space = BlockSpace.of_extents(PACK_EXTENTS, block_size=PACK_BLOCK_SIZE, pack=True)
+    blocks = [space.locate(b) for b in range(space.total)]
+    return {
+        "block_size": PACK_BLOCK_SIZE,
+        "extents": [list(e) for e in PACK_EXTENTS],
+        "blocks": [[r.entry, r.count, r.offset, r.length] for r in blocks],
     }
 
 

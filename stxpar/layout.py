@@ -77,7 +77,7 @@ class Layout:
         return None if ref is None else ref.path
 
     def space(self) -> BlockSpace:
-        return BlockSpace.of_extents(self.extents, block_size=self.block_size)
+        return BlockSpace.of_extents(self.extents, block_size=self.block_size, pack=True)
 
     def encode(self) -> bytes:
         files = self.files

@@ -558,7 +558,9 @@ class Manifest:
         self.files, self.dirs, self.symlinks = files, dirs, symlinks
         self.data_bytes, self.apparent_bytes = data, apparent
         self.roots: tuple[str, ...] = tuple(roots)
-        self.space = BlockSpace.of_extents((e.extents for e in self.entries), block_size=block_size)
+        self.space = BlockSpace.of_extents(
+            (e.extents for e in self.entries), block_size=block_size, pack=True
+        )
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -246,7 +246,14 @@ class SenderSession(Machine):
         order = sorted(
             (i for i, e in enumerate(entries) if e.extents), key=lambda i: -entries[i].data_bytes
         )
-        return tuple(b for i in order for b in space.entry_blocks(i) if not has(b))
+        out: list[int] = []
+        taken = bytearray(space.total)  # a pack's members share their one block: it goes once
+        for i in order:
+            for b in space.entry_blocks(i):
+                if not taken[b] and not has(b):
+                    taken[b] = 1
+                    out.append(b)
+        return tuple(out)
 
     def _on_tick_wait(self, event: Tick) -> list[Output]:
         self._timed_out(event.now, data=False)

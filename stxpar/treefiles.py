@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import treestate
-from .blocks import BlockLedger
+from .blocks import BlockLedger, BlockSpace
 from .destination import NameLock, Names, disk_error, free_bytes, is_ours
 from .errors import RejectedError, StateFileError
 from .manifest import Entry, Kind, Manifest
@@ -208,7 +208,8 @@ class TreeOpened:
         for b, _ in pairs:
             if not self._have[b]:
                 self._have[b] = 1
-                self._remaining[space.locate(b).entry] -= 1
+                for entry in space.block_entries(b):
+                    self._remaining[entry] -= 1
 
     def _records_for(self, entry: int, out: list[bytes]) -> int:
         n = self._number.get(entry)
@@ -224,14 +225,16 @@ class TreeOpened:
         out: list[bytes] = []
         newly: list[int] = []
         for b, digest in records:
-            entry = space.locate(b).entry
-            n = self._records_for(entry, out)
-            out.append(encode_record(BLOCK, n, b - space.entry_blocks(entry).start, digest))
+            entries = space.block_entries(b)
+            for entry in entries:  # a pack's block is logged for each of its files
+                n = self._records_for(entry, out)
+                out.append(encode_record(BLOCK, n, b - space.entry_blocks(entry).start, digest))
             if not self._have[b]:
                 self._have[b] = 1
-                self._remaining[entry] -= 1
-                if self._remaining[entry] == 0 and entry not in self._done:
-                    newly.append(entry)
+                for entry in entries:
+                    self._remaining[entry] -= 1
+                    if self._remaining[entry] == 0 and entry not in self._done:
+                        newly.append(entry)
         self._state.append(b"".join(out))
         if newly:
             self._place(newly, self._finish_partial)
@@ -608,7 +611,32 @@ def _survey(
             # else: the finished file was removed or changed since: it starts over
         elif pairs and _partial_ours(staging_fd, partial_name(manifest.key(i))):
             held[i] = pairs
+    _whole_packs(space, held, done)
     return held, done
+
+
+def _whole_packs(
+    space: BlockSpace, held: dict[int, list[tuple[int, bytes]]], done: set[int]
+) -> None:
+    """A pack's block counts as held only when the log holds it, with one digest, for every
+    file in it (a torn append, or a tree that changed since so that other files share the
+    block now): otherwise its files start over, in place or not."""
+    seen: set[int] = set()
+    for i in list(held):
+        pairs = held.get(i)
+        if not pairs or len(pairs) != 1:
+            continue
+        b, digest = pairs[0]
+        ref = space.locate(b)
+        if ref.count == 1 or b in seen:
+            continue
+        seen.add(b)
+        members = range(ref.entry, ref.entry + ref.count)
+        if all(held.get(m) == [(b, digest)] for m in members):
+            continue
+        for m in members:
+            held.pop(m, None)
+            done.discard(m)
 
 
 def _in_place(dirs: _Dirs, e: Entry) -> bool:
@@ -747,8 +775,8 @@ def _revert(opened: TreeOpened, staging_fd: int, initial: tuple[tuple[int, bytes
     space = manifest.space
     per: dict[int, list[tuple[int, bytes]]] = {}
     for b, d in initial:
-        entry = space.locate(b).entry
-        per.setdefault(entry, []).append((b - space.entry_blocks(entry).start, d))
+        for entry in space.block_entries(b):
+            per.setdefault(entry, []).append((b - space.entry_blocks(entry).start, d))
     files = []
     for i in sorted(per.keys() | {i for i in opened._done if not len(space.entry_blocks(i))}):
         blocks = per.get(i, [])

@@ -209,7 +209,10 @@ class StreamThread(threading.Thread):
                     flush()
                     continue
                 size = len(plain)
-                target.write(plain, where.entry, where.offset)
+                if where.count > 1:
+                    target.write_pack(plain, space.members(where))
+                else:
+                    target.write(plain, where.entry, where.offset)
                 pending.append((where.block, block_digest(plain)))
                 pending_bytes += size
                 if (
@@ -234,6 +237,9 @@ class _Target:
 
     def write(self, plain: memoryview, entry: int, offset: int) -> None:
         raise NotImplementedError
+
+    def write_pack(self, plain: memoryview, members: list[tuple[int, int, int]]) -> None:
+        raise ProtocolError("a packed block for a single file")
 
     def sync(self) -> None:
         raise NotImplementedError
@@ -295,14 +301,19 @@ class _TreeTarget(_Target):
         if fd is not None:
             self.open.move_to_end(entry)
             return fd
-        name = self.plan.name(entry)
-        if name is None:
-            raise ProtocolError(f"block for entry {entry}, which holds no data")
         if len(self.open) >= OPEN_PARTIALS:
             old, old_fd = self.open.popitem(last=False)
             if old in self.dirty:
                 self._sync(old, old_fd)
             os.close(old_fd)
+        fd = self.open[entry] = self._create(entry)
+        return fd
+
+    def _create(self, entry: int) -> int:
+        """Entry ``entry``'s partial in the staging directory, opened (made if new)."""
+        name = self.plan.name(entry)
+        if name is None:
+            raise ProtocolError(f"block for entry {entry}, which holds no data")
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self.dir)
@@ -311,7 +322,6 @@ class _TreeTarget(_Target):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise RejectedError("a partial file in the staging directory is not a regular file")
-        self.open[entry] = fd
         return fd
 
     def write(self, plain: memoryview, entry: int, offset: int) -> None:
@@ -323,6 +333,21 @@ class _TreeTarget(_Target):
         if written != len(plain):  # (a regular file: short only when the disk is full)
             raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         self.dirty.add(entry)
+
+    def write_pack(self, plain: memoryview, members: list[tuple[int, int, int]]) -> None:
+        """A pack's small files, each whole: written, made durable and closed at once."""
+        for entry, at, length in members:
+            fd = self._create(entry)
+            try:
+                try:
+                    written = os.pwrite(fd, plain[at : at + length], 0)
+                except OSError as exc:
+                    raise write_error(exc) from None
+                if written != length:
+                    raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+                self._sync(entry, fd)
+            finally:
+                os.close(fd)
 
     def _sync(self, entry: int, fd: int) -> None:
         try:

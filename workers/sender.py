@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from stxpar import channel, ipc, layout
+from stxpar.blocks import BlockRef
 from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, ProtocolError, SourceChangedError, StxError, error_from_wire
 from stxpar.messages import (
@@ -192,12 +193,30 @@ class Worker:
         self.drain_resends()
         where = self.space.locate(seq)
         plain = self.view[: where.length]
-        got = os.preadv(self.source(where.entry), [plain], where.offset)
-        if got != where.length:
-            raise SourceChangedError("the source file shrank during the transfer")
+        if where.count > 1:
+            self.read_pack(where, plain)
+        else:
+            got = os.preadv(self.source(where.entry), [plain], where.offset)
+            if got != where.length:
+                raise SourceChangedError("the source file shrank during the transfer")
         self.digests[seq] = block_digest(plain)
         self.sent += 1  # counted as it starts: a block cut short on the wire still went out
         self.conn.send(self.sealer.seal(seq, plain, entry=where.entry, offset=where.offset))
+
+    def read_pack(self, where: BlockRef, plain: memoryview) -> None:
+        """A pack's small files, each whole, back to back: each is opened, read and closed
+        here (one read a file; they would only churn the descriptors kept open)."""
+        for entry, at, length in self.space.members(where):
+            ref = self.refs[entry]
+            if ref is None:
+                raise ProtocolError(f"entry {entry} of the layout has no source file")
+            fd = open_source(ref)
+            try:
+                got = os.preadv(fd, [plain[at : at + length]], 0)
+            finally:
+                os.close(fd)
+            if got != length:
+                raise SourceChangedError("a source file shrank during the transfer")
 
     def source(self, entry: int) -> int:
         """The descriptor of entry ``entry``'s source file, proved to be the pinned one."""

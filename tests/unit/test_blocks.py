@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stxpar.blocks import BlockLedger, BlockSpace, Entry
+from stxpar.blocks import PACK_DIVISOR, PACK_MAX_FILES, BlockLedger, BlockSpace, Entry
 from stxpar.digest import file_digest
 from stxpar.wire import MetadataAck, bitmap
 
@@ -160,3 +160,95 @@ def test_a_million_entries_stay_small() -> None:
     assert (last.entry, last.offset, last.length) == (999_998, 512, 488)
     assert space.entry_blocks(999_998) == range(space.total - 2, space.total)
     assert len(space.entry_blocks(999_999)) == 0
+
+
+# ---------------------------------------------------------------- packed small files
+
+
+@st.composite
+def _mixed(draw: st.DrawFn) -> tuple[int, ...]:
+    """One entry's extents: often a small whole file, sometimes nothing, a big or a sparse file."""
+    kind = draw(st.sampled_from(["small", "small", "small", "none", "big", "sparse"]))
+    if kind == "small":
+        return (0, draw(st.integers(1, 12)))
+    if kind == "big":
+        return (0, draw(st.integers(13, 300)))
+    if kind == "sparse":
+        return draw(_extents())
+    return ()
+
+
+@given(st.lists(_mixed(), max_size=40), st.sampled_from([8, 16, 64, 100]))
+def test_packed_blocks_cover_every_byte_once(per_entry: list[tuple[int, ...]], bs: int) -> None:
+    space = BlockSpace.of_extents(per_entry, block_size=bs, pack=True)
+    small = bs // PACK_DIVISOR
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for b in range(space.total):
+        ref = space.locate(b)
+        assert 0 < ref.length <= bs and 1 <= ref.count <= PACK_MAX_FILES
+        assert space.block_entries(b) == range(ref.entry, ref.entry + ref.count)
+        members = space.members(ref)
+        assert [m[0] for m in members] == list(space.block_entries(b))
+        if ref.count > 1:
+            assert ref.offset == 0
+            at = 0
+            for entry, offset, length in members:
+                # only whole small files, back to back, each with this one block
+                assert per_entry[entry] == (0, length) and length <= small
+                assert offset == at
+                at += length
+                assert space.entry_blocks(entry) == range(b, b + 1)
+                covered.setdefault(entry, []).append((0, length))
+            assert at == ref.length
+        else:
+            assert members == [(ref.entry, 0, ref.length)]
+            assert b in space.entry_blocks(ref.entry)
+            covered.setdefault(ref.entry, []).append((ref.offset, ref.length))
+    for e, extents in enumerate(per_entry):
+        want = [
+            (off + i, min(bs, n - i))
+            for off, n in zip(extents[::2], extents[1::2], strict=True)
+            for i in range(0, n, bs)
+        ]
+        assert covered.get(e, []) == want
+    # packing only merges: never more blocks than without it
+    assert space.total <= BlockSpace.of_extents(per_entry, block_size=bs).total
+
+
+def test_packs_fill_blocks_and_break_at_other_entries() -> None:
+    # block 64: files up to 8 bytes pack; a directory (no data) or a big file ends a pack
+    per_entry = [(0, 8)] * 9 + [()] + [(0, 5), (0, 5)] + [(0, 9)] + [(0, 1)]
+    space = BlockSpace.of_extents(per_entry, block_size=64, pack=True)
+    refs = [space.locate(b) for b in range(space.total)]
+    assert [(r.entry, r.count, r.length) for r in refs] == [
+        (0, 8, 64),  # eight 8-byte files fill a block
+        (8, 1, 8),  # the ninth starts the next one, closed by the directory
+        (10, 2, 10),
+        (12, 1, 9),  # 9 > 64 // 8: not packed
+        (13, 1, 1),
+    ]
+
+
+def test_a_pack_holds_at_most_pack_max_files() -> None:
+    n = 2 * PACK_MAX_FILES + 5
+    space = BlockSpace.of_extents([(0, 1)] * n, block_size=1 << 20, pack=True)
+    assert [space.locate(b).count for b in range(space.total)] == [
+        PACK_MAX_FILES,
+        PACK_MAX_FILES,
+        5,
+    ]
+
+
+def test_a_recorded_pack_completes_each_of_its_files() -> None:
+    space = BlockSpace.of_extents([(0, 3), (0, 4), (0, 100), (0, 5)], block_size=64, pack=True)
+    assert space.total == 4  # (0, 1) packed, then 100 bytes in 2 blocks, then a lone file
+    ledger = BlockLedger(space)
+    assert ledger.record(0, b"p" * 16)
+    assert ledger.entries_complete == 2 and ledger.bytes == 7
+    assert not ledger.record(0, b"p" * 16)
+    assert ledger.entries_complete == 2
+    ledger.record(1, b"a" * 16)
+    assert ledger.entries_complete == 2
+    ledger.record(2, b"b" * 16)
+    ledger.record(3, b"c" * 16)
+    assert ledger.entries_complete == 4 and ledger.complete

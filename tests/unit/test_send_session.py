@@ -205,6 +205,22 @@ def test_start_sends_metadata_then_every_manifest_chunk() -> None:
     assert header == transfer.header and got == [(0, tuple(entries))]
 
 
+def test_a_packed_block_is_needed_once_after_the_large_files() -> None:
+    small = [
+        Entry(Kind.FILE, f"D/s{i}", 10 + i, 0o644, 1, extents=(0, 10 + i), file_id=bytes(16))
+        for i in range(6)
+    ]
+    big = Entry(Kind.FILE, "D/big", 3 * BS, 0o644, 1, extents=(0, 3 * BS), file_id=bytes(16))
+    transfer = tree([Entry(Kind.DIR, "D", 0, 0o755, 1), *small, big], block_size=BS)
+    space = transfer.manifest.space
+    assert space.total == 4 and space.locate(0).count == 6  # the six share block 0
+    s, peer = _make(transfer=transfer)
+    _start(s, peer)
+    have = bitmap(bytearray(space.total))
+    out = s.handle(peer.frame(FrameType.METADATA_ACK, MetadataAck(have=have, digests=b"").encode()))
+    assert out[-1] == StartData((1, 2, 3, 0))
+
+
 def test_resume_with_held_blocks_takes_the_receivers_digests() -> None:
     ledger = BlockLedger(BlockSpace([SIZE], block_size=BS))  # one file's space, as the manifest's
     ledger.record(9, bytes(16))  # acknowledged in an earlier session, lost by the receiver since

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stxpar import treefiles
-from stxpar.blocks import BlockLedger
+from stxpar.blocks import BlockLedger, BlockSpace
 from stxpar.errors import RejectedError
 from stxpar.manifest import Entry, Kind, Manifest
 from stxpar.treefiles import TreeOpened, end, finalize, gone, open_tree, partial_name, staging_name
@@ -612,3 +612,22 @@ def test_a_partial_that_is_not_ours_is_not_resumed(dest: Path, outside: Path) ->
         again.close()
     assert snapshot(outside) == before
     assert (dest / "D/big.bin").read_bytes() == t.data["D/big.bin"]
+
+
+def test_a_pack_is_held_only_when_the_log_has_it_for_every_file() -> None:
+    # entries 0-2 share block 0; entry 3 is alone in block 1
+    space = BlockSpace.of_extents([(0, 1), (0, 2), (0, 3), (0, 9)], block_size=64, pack=True)
+    assert space.locate(0).count == 3 and space.total == 2
+    d, e = b"d" * 16, b"e" * 16
+    whole = {0: [(0, d)], 1: [(0, d)], 2: [(0, d)], 3: [(1, e)]}
+    held, done = {k: list(v) for k, v in whole.items()}, {0, 1, 2, 3}
+    treefiles._whole_packs(space, held, done)
+    assert held == whole and done == {0, 1, 2, 3}
+    # one file's record missing (a torn append, or files that share the block changed)
+    held, done = {0: [(0, d)], 2: [(0, d)], 3: [(1, e)]}, {0, 3}
+    treefiles._whole_packs(space, held, done)
+    assert held == {3: [(1, e)]} and done == {3}
+    # records of another pack (another digest): the block starts over, done files too
+    held, done = {0: [(0, d)], 1: [(0, e)], 2: [(0, d)]}, {0, 1, 2}
+    treefiles._whole_packs(space, held, done)
+    assert held == {} and done == set()
