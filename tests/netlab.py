@@ -197,9 +197,12 @@ class Host:
         when ``timeout`` passes, which raises ``subprocess.TimeoutExpired``)."""
         if kw.pop("capture_output", False):
             kw["stdout"] = kw["stderr"] = subprocess.PIPE
+        data = kw.pop("input", None)
+        if data is not None:
+            kw["stdin"] = subprocess.PIPE
         p = self.popen(argv, **kw)
         try:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(data, timeout=timeout)
         except BaseException:
             p.kill()
             p.wait()
