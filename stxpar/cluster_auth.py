@@ -25,8 +25,10 @@ knows the coordinator's public key and the helper's secret key, so:
 
 Before the handshake a peer can send only the ZMTP greeting and handshake commands: libzmq
 drops a bad greeting or command at once, ``MAXMSGSIZE`` bounds any frame it would buffer (a
-header claiming 2**40 bytes is a dropped connection, not an allocation), and
-``HANDSHAKE_IVL`` bounds how long a silent peer holds a connection.
+header claiming 2**40 bytes is a dropped connection, not an allocation; see
+``MAX_CLUSTER_MESSAGE`` for why it is small), and ``HANDSHAKE_IVL`` bounds how long a
+silent peer holds a connection. Garbage that libzmq drops in its ZMTP layer (a bad greeting,
+a frame over the cap) raises no monitor event, so ``Refusals`` does not count it.
 
 What libzmq 4.3.5 tells each side (socket monitor events, observed on 127.0.0.1)
 ------------------------------------------------------------------------------------
@@ -84,24 +86,26 @@ from zmq.utils import z85
 
 from .errors import AuthError, ConnectError, LocalError, UsageError
 from .keyschedule import KEY_LEN, hkdf_expand, hkdf_extract
-from .messages import MAX_MESSAGE
 from .psk import MIN_KEY_BYTES
 
 SALT = b"stx1 cluster"
 COORDINATOR_LABEL = b"stx1 cluster coordinator curve key"
 HELPER_LABEL = b"stx1 cluster helper curve key"
 
-#: Largest message on the cluster channel. It carries the same ``stxpar.messages`` as the local
-#: channel, whose codec accepts up to ``MAX_MESSAGE`` (16 MiB: a ``Blocks`` batch of digests),
-#: and libzmq drops the *connection* of a peer that sends more than ``MAXMSGSIZE``, so a smaller
-#: cap would cut a helper off for a legitimate message. The memory it allows is bounded all the
-#: same: libzmq buffers a frame only as its bytes arrive (what a garbage sender costs is what it
-#: sends, until the frame goes over the cap), and before the handshake only commands of a few
-#: hundred bytes are valid. Callers that know their largest message may pass a tighter one.
-MAX_CLUSTER_MESSAGE = MAX_MESSAGE
-#: Milliseconds a connection may take to finish the CURVE handshake (both sides): a silent or
-#: slow peer is dropped after this. As long as the data port's ``GateLimits.handshake_timeout``.
-HANDSHAKE_IVL_MS = 10_000
+#: Largest message on the cluster channel (ZeroMQ's MAXMSGSIZE on both ends), 1 MiB. It is
+#: also what one connection can make the coordinator hold *before* it authenticated: libzmq
+#: buffers a whole handshake command before the CURVE mechanism looks at it (measured, libzmq
+#: 4.3.5: four connections each sending a greeting and a 12 MiB command grew the coordinator by
+#: 48 MiB under a 16 MiB cap, by nothing under a 4 MiB one, where they were dropped). ZeroMQ
+#: has no limit on pending connections, so the pre-authentication memory is about descriptors
+#: x this cap, held at most ``HANDSHAKE_IVL_MS``: hence far below the local channel's 16 MiB
+#: (``messages.MAX_MESSAGE``). A peer that sends more is disconnected, so the cluster channel's
+#: messages must be kept below it (a batch of 32-byte digests: about 30,000 of them).
+MAX_CLUSTER_MESSAGE = 1 << 20
+#: Milliseconds a connection may take to finish the CURVE handshake (both sides; two round
+#: trips and a ZAP check): a silent or slow peer, and what it made the coordinator buffer, is
+#: dropped after this.
+HANDSHAKE_IVL_MS = 5_000
 #: The ZAP domain of the cluster port (RFC 27); the ZAP handler answers only for it.
 ZAP_DOMAIN = b"stx-cluster"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -226,20 +230,17 @@ def wait_handshake(sock: zmq.Socket, *, endpoint: str, timeout_s: float) -> None
 
     ``AuthError`` if the coordinator refused this helper's key (or held another one), at once
     or after ``DROPS_FOR_AUTH`` connections closed mid-handshake; ``ConnectError`` if the
-    handshake failed otherwise or did not complete within ``timeout_s``. On an error the
-    socket is disconnected again (no endless reconnects with a refused key). The monitor this
-    uses is removed before returning: the caller may attach its own afterwards.
+    handshake failed otherwise or did not complete within ``timeout_s``. After an error, close
+    the socket: until then libzmq keeps reconnecting with the refused key (4.3.5 ignores a
+    ``disconnect`` of an endpoint it is reconnecting to, libzmq#4052, and the option that
+    would stop it, ``RECONNECT_STOP``, is draft API). The monitor this uses is removed before
+    returning: the caller may attach its own afterwards.
     """
     peer = _peer(endpoint)
     _, monitor = _monitor(sock, _CLIENT_EVENTS)
     try:
         sock.connect(endpoint)
-        try:
-            _await_handshake(monitor, peer=peer, timeout_s=timeout_s)
-        except BaseException:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disconnect(endpoint)
-            raise
+        _await_handshake(monitor, peer=peer, timeout_s=timeout_s)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EINVAL:
             raise UsageError(f"not a coordinator address: {peer}") from None
