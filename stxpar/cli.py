@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
@@ -79,6 +80,10 @@ def _hostport(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _join_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -139,6 +144,19 @@ def _key(args: argparse.Namespace) -> bytes:
             "no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')"
         )
     return load_key_file(path)
+
+
+def _recv_keys(args: argparse.Namespace) -> list[bytes]:
+    """The receiver's keys: every --psk-file (a rotation accepts old and new), else
+    $STX_PSK_FILE."""
+    paths = args.psk_file or (
+        [os.environ["STX_PSK_FILE"]] if os.environ.get("STX_PSK_FILE") else []
+    )
+    if not paths:
+        raise UsageError(
+            "no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')"
+        )
+    return [load_key_file(p) for p in paths]
 
 
 def _print_json(obj: dict[str, Any]) -> None:
@@ -323,14 +341,14 @@ def _partials(args: argparse.Namespace) -> int:
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from .receiver import Receiver
+    from .receiver import Receiver, list_partials
 
     if args.list_partial or args.purge_partial is not None:
         return _partials(args)
     if args.listen is None:
         raise UsageError("--listen HOST:PORT is required to receive")
     host, port = args.listen
-    key = _key(args)
+    keys = _recv_keys(args)
     from .gatekeeper import LogLimiter
 
     # A flood of refused connections must not become a flood of log lines.
@@ -340,7 +358,36 @@ def cmd_recv(args: argparse.Namespace) -> int:
         if refusals.allow():
             print(line, file=sys.stderr)
 
+    metrics = None
+    if args.metrics is not None:
+        from .service import Metrics
+
+        metrics = Metrics(
+            snapshot=lambda: receiver.snapshot(),
+            partials=lambda: sum(p.have_bytes for p in list_partials(args.dest)),
+        )
+
     def on_event(kind: str, fields: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.event(kind, fields)
+        if args.log_format == "json":
+            json_event(kind, fields)
+        else:
+            text_event(kind, fields)
+
+    def json_event(kind: str, fields: dict[str, Any]) -> None:
+        from .service import json_line
+
+        if kind == "received" and args.json:
+            _print_json(fields)
+        if kind in ("rejected", "dropped"):
+            if args.quiet or not refusals.allow():
+                return
+        elif args.quiet and kind != "warning":
+            return
+        print(json_line(kind, fields), file=sys.stderr, flush=True)
+
+    def text_event(kind: str, fields: dict[str, Any]) -> None:
         if kind == "received":
             if args.json:
                 _print_json(fields)
@@ -390,6 +437,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             )
         elif kind == "restarting" and not args.quiet:
             print(f"starting {fields['file']} over: {fields['reason']}", file=sys.stderr)
+        elif kind == "keys_reloaded" and not args.quiet:
+            print(f"keys reloaded: {fields['keys']} key file(s)", file=sys.stderr)
         elif kind == "worker_replaced" and not args.quiet:
             print(f"replaced receiver worker {fields['pid']}: {fields['reason']}", file=sys.stderr)
 
@@ -404,22 +453,55 @@ def cmd_recv(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
     )
     receiver = Receiver(
-        args.dest, psk=key, options=options, host=host, port=port, on_event=on_event
+        args.dest, psk=keys, options=options, host=host, port=port, on_event=on_event
     )
+    reload_asked = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reload_asked.set())
     receiver.start()
+    try:
+        if metrics is not None:
+            mhost, mport = metrics.start(*args.metrics)
+            if args.log_format == "json":
+                on_event("metrics", {"host": mhost, "port": mport, "outcome": "listening"})
+            elif not args.quiet:
+                print(f"metrics on http://{_join_host(mhost, mport)}/metrics", file=sys.stderr)
+    except BaseException:
+        receiver.stop()
+        raise
 
     def summary(force: bool = False) -> None:
         line = refusals.flush(force=force)
-        if line and not args.quiet:
+        if not line or args.quiet:
+            return
+        if args.log_format == "json":
+            from .service import json_line
+
+            print(json_line("refusals", {"summary": line, "outcome": "refused"}), file=sys.stderr)
+        else:
             print(f"(rejected/dropped connections: {line})", file=sys.stderr)
+
+    def reload_keys() -> None:
+        """SIGUSR1: read every key file again; new connections need one of those keys, the
+        transfers in progress go on. A key file that cannot be read keeps the old keys."""
+        reload_asked.clear()
+        try:
+            receiver.set_keys(_recv_keys(args))
+        except StxError as exc:
+            on_event("warning", {"message": f"keys not reloaded, the old ones stay: {exc}"})
+        else:
+            on_event("keys_reloaded", {"keys": len(args.psk_file or [1]), "outcome": "info"})
 
     try:
         while not receiver.wait(0.5):
+            if reload_asked.is_set():
+                reload_keys()
             summary()
     except KeyboardInterrupt:
         pass
     finally:
         receiver.stop()
+        if metrics is not None:
+            metrics.stop()
         summary(force=True)
     return 0
 
@@ -527,7 +609,14 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address to listen on; every stream of a transfer connects to this one port",
     )
-    p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
+    p.add_argument(
+        "--psk-file",
+        metavar="FILE",
+        action="append",
+        help=KEY_HELP
+        + " Give it twice to accept two keys while senders move from one to the other; SIGUSR1"
+        " reads the key files again without stopping transfers in progress (docs/service.md).",
+    )
     p.add_argument(
         "--dest", required=True, metavar="DIR", help="directory the files are written into"
     )
@@ -605,6 +694,23 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON line on stdout per received file or tree (with files, dirs and"
         " symlinks for a tree)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr as text (default) or one JSON object per line for log"
+        " shippers: time, event, peer, file, bytes, seconds, outcome, error_code, and the"
+        " event's other fields (docs/service.md)",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, bound to that address only"
+        " (stx_received_bytes_total, stx_transfers_completed_total, stx_transfers_failed_total,"
+        " stx_handshakes_refused_total, stx_active_sessions, stx_active_streams,"
+        " stx_partial_bytes); needs pip install 'stxpar[metrics]'. Off by default",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
     p.set_defaults(func=cmd_recv)

@@ -394,6 +394,7 @@ class ControlHandler:
             blocks_total=md.total_blocks,
             streams=streams,
             bytes_resumed=self.core.resumed_bytes,
+            peer=self.core.peer,
         )
         # Complete, durable and renamed: recorded and reported before it is acknowledged, so
         # a receiver killed after the RECEIPT has always reported the file. A sender that

@@ -351,7 +351,9 @@ class Gatekeeper:
                 conn.sock.send(error_frame(exc, generic=True))
             except OSError:
                 pass
-        self._event("rejected", peer=conn.peer[0], error=str(exc))  # before the peer sees
+        self._event(
+            "rejected", peer=conn.peer[0], error=str(exc), code=exc.exit_code
+        )  # before the peer sees
         self._close(conn)  # the close: whoever waits for it finds the event already there
 
     # ------------------------------------------------------------ frames
@@ -420,10 +422,10 @@ class Gatekeeper:
         try:
             self._on_join(fs, payload, _nothing)
         except StxError as exc:
-            self._event("rejected", peer=conn.peer[0], error=str(exc))
+            self._event("rejected", peer=conn.peer[0], error=str(exc), code=exc.exit_code)
         except Exception as exc:
             self._event(
-                "rejected", peer=conn.peer[0], error=f"internal error: {type(exc).__name__}"
+                "rejected", peer=conn.peer[0], error=f"internal error: {type(exc).__name__}", code=1
             )
         finally:
             fs.close()  # the worker holds its own copy now
@@ -441,8 +443,12 @@ class Gatekeeper:
                 fs.send(error_frame(exc, generic=True))
             except StxError:
                 pass
-            self._event("rejected", peer=conn.peer[0], error=str(exc))
+            self._event("rejected", peer=conn.peer[0], error=str(exc), code=exc.exit_code)
             fs.close()
+
+    def set_keyring(self, keyring: Mapping[bytes, ks.PskKeys]) -> None:
+        """Accept these keys from now on; handshakes already under way keep theirs."""
+        self._keyring = keyring
 
     def _event(self, kind: str, **fields: Any) -> None:
         try:

@@ -330,6 +330,17 @@ class Receiver:
         """The most recent ``COMPLETED_KEEP`` transfers received, oldest first."""
         return self.registry.completed
 
+    def set_keys(self, psk: bytes | Sequence[bytes]) -> None:
+        """Accept these pre-shared keys (one, or several during a rotation) for every new
+        connection from now on. Transfers in progress keep going: their session keys were
+        derived at their handshake. UsageError for a key shorter than 256 bits."""
+        psks = [psk] if isinstance(psk, bytes | bytearray) else list(psk)
+        if not psks or any(len(k) < 32 for k in psks):
+            raise UsageError("a receiver needs at least one key of at least 256 bits")
+        self._keyring = keyring_for([bytes(k) for k in psks])
+        if self._gate is not None:
+            self._gate.set_keyring(self._keyring)
+
     def _event(self, kind: str, **fields: Any) -> None:
         if self._on_event is not None:
             try:
@@ -384,9 +395,11 @@ class Receiver:
                 limits=Limits(self.options.max_files, self.options.max_bytes),
             ).run()
         except StxError as exc:
-            self._event("rejected", peer=peer[0], error=str(exc))
+            self._event("rejected", peer=peer[0], error=str(exc), code=exc.exit_code)
         except Exception as exc:  # never let one connection take the receiver down
-            self._event("rejected", peer=peer[0], error=f"internal error: {type(exc).__name__}")
+            self._event(
+                "rejected", peer=peer[0], error=f"internal error: {type(exc).__name__}", code=1
+            )
         finally:
             fs.close()
             with self._lock:

@@ -523,12 +523,16 @@ class ReceiverSession(Machine):
             Event(
                 "failed",
                 {
+                    "peer": self.peer,
                     "file": self.name,
                     "error": str(error),
+                    "error_code": error.exit_code,
                     "kept": partial == "kept",
                     "partial": partial,
                     "have_bytes": have if partial == "kept" else 0,
                     "bytes": md.size,
+                    "received_bytes": max(0, ledger.bytes - self.resumed_bytes),
+                    "seconds": round(max(0.0, self.now - self.started), 3),
                 },
             ),
             CancelStreams(),

@@ -66,9 +66,12 @@ class ReceivedFile:
     files: int = 1
     dirs: int = 0
     symlinks: int = 0
+    #: The sender's address.
+    peer: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "peer": self.peer,
             "bytes_resumed": self.bytes_resumed,
             "file": self.path,
             "bytes": self.size,
