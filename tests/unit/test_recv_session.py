@@ -427,12 +427,16 @@ def test_partial_gone() -> None:
     out = p.feed(PartialChecked(gone=True))
     assert EndFiles("gone") in out
     assert events(out)["failed"] | {"error": ""} == {
+        "peer": "192.0.2.1",
         "file": "f.bin",
         "error": "",
+        "error_code": 1,
         "kept": False,
         "partial": "gone",
         "have_bytes": 0,
         "bytes": SIZE,
+        "received_bytes": 0,  # every block was held at admission
+        "seconds": 0.0,
     }
 
 
