@@ -191,6 +191,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         stall_timeout=args.stall_timeout,
         deadline=args.deadline,
+        to=args.to,
+        as_name=args.as_name,
     )
     # The workers first, forked while this process holds no key (a worker must never hold it).
     paths = args.paths
@@ -451,6 +453,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         allow_shared_dest=args.allow_shared_dest,
         max_files=args.max_files,
         max_bytes=args.max_bytes,
+        no_subdirs=args.no_subdirs,
     )
     receiver = Receiver(
         args.dest, psk=keys, options=options, host=host, port=port, on_event=on_event
@@ -581,6 +584,20 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         " --max-retries it bounds how long a receiver outage is waited out",
     )
     p.add_argument(
+        "--to",
+        metavar="SUBDIR",
+        help="land in DEST/SUBDIR on the receiver (made as needed; a relative path: no '..',"
+        " no absolute path; the receiver refuses a symlink or a file on the way, and a"
+        " receiver started with --no-subdirs refuses it)",
+    )
+    p.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="with one PATH: it arrives as NAME instead of its own name (a file, or a"
+        " directory's top-level name)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON summary line on stdout at the end (bytes, seconds, blocks, digest;"
@@ -694,6 +711,12 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON line on stdout per received file or tree (with files, dirs and"
         " symlinks for a tree)",
+    )
+    p.add_argument(
+        "--no-subdirs",
+        action="store_true",
+        help="refuse transfers sent with --to SUBDIR or --as NAME: everything lands directly"
+        " in --dest under its sender's own name",
     )
     p.add_argument(
         "--log-format",

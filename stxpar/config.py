@@ -96,6 +96,23 @@ def check_block_size(n: int | None) -> int:
     return n
 
 
+def check_to(subdir: str) -> None:
+    """UsageError unless ``subdir`` may be ``stx send --to``: a relative path with no empty,
+    ``.`` or ``..`` component, no control character, no reserved ``.stx...`` name."""
+    from .errors import ProtocolError
+    from .manifest import check_subdir
+
+    if subdir.startswith("/"):
+        raise UsageError(
+            f"--to {subdir!r}: an absolute path; give a directory relative to the receiver's --dest"
+        )
+    try:
+        check_subdir(subdir)
+    except ProtocolError as exc:
+        why = str(exc).split(": ", 1)[-1]
+        raise UsageError(f"--to {subdir!r}: {why}; give a relative directory") from None
+
+
 @dataclass(frozen=True)
 class SendOptions:
     """How a sender behaves. Every field has a safe default."""
@@ -122,10 +139,23 @@ class SendOptions:
     deadline: float = 0.0
     #: Delays between connection attempts.
     backoff: Backoff = field(default_factory=Backoff)
+    #: ``--to SUBDIR``: land in this relative directory of the receiver's destination (made
+    #: as needed there); None: the destination itself.
+    to: str | None = None
+    #: ``--as NAME``: the one PATH arrives under this name instead of its own.
+    as_name: str | None = None
 
     def resolved(self) -> SendOptions:
         if self.max_retries < 0:
             raise UsageError("--max-retries must be 0 or more")
+        if self.to is not None:
+            check_to(self.to)
+        if self.as_name is not None:
+            from .scan import check_top_name
+
+            check_top_name(f"--as {self.as_name!r}", self.as_name)
+            if not self.as_name or "/" in self.as_name or self.as_name in (".", ".."):
+                raise UsageError(f"--as {self.as_name!r}: a name, not a path")
         if not 1 <= self.rekey_records <= ks.MAX_RECORDS_PER_KEY:
             raise UsageError("rekey_records out of range")
         if not 1 <= self.rekey_bytes <= ks.MAX_BYTES_PER_KEY:
@@ -182,6 +212,9 @@ class RecvOptions:
     workers: int | None = None
     #: Stop after the first completed transfer (``Receiver.wait()`` returns then).
     once: bool = False
+    #: Refuse transfers sent with ``--to SUBDIR`` or ``--as NAME`` (``stx recv --no-subdirs``):
+    #: everything lands directly in the destination under its sender's own name.
+    no_subdirs: bool = False
     #: Seconds from accept until a connection must have authenticated, and then until its
     #: METADATA arrives.
     handshake_timeout: float = 10.0

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 from . import layout as layout_file
 from . import partials, treefiles
 from .blocks import BlockLedger
-from .destination import NameLock, Names, check_final, disk_error, safe_name
-from .errors import ConnectError, StxError, error_from_wire
+from .destination import NameLock, Names, check_final, disk_error, make_subdir, safe_name
+from .errors import ConnectError, RejectedError, StxError, error_from_wire
 from .keyschedule import SessionKeys
 from .manifest import Limits
 from .messages import Landed, StreamFailed
@@ -98,8 +98,10 @@ class ControlHandler:
         on_done: Callable[[], None],
         workdir: str = "",
         limits: Limits | None = None,
+        no_subdirs: bool = False,
     ) -> None:
         self.fs = fs
+        self.no_subdirs = no_subdirs
         self.keys = keys
         self.session_id = keys.session_id
         self.dest = dest
@@ -311,6 +313,7 @@ class ControlHandler:
 
     def _admit(self, md: Transfer) -> None:
         try:
+            self.dest = landing_dir(self.dest, md, no_subdirs=self.no_subdirs)
             final, opened = admit(self.dest, md, self.registry, on_event=self._event)
         except StxError as exc:
             self._feed(Refused(exc))
@@ -417,6 +420,21 @@ class ControlHandler:
         if self._opened is not None:
             self._opened.close()
         self._files_closed = True
+
+
+def landing_dir(dest: Path, md: Transfer, *, no_subdirs: bool) -> Path:
+    """Where the transfer lands: ``dest``, or ``dest/SUBDIR`` made for ``stx send --to``
+    (``destination.make_subdir``: no symlink followed on the way). RejectedError when the
+    receiver forbids ``--to`` and ``--as`` (``no_subdirs``) and the sender used one."""
+    header = md.header
+    if no_subdirs and (header.subdir or header.renamed):
+        used = "--to" if header.subdir else "--as"
+        raise RejectedError(
+            f"this receiver takes no {used} (stx recv --no-subdirs): send without it"
+        )
+    if not header.subdir:
+        return dest
+    return make_subdir(dest, header.subdir)
 
 
 def admit(

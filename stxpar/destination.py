@@ -49,6 +49,7 @@ from pathlib import Path
 from .errors import ConnectError, RejectedError, StxError, UsageError
 from .fsutil import fsync_dir
 from .state import Partial, find_partials
+from .wire import printable
 
 PART_SUFFIX = ".stxpart"
 STATE_SUFFIX = ".stxstate"
@@ -222,6 +223,43 @@ def create_partial(path: Path, size: int, *, allocate: bool = True) -> os.stat_r
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def make_subdir(dest: Path, subdir: str) -> Path:
+    """``dest/subdir`` (``stx send --to``), its missing directories made (mode 0777 & ~umask,
+    as ``mkdir -p``), walked one component at a time from ``dest`` without following a
+    symlink: a symlink, a file or anything but a directory on the way is a RejectedError and
+    nothing is made past it. ``subdir`` was checked already (``manifest.check_subdir``)."""
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise disk_error(exc, "cannot open the destination") from None
+    try:
+        walked: list[str] = []
+        for name in subdir.split("/"):
+            walked.append(name)
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise disk_error(exc, f"cannot make {printable('/'.join(walked))}") from None
+            try:
+                sub = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise RejectedError(
+                        f"cannot land in {printable(subdir)}: {printable('/'.join(walked))}"
+                        " is not a directory (a symlink or a file is in the way)"
+                    ) from None
+                raise disk_error(exc, f"cannot open {printable('/'.join(walked))}") from None
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
+    return dest / subdir
 
 
 def check_final(final: Path) -> None:

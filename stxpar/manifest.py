@@ -275,6 +275,12 @@ class Header:
     rekey_bytes: int
     #: Random per sender run: a reconnect of the same run supersedes its old session.
     run_id: bytes
+    #: ``stx send --to SUBDIR``: where in the receiver's destination the transfer lands
+    #: ("" for the destination itself); a relative path under the manifest's path rules.
+    subdir: str = ""
+    #: ``stx send --as NAME``: the top-level name is not the source's own (informational: a
+    #: receiver with ``--no-subdirs`` refuses it).
+    renamed: bool = False
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -286,6 +292,8 @@ class Header:
                 self.rekey_records,
                 self.rekey_bytes,
                 self.run_id,
+                self.subdir,
+                self.renamed,
             ],
             use_bin_type=True,
         )
@@ -298,7 +306,7 @@ class Header:
                 raw=False,
                 strict_map_key=True,
                 use_list=True,
-                max_str_len=64,
+                max_str_len=MAX_PATH_BYTES,
                 max_bin_len=64,
                 max_array_len=16,
                 max_map_len=0,
@@ -306,11 +314,15 @@ class Header:
             )
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ProtocolError("malformed Metadata message") from exc
-        if not isinstance(obj, list) or len(obj) != 7:
+        if not isinstance(obj, list) or len(obj) != 9:
             raise ProtocolError("malformed Metadata message")
-        entries, count, bs, streams, rr, rb, run = obj
+        entries, count, bs, streams, rr, rb, run, subdir, renamed = obj
         if not isinstance(run, bytes) or len(run) != 16:
             raise ProtocolError("Metadata: run id: expected 16 bytes")
+        if not isinstance(subdir, str) or not isinstance(renamed, bool):
+            raise ProtocolError("Metadata: subdir and renamed: expected a string and a boolean")
+        if subdir:
+            check_subdir(subdir)
         header = cls(
             _hint(entries, "entries", 1, MAX_HEADER_COUNT),
             _hint(count, "chunks", 1, MAX_HEADER_COUNT),
@@ -319,6 +331,8 @@ class Header:
             _hint(rr, "rekey records", 1, 1 << 24),
             _hint(rb, "rekey bytes", 1, 1 << 36),
             run,
+            subdir,
+            renamed,
         )
         if not header.chunks <= header.entries <= header.chunks * MAX_CHUNK_ENTRIES:
             raise ProtocolError("Metadata: entries and chunks do not agree")
@@ -326,6 +340,17 @@ class Header:
 
 
 # ---------------------------------------------------------------- the receiver's checks
+
+
+def check_subdir(subdir: str) -> None:
+    """ProtocolError unless ``subdir`` (``stx send --to``) is a relative path under the rules
+    of a manifest path, no component of it a reserved name (``.stxpart``, ...)."""
+    try:
+        _Rules._path(subdir)
+        if any(name.endswith(RESERVED_SUFFIXES) for name in subdir.split("/")):
+            _bad("reserved name in a path", subdir)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc).replace("bad manifest:", "bad --to directory:", 1)) from None
 
 
 class Limits(NamedTuple):

@@ -393,6 +393,7 @@ class Receiver:
                 on_done=self._done.set if self.once else lambda: None,
                 workdir=self._workdir,
                 limits=Limits(self.options.max_files, self.options.max_bytes),
+                no_subdirs=self.options.no_subdirs,
             ).run()
         except StxError as exc:
             self._event("rejected", peer=peer[0], error=str(exc), code=exc.exit_code)

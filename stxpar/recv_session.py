@@ -43,7 +43,7 @@ from .blocks import BlockLedger
 from .digest import BLOCK_DIGEST_LEN
 from .errors import AuthError, ConnectError, IntegrityError, ProtocolError, StxError
 from .keyschedule import SessionKeys
-from .manifest import MAX_CHUNK_BYTES, Builder, Header, Limits
+from .manifest import MAX_CHUNK_BYTES, MAX_PATH_BYTES, Builder, Header, Limits
 from .records import ControlChannel
 from .session_base import (
     ConnectionLost,
@@ -80,8 +80,12 @@ class DigestMismatch(IntegrityError):
     """The whole-file digest did not match: no block of the partial can be trusted."""
 
 
+#: METADATA's cap: the fixed fields, and room for a --to SUBDIR of MAX_PATH_BYTES.
+MAX_METADATA_PAYLOAD = MAX_HANDSHAKE_PAYLOAD + MAX_PATH_BYTES
+
+
 def metadata_cap(ftype: FrameType) -> int:
-    return MAX_HANDSHAKE_PAYLOAD if ftype is FrameType.METADATA else -1
+    return MAX_METADATA_PAYLOAD if ftype is FrameType.METADATA else -1
 
 
 def manifest_cap(ftype: FrameType) -> int:

@@ -435,6 +435,8 @@ def _session(
             rekey_records=opts.rekey_records,
             rekey_bytes=opts.rekey_bytes,
             run_id=run.run_id,
+            subdir=opts.to or "",
+            renamed=opts.as_name is not None,
         )
         md = Transfer(header, manifest)
         session = SenderSession(
@@ -666,6 +668,8 @@ def _plan(
         src = open_sources(paths, warn=warn)
     fixed = (block_size or base.block_size) is not None
     try:
+        if opts.as_name is not None:
+            src.rename_root(opts.as_name)
         bs = choose_block_size(src, opts.block_size, fixed=fixed)
     except BaseException:
         src.close()

@@ -13,6 +13,7 @@ from the data to move, so a resumed run computes the same blocks again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -60,6 +61,21 @@ class Sources:
 
     def layout(self, block_size: int) -> Layout:
         return Layout(block_size, tuple(e.extents for e in self.entries), tuple(self.refs))
+
+    def rename_root(self, name: str) -> None:
+        """Send the one top-level entry as ``name`` (``--as``): its path and every path
+        below it. UsageError when there is not exactly one."""
+        roots = [e for e in self.entries if "/" not in e.path]
+        if len(roots) != 1:
+            raise UsageError("--as needs exactly one PATH")
+        old = roots[0].path
+        prefix = old + "/"
+        self.entries = [
+            dataclasses.replace(e, path=name + e.path[len(old) :])
+            if e.path == old or e.path.startswith(prefix)
+            else e
+            for e in self.entries
+        ]
 
     def check_unchanged(self) -> None:
         """SourceChangedError (exit 5) if any file changed or was replaced since it was read."""

@@ -14,6 +14,7 @@ sender must still get a file through (``Arena.unharmed``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Sequence
@@ -416,3 +417,41 @@ def test_directory_planted_as_a_symlink_to_outside(arena: Arena, depth: str) -> 
     s = attack(arena, header(len(entries)), [encode_chunk(0, entries)])
     refused(s, 6, "not a directory", "refusing to write through it")
     watch.done()
+
+
+# ---------------------------------------------------------------- --to SUBDIR (issue 15)
+
+BAD_SUBDIRS = ["../x", "/etc", "a/../../b", "a//b", ".", "x\x00y", "\x1b[31m", "a/b.stxlock/c"]
+
+
+@pytest.mark.parametrize("subdir", BAD_SUBDIRS, ids=repr)
+def test_hostile_subdir_is_refused_before_anything_is_created(arena: Arena, subdir: str) -> None:
+    watch = Watch(arena)
+    head = dataclasses.replace(header(1), subdir=subdir)
+    s = attack(arena, head, [encode_chunk(0, [file_entry("x")])])
+    message = refused(s, 1, "bad --to directory")
+    assert "\0" not in message and "\x1b" not in message
+    watch.done()
+
+
+@pytest.mark.parametrize("where", ["top", "deep"])
+def test_subdir_through_a_planted_symlink_is_refused(arena: Arena, where: str) -> None:
+    if where == "top":
+        os.symlink(arena.outside, arena.dest / "evil")
+        subdir = "evil/y"
+    else:
+        (arena.dest / "a").mkdir()
+        os.symlink(arena.outside, arena.dest / "a" / "b")
+        subdir = "a/b/c"
+    watch = Watch(arena)
+    head = dataclasses.replace(header(1), subdir=subdir)
+    s = attack(arena, head, [encode_chunk(0, [file_entry("x")])])
+    refused(s, 6, "is not a directory")  # RejectedError
+    watch.unchanged()
+    for p in (arena.dest / "evil", arena.dest / "a" / "b"):
+        if p.is_symlink():
+            p.unlink()
+    if (arena.dest / "a").exists():
+        (arena.dest / "a").rmdir()
+    watch.arena.clean()
+    watch.arena.unharmed()

@@ -471,27 +471,36 @@ def test_a_good_raw_chunk_decodes() -> None:
 def test_header_round_trips() -> None:
     h = Header(5, 2, BS, 8, 1000, 1 << 30, RUN)
     assert Header.decode(h.encode()) == h
-    assert msgpack.unpackb(h.encode()) == [5, 2, BS, 8, 1000, 1 << 30, RUN]
+    assert msgpack.unpackb(h.encode()) == [5, 2, BS, 8, 1000, 1 << 30, RUN, "", False]
+    to = Header(5, 2, BS, 8, 1000, 1 << 30, RUN, subdir="in/coming", renamed=True)
+    assert Header.decode(to.encode()) == to
 
 
 HEADERS: list[tuple[str, list[Any]]] = [
-    ("entries 0", [0, 1, BS, 1, 1, 1, RUN]),
-    ("entries huge", [2**32 + 1, 1, BS, 1, 1, 1, RUN]),
-    ("chunks 0", [1, 0, BS, 1, 1, 1, RUN]),
-    ("chunks over entries", [2, 3, BS, 1, 1, 1, RUN]),
-    ("entries over chunks x 4096", [4097, 1, BS, 1, 1, 1, RUN]),
-    ("block size small", [1, 1, MIN_BLOCK_SIZE - 1, 1, 1, 1, RUN]),
-    ("block size big", [1, 1, (64 << 20) + 1, 1, 1, 1, RUN]),
-    ("streams 0", [1, 1, BS, 0, 1, 1, RUN]),
-    ("streams many", [1, 1, BS, 4097, 1, 1, RUN]),
-    ("rekey records 0", [1, 1, BS, 1, 0, 1, RUN]),
-    ("rekey bytes 0", [1, 1, BS, 1, 1, 0, RUN]),
-    ("rekey bytes big", [1, 1, BS, 1, 1, (1 << 36) + 1, RUN]),
-    ("run id short", [1, 1, BS, 1, 1, 1, b"x" * 15]),
-    ("run id str", [1, 1, BS, 1, 1, 1, "x" * 16]),
-    ("bool entries", [True, 1, BS, 1, 1, 1, RUN]),
-    ("six fields", [1, 1, BS, 1, 1, 1]),
-    ("eight fields", [1, 1, BS, 1, 1, 1, RUN, 0]),
+    ("entries 0", [0, 1, BS, 1, 1, 1, RUN, "", False]),
+    ("entries huge", [2**32 + 1, 1, BS, 1, 1, 1, RUN, "", False]),
+    ("chunks 0", [1, 0, BS, 1, 1, 1, RUN, "", False]),
+    ("chunks over entries", [2, 3, BS, 1, 1, 1, RUN, "", False]),
+    ("entries over chunks x 4096", [4097, 1, BS, 1, 1, 1, RUN, "", False]),
+    ("block size small", [1, 1, MIN_BLOCK_SIZE - 1, 1, 1, 1, RUN, "", False]),
+    ("block size big", [1, 1, (64 << 20) + 1, 1, 1, 1, RUN, "", False]),
+    ("streams 0", [1, 1, BS, 0, 1, 1, RUN, "", False]),
+    ("streams many", [1, 1, BS, 4097, 1, 1, RUN, "", False]),
+    ("rekey records 0", [1, 1, BS, 1, 0, 1, RUN, "", False]),
+    ("rekey bytes 0", [1, 1, BS, 1, 1, 0, RUN, "", False]),
+    ("rekey bytes big", [1, 1, BS, 1, 1, (1 << 36) + 1, RUN, "", False]),
+    ("run id short", [1, 1, BS, 1, 1, 1, b"x" * 15, "", False]),
+    ("run id str", [1, 1, BS, 1, 1, 1, "x" * 16, "", False]),
+    ("bool entries", [True, 1, BS, 1, 1, 1, RUN, "", False]),
+    ("seven fields (stx3 before --to)", [1, 1, BS, 1, 1, 1, RUN]),
+    ("ten fields", [1, 1, BS, 1, 1, 1, RUN, "", False, 0]),
+    ("subdir bytes", [1, 1, BS, 1, 1, 1, RUN, b"x", False]),
+    ("renamed int", [1, 1, BS, 1, 1, 1, RUN, "", 1]),
+    ("subdir up", [1, 1, BS, 1, 1, 1, RUN, "../x", False]),
+    ("subdir absolute", [1, 1, BS, 1, 1, 1, RUN, "/etc", False]),
+    ("subdir reserved", [1, 1, BS, 1, 1, 1, RUN, "a/b.stxpart", False]),
+    ("subdir control", [1, 1, BS, 1, 1, 1, RUN, "a\nb", False]),
+    ("subdir too long", [1, 1, BS, 1, 1, 1, RUN, "a/" * 2049, False]),
 ]
 
 

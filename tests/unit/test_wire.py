@@ -269,11 +269,11 @@ def test_limits_are_as_documented() -> None:
 
 
 def test_header_is_the_metadata_body() -> None:
-    # METADATA carries seven fields, the run id last; there is no default run id (every sender
-    # run draws one).
+    # METADATA carries nine fields: the run id (no default: every sender run draws one), then
+    # --to's subdirectory ("" for none) and whether --as renamed the top-level entry.
     h = SAMPLES[Header]
     fields = _fields(h)
-    assert fields == [5, 2, 4096, 4, 100, 1 << 20, _b(16, 3)]
+    assert fields == [5, 2, 4096, 4, 100, 1 << 20, _b(16, 3), "", False]
     assert Header.decode(h.encode()) == h
     for run_id in (bytes(16), b"\xff" * 16, bytes(range(16))):
         again = Header.decode(dataclasses.replace(h, run_id=run_id).encode())
@@ -443,7 +443,8 @@ RECORDED_CLIENT_HELLO = bytes.fromhex(
 # stx3: the Header, seven fields (array 0x97: entries, chunks, block size, streams, rekey
 # records, rekey bytes, run id as bin8 of 16 bytes).
 RECORDED_METADATA = bytes.fromhex(
-    "0700000029970301ce0040000004ce01000000cf0000001000000000c410c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
+    "070000002b990301ce0040000004ce01000000cf0000001000000000c410c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
+    "a0c2"
 )
 # A MANIFEST frame (type 0x0B): [index 0, [entry, entry, entry]], each entry
 # [kind, path, size, mode, mtime_ns, link, extents, file_id].
@@ -697,7 +698,7 @@ def _wrong_types(value: Any) -> list[Any]:
     """Values of a different msgpack type than ``value`` (never valid in its place)."""
     common: list[Any] = [None, 1.5, {"k": 1}]
     if isinstance(value, bool):
-        raise AssertionError("no bool fields")
+        return [*common, 0, 1, "true", b"\x01", [value]]
     if isinstance(value, int):
         return [*common, True, False, str(value), str(value).encode(), [value]]
     if isinstance(value, bytes):
