@@ -167,6 +167,7 @@ class ClusterPort:
         self.helpers: dict[bytes, Helper] = {}
         self.phase: Phase | None = None
         self.layout = b""
+        self._bound = self.address = ""
         self.ctx = zmq.Context()
         keys = ca.derive_cluster_keys(psk=psk)
         self.router = ca.secure_server(self.ctx.socket(zmq.ROUTER), keys=keys)
@@ -186,9 +187,8 @@ class ClusterPort:
             self.close()
             raise UsageError(f"cannot listen for helpers on {address}: {exc}") from None
         bound = r.getsockopt(zmq.LAST_ENDPOINT)
-        self.address = (bound.decode() if isinstance(bound, bytes) else str(bound)).removeprefix(
-            "tcp://"
-        )
+        self._bound = bound.decode() if isinstance(bound, bytes) else str(bound)
+        self.address = self._bound.removeprefix("tcp://")
         self._event("cluster_listening", address=self.address)
 
     # ------------------------------------------------------------ membership
@@ -357,10 +357,13 @@ class ClusterPort:
 
     def close(self) -> None:
         """Release every helper and stop listening."""
-        for h in self.helpers.values():
-            if h.state != "gone":
-                with contextlib.suppress(zmq.ZMQError):
-                    self.router.send_multipart([h.identity, encode(Release())], zmq.NOBLOCK)
+        if not self.router.closed:
+            # (Not unbound first: libzmq's unbind drops the connections it accepted, and the
+            # Releases with them.)
+            for h in self.helpers.values():
+                if h.state != "gone":
+                    with contextlib.suppress(zmq.ZMQError):
+                        self.router.send_multipart([h.identity, encode(Release())], zmq.NOBLOCK)
         self.auth.stop()
         if not self.router.closed:
             self.router.close(linger=500)  # the Releases go out

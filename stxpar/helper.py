@@ -199,6 +199,8 @@ def serve_helper(
             served += relay.transfers
             if once and relay.transfers:
                 return served
+            if relay.released:  # the coordinator closes its port now: the next one comes later
+                time.sleep(JOIN_BACKOFF.delay(1))
         finally:
             ctx.destroy(linger=0)
 
@@ -229,6 +231,7 @@ class _Relay:
         self.sent: dict[int, int] = {}  # slot -> blocks its worker sent
         self.assigned = False
         self.transfers = 0
+        self.released = False
         self.last_beat = 0.0
 
     def up(self, msg: Message) -> None:
@@ -236,9 +239,19 @@ class _Relay:
 
     def run(self) -> None:
         self.up(Join(CLUSTER_VERSION, socket.gethostname(), self.n, self.data_listen))
-        if not self.sock.poll(int(WELCOME_S * 1000)):
-            self.log(f"no welcome from the coordinator at {self.join}; joining again")
-            return
+        waiting = zmq.Poller()
+        waiting.register(self.sock, zmq.POLLIN)
+        waiting.register(self.monitor, zmq.POLLIN)
+        end = time.monotonic() + WELCOME_S
+        while not self.sock.poll(0):
+            left = end - time.monotonic()
+            if left <= 0:
+                self.log(f"no welcome from the coordinator at {self.join}; joining again")
+                return
+            waiting.poll(int(left * 1000) + 1)
+            if self._disconnected():  # a coordinator closing its port: join the next one
+                time.sleep(JOIN_BACKOFF.delay(0))
+                return
         first = decode_cluster(self.sock.recv(), expect=CLUSTER_DOWN)
         if not isinstance(first, Welcome) or first.role != "send":
             role = first.role if isinstance(first, Welcome) else type(first).__name__
@@ -315,6 +328,7 @@ class _Relay:
                     if proc is not None and proc.poll() is None:
                         proc.terminate()
             elif kind is Release:
+                self.released = True
                 self.stop_workers()
                 if self.assigned:
                     self.transfers += 1
