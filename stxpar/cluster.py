@@ -75,6 +75,9 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 10_000
 #: Messages handled per ``pump`` call at most (a flood must not starve the data phase).
 PUMP_BATCH = 1000
+#: Messages queued for one helper before it counts as not reading (a layout of
+#: ``layout.MAX_LAYOUT`` bytes is 2048 parts).
+SNDHWM = 4096
 #: The longest host name or address a helper may give.
 MAX_NAME = 255
 
@@ -174,6 +177,7 @@ class ClusterPort:
         r = self.router
         r.setsockopt(zmq.LINGER, 0)
         r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        r.setsockopt(zmq.SNDHWM, SNDHWM)
         r.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         r.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         r.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
@@ -222,6 +226,7 @@ class ClusterPort:
 
     def begin(self, phase: Phase, layout: bytes) -> None:
         """A data phase starts: every usable helper is given work (``phase.adopt``)."""
+        self.pump(0)  # what the helpers said meanwhile (who left, who is still there)
         self.phase, self.layout = phase, layout
         for h in list(self.helpers.values()):
             h.slots.clear()
@@ -281,6 +286,8 @@ class ClusterPort:
                     break
                 if len(frames) == 2:
                     self._dispatch(frames[0], frames[1], now)
+            else:
+                return  # more is waiting: silence is judged once it is read
         self.check(time.monotonic())
 
     def check(self, now: float) -> None:

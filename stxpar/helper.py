@@ -235,7 +235,12 @@ class _Relay:
         self.last_beat = 0.0
 
     def up(self, msg: Message) -> None:
-        self.sock.send(encode(msg), zmq.NOBLOCK)
+        """Send ``msg`` to the coordinator; dropped when its queue is full (a coordinator that
+        does not read for long: it answers nothing meanwhile, and its workers time out)."""
+        try:
+            self.sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def run(self) -> None:
         self.up(Join(CLUSTER_VERSION, socket.gethostname(), self.n, self.data_listen))

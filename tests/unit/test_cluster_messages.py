@@ -130,3 +130,36 @@ def test_localize_refuses_a_missing_file_or_a_symlink(tmp_path: Path) -> None:
 def test_localize_garbage_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         localize(b"\x93\x01\x02")
+
+
+def test_send_options_for_a_cluster() -> None:
+    from stxpar.config import SendOptions
+    from stxpar.errors import UsageError
+
+    assert SendOptions(workers=0, cluster="10.0.0.1:7000").resolved().workers == 0
+    for bad in (
+        SendOptions(workers=0),
+        SendOptions(cluster_workers=2),
+        SendOptions(cluster="nowhere"),
+        SendOptions(cluster="h:7000", cluster_wait=-1),
+    ):
+        with pytest.raises(UsageError):
+            bad.resolved()
+
+
+def test_summary_counts_hosts() -> None:
+    from stxpar.cli import send_summary
+    from stxpar.config import TransferResult
+
+    r = TransferResult(
+        file="f",
+        bytes=1 << 20,
+        seconds=1.0,
+        workers=5,
+        block_size=1 << 20,
+        blocks_total=1,
+        digest="ab" * 32,
+        extra={"hosts": {"a": 1, "b": 2, "c": 2}, "remote_workers": 4, "helpers": 2},
+    )
+    assert "3 hosts, 5 workers (4 remote)" in send_summary(r)
+    assert r.as_json()["hosts"] == {"a": 1, "b": 2, "c": 2}
