@@ -180,11 +180,17 @@ def _cluster() -> str:
 def test_two_helpers_send_everything(rig: dict[str, Any]) -> None:
     src = rig["root"] / "src" / "big"
     digest = write_random(src, 64 * MIB)
-    recv = rig["receiver"]()
+    # Throttled to 16 MB/s a stream: on a busy machine a worker starting late (a new
+    # interpreter) must still find blocks left to send.
+    recv, relay = _throttled(rig, 16e6)
     cluster = _cluster()
-    send = rig["sender"](src, recv.address, cluster, "--workers", "0", "--cluster-workers", "2")
+    address = "{}:{}".format(*relay.address)
+    send = rig["sender"](src, address, cluster, "--workers", "0", "--cluster-workers", "2")
     helpers = [rig["helper"](cluster, "--once") for _ in range(2)]
-    assert send.wait() == 0, send.stderr
+    try:
+        assert send.wait() == 0, send.stderr
+    finally:
+        relay.stop()
     result = send.json()
     assert result["remote_workers"] == 2 and result["helpers"] == 2, result
     assert sum(result["hosts"].values()) == 2, result
