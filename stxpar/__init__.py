@@ -19,6 +19,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .config import SendOptions, TransferResult
+    from .helper import serve_helper
     from .psk import generate as generate_key
     from .psk import load_key_file
     from .receiver import ReceivedFile, Receiver
@@ -35,6 +36,7 @@ _LAZY = {
     "ReceivedFile": ("receiver", "ReceivedFile"),
     "Receiver": ("receiver", "Receiver"),
     "send": ("sender", "send"),
+    "serve_helper": ("helper", "serve_helper"),
 }
 
 
@@ -67,4 +69,5 @@ __all__ = [
     "generate_key",
     "load_key_file",
     "send",
+    "serve_helper",
 ]

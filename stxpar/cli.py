@@ -193,7 +193,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         to=args.to,
         as_name=args.as_name,
+        cluster=args.cluster,
+        cluster_workers=args.cluster_workers,
+        cluster_wait=args.cluster_wait,
     )
+    if args.workers == 0 and args.cluster is None:
+        raise UsageError("--workers 0 needs --cluster HOST:PORT (helpers do the sending)")
     # The workers first, forked while this process holds no key (a worker must never hold it).
     paths = args.paths
 
@@ -208,6 +213,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         progress = _progress_for(args, label if len(paths) == 1 else f"{label} (+{len(paths) - 1})")
 
         def on_event(kind: str, fields: dict[str, Any]) -> None:
+            if kind in _CLUSTER_EVENTS:
+                if not args.quiet:
+                    if progress is not None and progress.shown:
+                        sys.stderr.write("\n")
+                    print(cluster_line(kind, fields), file=sys.stderr, flush=True)
+                return
             if progress is None:  # notes go with the progress line: a terminal, not --quiet
                 return
             if progress.shown:
@@ -251,6 +262,38 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+_CLUSTER_EVENTS = ("cluster_listening", "helper_joined", "helper_left", "cluster_short")
+
+
+def cluster_line(kind: str, fields: dict[str, Any]) -> str:
+    """The sender's line for a cluster port event."""
+    if kind == "cluster_listening":
+        return f"listening for helpers on {fields['address']}"
+    if kind == "helper_joined":
+        return f"helper {fields['host']} joined with {fields['workers']} workers"
+    if kind == "helper_left":
+        return f"helper {fields['host']} put aside: {fields['reason']}"
+    return (
+        f"only {fields['got']} of {fields['want']} remote workers joined within"
+        f" {fields['wait']:g} s; going on with them"
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .helper import serve_helper
+
+    host, port = args.join
+    key = _key(args)
+    serve_helper(
+        join=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        psk=key,
+        workers=args.workers,
+        data_listen=args.data_listen or "",
+        once=args.once,
+    )
+    return 0
+
+
 def _amount(size: int, held: int) -> str:
     """A transfer's size in a summary line, and how much of it a resume found already there
     (the rate beside it is of what this run moved)."""
@@ -266,10 +309,18 @@ def send_summary(result: TransferResult) -> str:
         files = f"{extra.get('files', 0)} files, "
         if extra.get("skipped"):
             files += f"{extra['skipped']} skipped, "
+    hosts = extra.get("hosts")
+    streams = f"{result.workers} stream{'' if result.workers == 1 else 's'}"
+    if hosts:
+        n = len(hosts)
+        streams = (
+            f"{n} host{'' if n == 1 else 's'}, {sum(hosts.values())} workers"
+            f" ({extra.get('remote_workers', 0)} remote)"
+        )
     return (
         f"sent {result.file}: {files}{_amount(result.bytes, result.bytes_resumed)} in"
         f" {result.seconds:.2f} s "
-        f"({result.mb_per_s:.1f} MB/s, {result.workers} stream{'' if result.workers == 1 else 's'}, digest {result.digest[:16]}...)"
+        f"({result.mb_per_s:.1f} MB/s, {streams}, digest {result.digest[:16]}...)"
     )
 
 
@@ -540,9 +591,10 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_nonneg_int,
         metavar="N",
-        help="worker processes, one TCP stream each (default here: "
+        help="worker processes on this host, one TCP stream each; 0 only with --cluster"
+        " (helpers do all the sending) (default here: "
         f"{default_workers()}, one per CPU between 2 and 8; "
         f"{default_workers(peer_on_this_machine=True)} when HOST is a loopback address, where"
         " the receiver shares these CPUs)",
@@ -598,15 +650,77 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         " directory's top-level name)",
     )
     p.add_argument(
+        "--cluster",
+        type=_hostport_text,
+        metavar="HOST:PORT",
+        help="also listen here for helpers ('stx worker --join HOST:PORT' on other hosts that"
+        " see the same files, e.g. on a shared file system): their worker processes join the"
+        " transfer, each with a stream of its own; helpers that join later are put to work at"
+        " once, and the blocks of one that leaves or dies are sent again by the others. The"
+        " channel is CurveZMQ with keys derived from the key file (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--cluster-workers",
+        type=_nonneg_int,
+        default=_SEND.cluster_workers,
+        metavar="K",
+        help="with --cluster: wait until helpers offer K worker processes before sending"
+        " (at most --cluster-wait seconds; then go on with what joined)",
+    )
+    p.add_argument(
+        "--cluster-wait",
+        type=float,
+        default=_SEND.cluster_wait,
+        metavar="S",
+        help=f"seconds to wait for --cluster-workers (default {_SEND.cluster_wait:g}); with"
+        " --workers 0, how long to wait for the first helper",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON summary line on stdout at the end (bytes, seconds, blocks, digest;"
-        " files, dirs, symlinks, skipped and bytes_sparse: holes of sparse files not sent)",
+        " files, dirs, symlinks, skipped and bytes_sparse: holes of sparse files not sent;"
+        " with --cluster: hosts (worker processes per host), remote_workers, helpers)",
     )
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no progress line and no summary on stderr"
     )
     p.set_defaults(func=cmd_send)
+
+
+def _hostport_text(text: str) -> str:
+    _hostport(text)
+    return text
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--join",
+        type=_hostport,
+        required=True,
+        metavar="HOST:PORT",
+        help="the coordinator's cluster port ('stx send --cluster HOST:PORT'); tried again"
+        " with backoff until it answers, so a helper may start first",
+    )
+    p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help=f"worker processes to run here (default here: {default_workers()}, one per CPU"
+        " between 2 and 8)",
+    )
+    p.add_argument(
+        "--data-listen",
+        metavar="HOST:PORT",
+        type=_hostport_text,
+        help="where this host would accept its own data streams as a receiver's helper (not"
+        " used yet: a sender's helper connects out to the receiver)",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="exit after one transfer that gave this helper work"
+    )
+    p.set_defaults(func=cmd_worker)
 
 
 def _clock_window(text: str) -> float:
@@ -785,6 +899,20 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
         sub.add_parser(
             "recv",
             help="receive files",
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+
+    _add_worker_args(
+        sub.add_parser(
+            "worker",
+            help="serve as worker processes of a coordinator on another host",
+            description="Join the coordinator at --join (an 'stx send --cluster') and serve as"
+            " --workers worker processes of it, transfer after transfer, until stopped. A"
+            " sender's helper reads the blocks it sends from the same path as the sender, so"
+            " the files must be visible here (a shared file system). It logs one line per"
+            " event on stderr; a wrong key is exit 3.",
             epilog=EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -12,7 +12,7 @@ from . import keyschedule as ks
 from .errors import UsageError
 from .handshake import DEFAULT_WINDOW_MS
 from .manifest import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from .netio import Backoff
+from .netio import Backoff, parse_hostport
 from .wire import MAX_BLOCK_SIZE, MAX_STREAMS, MIN_BLOCK_SIZE
 
 #: Default block size; see docs/tuning.md for the sweep that chose it.
@@ -144,6 +144,13 @@ class SendOptions:
     to: str | None = None
     #: ``--as NAME``: the one PATH arrives under this name instead of its own.
     as_name: str | None = None
+    #: ``HOST:PORT`` where this sender also listens for helpers (``stx worker --join``) whose
+    #: worker processes join its data phase (docs/cluster.md); None: no cluster port.
+    cluster: str | None = None
+    #: Remote worker processes to wait for before the first data phase (0: do not wait).
+    cluster_workers: int = 0
+    #: Seconds to wait for them; the transfer goes on with what joined by then.
+    cluster_wait: float = 30.0
 
     def resolved(self) -> SendOptions:
         if self.max_retries < 0:
@@ -162,9 +169,21 @@ class SendOptions:
             raise UsageError("rekey_bytes out of range")
         if self.deadline < 0 or self.stall_timeout <= 0:
             raise UsageError("--deadline and --stall-timeout must be positive")
+        if self.cluster is not None:
+            parse_hostport(self.cluster)  # UsageError for a bad address
+        if self.cluster_workers < 0 or self.cluster_wait < 0:
+            raise UsageError("--cluster-workers and --cluster-wait must be 0 or more")
+        if self.cluster_workers and self.cluster is None:
+            raise UsageError("--cluster-workers needs --cluster HOST:PORT")
+        if self.workers == 0 and self.cluster is not None:
+            workers = 0  # every worker on helper hosts
+        elif self.workers == 0:
+            raise UsageError("--workers 0 needs --cluster HOST:PORT (helpers do the sending)")
+        else:
+            workers = check_workers(self.workers)
         return replace(
             self,
-            workers=check_workers(self.workers),
+            workers=workers,
             block_size=check_block_size(self.block_size),
         )
 

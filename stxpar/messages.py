@@ -265,6 +265,131 @@ class StreamClosed(Message):
     stream: int
 
 
+# ------------------------------------------------------------------ cluster port (coordinator <-> helper)
+# A helper (``stx worker --join``) relays between its own local workers and a coordinator on
+# another host, over the CurveZMQ channel of ``stxpar.cluster_auth``; every message stays under
+# ``MAX_CLUSTER``. A local worker's request or report travels whole, as its encoded bytes.
+
+
+@message("c.join")
+@dataclass(frozen=True)
+class Join(Message):
+    """Helper -> coordinator, first after the handshake: who it is and what it offers."""
+
+    version: int
+    host: str
+    workers: int
+    data_listen: str
+
+
+@message("c.welcome")
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Coordinator -> helper: accepted, as a helper of this side (``"send"``; ``"recv"`` later)."""
+
+    role: str
+
+
+@message("c.layout")
+@dataclass(frozen=True)
+class LayoutPart(Message):
+    """Coordinator -> helper: part ``index`` of the session's layout file (``index`` 0 starts a
+    new one; ``last`` ends it)."""
+
+    index: int
+    last: bool
+    data: bytes
+
+
+@message("c.assign")
+@dataclass(frozen=True)
+class Assign(Message):
+    """Coordinator -> helper, after a whole layout: start one worker for each of these slots."""
+
+    slots: tuple[int, ...]
+
+
+@message("c.stop")
+@dataclass(frozen=True)
+class Stop(Message):
+    """Coordinator -> helper: stop the workers of these slots (SIGTERM)."""
+
+    slots: tuple[int, ...]
+
+
+@message("c.down")
+@dataclass(frozen=True)
+class Down(Message):
+    """Coordinator -> helper: the answer (``encode``d ``Setup``/``Blocks``/``Done``) to the
+    helper's local worker ``ident``."""
+
+    ident: bytes
+    body: bytes
+
+
+@message("c.release")
+@dataclass(frozen=True)
+class Release(Message):
+    """Coordinator -> helper: the transfer is over (stop every worker, wait for the next)."""
+
+
+@message("c.up")
+@dataclass(frozen=True)
+class Up(Message):
+    """Helper -> coordinator: a local worker's request (``Hello``/``Get``), ``ident`` its
+    identity on the helper's own ROUTER."""
+
+    ident: bytes
+    body: bytes
+
+
+@message("c.report")
+@dataclass(frozen=True)
+class Report(Message):
+    """Helper -> coordinator: a local worker's report (``Acked``/``Sent``/``Alive``/...)."""
+
+    body: bytes
+
+
+@message("c.exited")
+@dataclass(frozen=True)
+class Exited(Message):
+    """Helper -> coordinator: the worker of ``slot`` exited with ``status``."""
+
+    slot: int
+    status: int
+
+
+@message("c.refuse")
+@dataclass(frozen=True)
+class Refuse(Message):
+    """Helper -> coordinator: it cannot serve the assignment (why, in one line)."""
+
+    reason: str
+
+
+@message("c.bye")
+@dataclass(frozen=True)
+class Bye(Message):
+    """Helper -> coordinator: leaving (its workers are stopped)."""
+
+
+@message("c.beat")
+@dataclass(frozen=True)
+class HelperBeat(Message):
+    """Helper -> coordinator, every ``cluster.BEAT_S``: still there."""
+
+
+#: The cluster port's messages, each way.
+CLUSTER_UP: tuple[type[Message], ...] = (Join, Up, Report, Exited, Refuse, Bye, HelperBeat)
+CLUSTER_DOWN: tuple[type[Message], ...] = (Welcome, LayoutPart, Assign, Stop, Down, Release)
+#: Largest cluster message (``cluster_auth.MAX_CLUSTER_MESSAGE``, 1 MiB; kept here so that the
+#: codec does not import ZeroMQ); the byte strings inside may use nearly all of it.
+MAX_CLUSTER = 1 << 20
+#: Bytes of a layout file per ``LayoutPart``.
+LAYOUT_PART = 512 << 10
+
+
 #: What each side of each channel may receive.
 SENDER_REQUESTS: tuple[type[Message], ...] = (Hello, Get)
 SENDER_REPLIES: tuple[type[Message], ...] = (Setup, Blocks, Done)
@@ -412,19 +537,25 @@ def _wrong_type(value: Any, kind: type) -> bool:
     return type(value) is not kind
 
 
-def decode(data: bytes, *, expect: tuple[type[M], ...]) -> M:
+def decode(
+    data: bytes,
+    *,
+    expect: tuple[type[M], ...],
+    max_size: int = MAX_MESSAGE,
+    max_bin: int = MAX_BIN,
+) -> M:
     """The message in ``data``, which must be one of the kinds in ``expect``; ProtocolError
     for anything else (too large, not msgpack, another version, an unexpected kind, wrong
-    fields)."""
-    if len(data) > MAX_MESSAGE:
-        raise ProtocolError(f"worker message of {len(data)} bytes (at most {MAX_MESSAGE})")
+    fields). ``max_size``/``max_bin``: the caps of another channel (``decode_cluster``)."""
+    if len(data) > max_size:
+        raise ProtocolError(f"worker message of {len(data)} bytes (at most {max_size})")
     try:
         obj = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_STR,
-            max_bin_len=MAX_BIN,
+            max_bin_len=max_bin,
             max_array_len=MAX_ARRAY,
             max_map_len=0,
             max_ext_len=0,
@@ -440,3 +571,8 @@ def decode(data: bytes, *, expect: tuple[type[M], ...]) -> M:
     if kind is None or kind not in expect:
         raise ProtocolError(f"unexpected worker message {tag!r}")
     return typing.cast(M, _build(kind, obj[2:], tag))
+
+
+def decode_cluster(data: bytes, *, expect: tuple[type[M], ...]) -> M:
+    """A cluster-port message (``CLUSTER_UP``/``CLUSTER_DOWN``): at most ``MAX_CLUSTER`` bytes."""
+    return decode(data, expect=expect, max_size=MAX_CLUSTER, max_bin=MAX_CLUSTER)

@@ -38,6 +38,7 @@ import zmq
 
 from . import ipc
 from . import layout as layout_file
+from .cluster import ClusterPort, Helper, RemoteWorker, Route, Tally, local_host
 from .config import SendOptions, TransferResult, default_workers, is_loopback
 from .errors import ConnectError, StxError, UsageError, error_from_code
 from .handshake import ClientHandshake, handshake_cap, now_ms
@@ -76,7 +77,7 @@ from .session_base import ConnectionLost, Failed, FrameIn, Output, SendFrame, Su
 from .source import REPLACED, SourceFile
 from .sources import Sources, choose_block_size, open_sources
 from .transfer import Transfer
-from .wire import MAX_CONTROL_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, FrameType
+from .wire import MAX_CONTROL_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, MAX_STREAMS, FrameType
 
 __all__ = [
     "REPLACED",
@@ -136,6 +137,9 @@ class _DataPhase:
         workers: int,
         progress: ProgressFn | None,
         file_progress: FileProgressFn | None = None,
+        cluster: ClusterPort | None = None,
+        layout: bytes = b"",
+        tally: Tally | None = None,
     ) -> None:
         assert pool.link is not None
         self.run_state, self.session, self.setup = run, session, setup
@@ -143,13 +147,68 @@ class _DataPhase:
         self.ctl, self.progress, self.file_progress = ctl, progress, file_progress
         self.sched = Scheduler(needed, run.ledger)
         self.sched.blocks_sent = run.blocks_sent
-        self.identities: dict[int, bytes] = {}
+        #: slot -> where its answers go: a local worker's ROUTER identity (bytes), or a
+        #: remote worker's route through its helper (``cluster.Route``)
+        self.identities: dict[int, bytes | Route] = {}
         self.next_stream = 0
-        self.width = max(1, min(workers, len(needed)))
-        for slot in list(self.sup.workers)[: self.width]:
+        local = (
+            min(workers, len(needed)) if cluster is not None else max(1, min(workers, len(needed)))
+        )
+        self.width = local
+        for slot in list(self.sup.workers)[:local]:
             self.sched.add_worker(slot)  # the others (more than blocks left) are sent home
-        self.sup.replacements_left = 2 * self.width + 2
+        self.sup.replacements_left = 2 * max(1, local) + 2
         self.replaced_before = self.sup.replaced
+        #: host -> worker processes that took a stream (``extra["hosts"]``)
+        self.tally = tally if tally is not None else Tally()
+        self.host = local_host()
+        self.cluster = cluster
+        self.winding_down = False
+        if cluster is not None:
+            cluster.begin(self, layout)
+
+    # -- the cluster port's side (``cluster.Phase``)
+    def adopt(self, helper: Helper, count: int | None = None) -> None:
+        """Give a helper work: one new slot per worker process it offers."""
+        assert self.cluster is not None
+        if self.winding_down or self.sched.complete:
+            return
+        cluster = self.cluster
+        slots = tuple(
+            self.sup.spawn(lambda slot: RemoteWorker(slot, helper, cluster)).slot
+            for _ in range(helper.workers if count is None else count)
+        )
+        for slot in slots:
+            self.sched.add_worker(slot)
+        self.width += len(slots)
+        self.sup.replacements_left += 2 * len(slots) if count is None else 0
+        self.run_state.width = max(self.run_state.width, self.width)
+        cluster.assign(helper, slots)
+
+    def remote_request(self, route: Route, msg: Message, now: float) -> None:
+        if self.winding_down:
+            self._reply(route, Done())
+        else:
+            self._on_request(route, msg, now)
+
+    def remote_report(self, msg: Message, now: float) -> None:
+        if not self.winding_down:
+            self._on_report(msg, now)
+            return
+        kind, slot = type(msg), msg.slot  # type: ignore[attr-defined]
+        if kind is Acked:
+            assert isinstance(msg, Acked)
+            self.sched.count_sent(slot, msg.sent)
+        elif kind is Sent:
+            assert isinstance(msg, Sent)
+            self.sched.count_sent(slot, msg.count, last=True)
+
+    def _reply(self, route: bytes | Route, msg: Message, *, block: bool = True) -> None:
+        if type(route) is bytes:
+            self.link.reply(route, msg, block=block)
+        else:
+            assert self.cluster is not None and isinstance(route, tuple)
+            self.cluster.down(route, msg)
 
     def _ignore(self, slot: int) -> bool:
         return not self.sched.is_live(slot) or self.sched.is_done(slot)
@@ -162,9 +221,14 @@ class _DataPhase:
         ``finish`` waits for them, after END and RECEIPT have crossed."""
         try:
             self.run_state.width = max(self.run_state.width, self.width)
+            if not self.sched.live:
+                exc = ConnectError("no worker to send with (no local workers, no helper joined)")
+                self._feed(DataFailed(exc))
+                raise exc
             self._feed(Progressed(time.monotonic()))
             self._loop()
         except BaseException:
+            self.winding_down = True
             self.pool.kill()  # a failed session must not wait for stuck streams
             self._drain()
             raise
@@ -178,6 +242,7 @@ class _DataPhase:
         self.replaced_before = self.sup.replaced
 
     def finish(self) -> None:
+        self.winding_down = True
         try:
             self._stop_workers()
         finally:
@@ -200,6 +265,8 @@ class _DataPhase:
             )
 
         try:
+            if self.cluster is not None:
+                self.cluster.pump(0)
             while pull.poll(100 if outstanding() else 0):
                 msg = self.link.report()
                 if type(msg) is Acked:
@@ -218,6 +285,9 @@ class _DataPhase:
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
         poller.register(ctl_fd, zmq.POLLIN)
+        cluster = self.cluster
+        if cluster is not None:
+            poller.register(cluster.router, zmq.POLLIN)
         last_report = last_check = 0.0
         ledger = self.run_state.ledger
         size = self.run_state.size
@@ -234,6 +304,10 @@ class _DataPhase:
                     self._on_report(link.report(), now)
             if ctl_fd in events:
                 self._on_control()
+            if cluster is not None and (
+                cluster.router in events or now - last_check >= SILENCE_CHECK
+            ):
+                cluster.pump(0)
             if self.sup.exited(self._ignore) or now - last_check >= SILENCE_CHECK:
                 last_check = now
                 self._check_workers(now)
@@ -247,7 +321,7 @@ class _DataPhase:
                 self._report(ledger.bytes, size)
         self._report(size, size)
         for slot in sched.release_parked():
-            link.reply(self.identities[slot], Done())
+            self._reply(self.identities[slot], Done())
 
     def _report(self, done: int, size: int) -> None:
         if self.progress is not None:
@@ -259,23 +333,28 @@ class _DataPhase:
     def _serve(self, slot: int) -> None:
         answer = self.sched.take(slot)
         if answer is not None:
-            self.link.reply(self.identities[slot], answer)
+            self._reply(self.identities[slot], answer)
 
-    def _on_request(self, identity: bytes, msg: Message, now: float) -> None:
+    def _on_request(self, identity: bytes | Route, msg: Message, now: float) -> None:
         slot = msg.slot  # type: ignore[attr-defined]
         self.sup.heard(slot, now)
         if not isinstance(msg, Hello):
             if slot not in self.identities:  # a Get before its Hello: not one of ours
-                self.link.reply(identity, Done())
+                self._reply(identity, Done())
                 return
             self._serve(slot)
             return
         if not self.sched.is_live(slot):
-            self.link.reply(identity, Done())
+            self._reply(identity, Done())
             return
         self.identities[slot] = identity
         stream, self.next_stream = self.next_stream, self.next_stream + 1
-        self.link.reply(identity, self.setup(stream))
+        if type(identity) is bytes:
+            self.tally.count(self.host)
+        else:
+            assert self.cluster is not None and isinstance(identity, tuple)
+            self.tally.count(self.cluster.host_of(identity), helper=identity[0])
+        self._reply(identity, self.setup(stream))
 
     def _on_report(self, msg: Message, now: float) -> None:
         kind = type(msg)
@@ -302,9 +381,27 @@ class _DataPhase:
             assert kind is Alive
 
     def _replace(self, slot: int, why: str) -> None:
-        """Put a failed stream's unfinished blocks back on the queue; start a new stream."""
+        """Put a failed stream's unfinished blocks back on the queue; start a new stream (a
+        remote one on the same helper while it is there; none for a helper that is gone)."""
         self.sched.retire(slot)
         self.identities.pop(slot, None)
+        handle = self.sup.workers.get(slot)
+        if isinstance(handle, RemoteWorker):
+            handle.terminate()
+            self.sup.last_heard.pop(slot, None)
+            if handle.helper.usable:
+                if self.sup.replacements_left <= 0:
+                    exc = ConnectError(f"data streams keep failing ({why})")
+                    self._feed(DataFailed(exc))
+                    raise exc
+                self.sup.replacements_left -= 1
+                self.sup.replaced += 1
+                self.adopt(handle.helper, 1)
+            elif not self.sched.live:
+                exc = ConnectError(f"no worker left: {why}")
+                self._feed(DataFailed(exc))
+                raise exc
+            return
         try:
             handle = self.sup.replace(slot, why)
         except ConnectError as exc:
@@ -336,10 +433,12 @@ class _DataPhase:
             identity = self.identities.get(slot)
             if h.exit_status() is None and identity and not self.sched.is_done(slot):
                 try:
-                    link.reply(identity, Done(), block=False)
+                    self._reply(identity, Done(), block=False)
                 except zmq.ZMQError:
                     pass
         while time.monotonic() < deadline and not sup.all_exited():
+            if self.cluster is not None:
+                self.cluster.pump(0)
             if link.router.poll(5):  # short: a worker's exit is noticed within 5 ms
                 identity, _ = link.router.recv_multipart()
                 try:
@@ -396,10 +495,15 @@ def _session(
     deadline: float | None,
     pool: SenderPool | None = None,
     file_progress: FileProgressFn | None = None,
+    cluster: ClusterPort | None = None,
+    tally: Tally | None = None,
 ) -> None:
     """One connection: handshake, then the session core from METADATA to RECEIPT. ``pool``:
-    workers already started for it (the session owns and closes them)."""
+    workers already started for it (the session owns and closes them); ``cluster``: the
+    run's cluster port, whose helpers' workers join the data phase."""
     assert opts.block_size is not None
+    # Local workers: --workers, which may be 0 with a cluster port (helpers only).
+    local = opts.workers if cluster is not None and opts.workers is not None else opts.workers or 1
     try:
         src = run.sources
         if run.reconnects or src.single is not None:  # (a tree was walked just now)
@@ -407,7 +511,7 @@ def _session(
         timeout = opts.connect_timeout
         if deadline is not None:
             timeout = min(timeout, max(0.01, deadline - time.monotonic()))
-        width = min(opts.workers or 1, run.total)
+        width = min(local, run.total)
         if run.complete >= run.total and pool is not None:
             pool.close()
             pool = None
@@ -427,11 +531,17 @@ def _session(
     try:
         keys = handshake(ctl, psk=psk, timeout=opts.handshake_timeout)
         manifest = run.manifest
+        streams = opts.workers or 1
+        if cluster is not None:
+            # The receiver accepts up to 4 x streams + 64 stream ids: room for helpers that
+            # join later and for replacements.
+            remote = max(opts.cluster_workers, cluster.remote_workers())
+            streams = max(1, min(MAX_STREAMS, local + remote))
         header = Header(
             entries=len(manifest.entries),
             chunks=len(run.chunks),
             block_size=opts.block_size,
-            streams=opts.workers or 1,
+            streams=streams,
             rekey_records=opts.rekey_records,
             rekey_bytes=opts.rekey_bytes,
             run_id=run.run_id,
@@ -499,9 +609,13 @@ def _session(
                     on_event("resuming", {"have_bytes": out.held_bytes, "bytes": run.size})
             elif isinstance(out, StartData):
                 if pool is None:  # the receiver lost blocks acknowledged earlier
-                    pool = SenderPool(min(opts.workers or 1, len(out.needed)))
+                    pool = SenderPool(min(local, len(out.needed)))
                 ctl.sock.settimeout(None)
                 write_layout(pool)  # (a pool made just now has none yet)
+                layout_bytes = b""
+                if cluster is not None:
+                    with open(layout_path, "rb") as f:
+                        layout_bytes = f.read()
                 phase = _DataPhase(
                     run=run,
                     session=session,
@@ -509,9 +623,12 @@ def _session(
                     needed=out.needed,
                     pool=pool,
                     ctl=ctl,
-                    workers=opts.workers or 1,
+                    workers=local,
                     progress=progress,
                     file_progress=file_progress,
+                    cluster=cluster,
+                    layout=layout_bytes,
+                    tally=tally,
                 )
                 phase.run()
                 pending.extend(session.handle(DataComplete()))
@@ -539,9 +656,13 @@ def _session(
                     phase.finish()  # the workers wound down while END and RECEIPT crossed
                 return
     finally:
-        if pool is not None:
-            pool.close()
-        ctl.close()
+        try:
+            if pool is not None:
+                pool.close()
+        finally:
+            if cluster is not None:
+                cluster.end()
+            ctl.close()
 
 
 def send(
@@ -630,7 +751,7 @@ def prestart_workers(
     src, opts = _plan(paths, host, workers=workers, block_size=block_size, base=options, warn=warn)
     assert opts.block_size is not None and opts.workers is not None
     total = src.blocks(opts.block_size)
-    if not total or not ipc.can_fork():
+    if not total or not opts.workers or not ipc.can_fork():
         src.close()
         return None
     try:
@@ -694,6 +815,72 @@ def _send(
     started = time.monotonic()
     deadline = started + opts.deadline if opts.deadline else None
     retry = Retry(opts, deadline)
+    cluster: ClusterPort | None = None
+    tally = Tally()
+    if opts.cluster is not None:
+        cluster = ClusterPort(opts.cluster, psk=psk, on_event=on_event)
+    try:
+        if cluster is not None:
+            _await_helpers(cluster, opts, on_event)
+        _sessions(
+            run,
+            src,
+            host,
+            port,
+            psk,
+            opts,
+            progress,
+            on_event,
+            pool,
+            file_progress,
+            retry=retry,
+            deadline=deadline,
+            cluster=cluster,
+            tally=tally,
+        )
+    finally:
+        if cluster is not None:
+            cluster.close()
+    extra: dict[str, Any] = {"streams_replaced": run.streams_replaced, **src.summary()}
+    if cluster is not None:
+        extra["hosts"] = dict(tally.hosts)
+        extra["remote_workers"] = tally.remote
+        extra["helpers"] = len(tally.helpers)
+    return TransferResult(
+        file=src.label,
+        bytes=run.size,
+        seconds=time.monotonic() - started,
+        workers=max(1, run.width),
+        block_size=bs,
+        blocks_total=run.total,
+        blocks_sent=run.blocks_sent,
+        blocks_resumed=max(0, run.blocks_resumed),
+        retransmits=run.retransmits,
+        reconnects=run.reconnects,
+        digest=run.whole_digest().hex(),
+        bytes_resumed=run.bytes_resumed,
+        extra=extra,
+    )
+
+
+def _sessions(
+    run: Run,
+    src: Sources,
+    host: str,
+    port: int,
+    psk: bytes,
+    opts: SendOptions,
+    progress: ProgressFn | None,
+    on_event: EventFn | None,
+    pool: SenderPool | None,
+    file_progress: FileProgressFn | None,
+    *,
+    retry: Retry,
+    deadline: float | None,
+    cluster: ClusterPort | None,
+    tally: Tally,
+) -> None:
+    """Sessions until one succeeds (reconnecting after a ConnectError) or the retries end."""
     while True:
         before = run.complete
         first, pool = pool, None  # a session owns the pool it is given
@@ -709,6 +896,8 @@ def _send(
                 deadline=deadline,
                 pool=first,
                 file_progress=file_progress,
+                cluster=cluster,
+                tally=tally,
             )
             break
         except DeadlineReached:
@@ -722,18 +911,17 @@ def _send(
                     "reconnecting", {"attempt": retry.failures, "delay": delay, "reason": reason}
                 )
             time.sleep(delay)
-    return TransferResult(
-        file=src.label,
-        bytes=run.size,
-        seconds=time.monotonic() - started,
-        workers=max(1, run.width),
-        block_size=bs,
-        blocks_total=run.total,
-        blocks_sent=run.blocks_sent,
-        blocks_resumed=max(0, run.blocks_resumed),
-        retransmits=run.retransmits,
-        reconnects=run.reconnects,
-        digest=run.whole_digest().hex(),
-        bytes_resumed=run.bytes_resumed,
-        extra={"streams_replaced": run.streams_replaced, **src.summary()},
-    )
+
+
+def _await_helpers(cluster: ClusterPort, opts: SendOptions, on_event: EventFn | None) -> None:
+    """``--cluster-workers K``: wait up to ``--cluster-wait`` for K remote worker processes;
+    go on with fewer (an event says so), but not with no worker at all (UsageError)."""
+    want = opts.cluster_workers or (0 if opts.workers else 1)
+    got = cluster.wait_workers(want, opts.cluster_wait) if want else cluster.remote_workers()
+    if opts.cluster_workers and got < want and on_event is not None:
+        on_event("cluster_short", {"want": want, "got": got, "wait": opts.cluster_wait})
+    if not got and not opts.workers:
+        raise UsageError(
+            f"no helper joined the cluster port {cluster.address} within"
+            f" {opts.cluster_wait:g} s, and --workers 0 leaves no local worker"
+        )

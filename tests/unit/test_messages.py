@@ -56,6 +56,19 @@ SAMPLES: list[m.Message] = [
     m.StreamFailed(session_id=b"i" * 16, stream=2, code=3, message="forged block"),
     m.StreamClosed(session_id=b"i" * 16, stream=2),
     m.Alive(slot=1),
+    m.Join(version=1, host="dtn2", workers=4, data_listen=""),
+    m.Welcome(role="send"),
+    m.LayoutPart(index=0, last=True, data=b"layout"),
+    m.Assign(slots=(4, 5)),
+    m.Stop(slots=(4,)),
+    m.Down(ident=b"\x00abcd", body=b"\x93\x01\xa4done"),
+    m.Release(),
+    m.Up(ident=b"\x00abcd", body=b"\x92\x01\xa5hello"),
+    m.Report(body=b"\x93\x01\xa5alive\x01"),
+    m.Exited(slot=4, status=0),
+    m.Refuse(reason="not visible here"),
+    m.Bye(),
+    m.HelperBeat(),
 ]
 EVERY_KIND = tuple({type(s) for s in SAMPLES})
 
