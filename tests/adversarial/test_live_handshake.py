@@ -36,8 +36,8 @@ import stxpar
 from stxpar import keyschedule as ks
 from stxpar.errors import AuthError, ProtocolError, StxError
 from stxpar.handshake import ClientHandshake
+from stxpar.recv_session import MAX_METADATA_PAYLOAD
 from stxpar.wire import (
-    MAX_HANDSHAKE_PAYLOAD,
     ClientHello,
     FrameType,
     Init,
@@ -603,13 +603,13 @@ def test_trailing_bytes_in_a_handshake_frame(arena: Arena) -> None:
     ("tail", "message"),
     [
         (
-            raw_frame(T.METADATA, b"", length=MAX_HANDSHAKE_PAYLOAD + 1),
-            f"METADATA frame of {MAX_HANDSHAKE_PAYLOAD + 1} bytes exceeds the limit of "
-            f"{MAX_HANDSHAKE_PAYLOAD}",
+            raw_frame(T.METADATA, b"", length=MAX_METADATA_PAYLOAD + 1),
+            f"METADATA frame of {MAX_METADATA_PAYLOAD + 1} bytes exceeds the limit of "
+            f"{MAX_METADATA_PAYLOAD}",
         ),
         (
             raw_frame(T.METADATA, b"", length=2**32 - 1),
-            f"METADATA frame of 4294967295 bytes exceeds the limit of {MAX_HANDSHAKE_PAYLOAD}",
+            f"METADATA frame of 4294967295 bytes exceeds the limit of {MAX_METADATA_PAYLOAD}",
         ),
         (b"\xff" * 5, "unknown frame type 0xff"),
         (raw_frame(T.METADATA, b""), "METADATA failed authentication"),
