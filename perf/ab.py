@@ -5,6 +5,8 @@
 Each TREE is a checkout of stxpar with its own ``.venv`` (``python3 -m venv .venv &&
 .venv/bin/pip install -e .``), or ``socat`` for plain TCP. ``TREE@VALUE`` runs that tree with
 ``STX_AB=VALUE`` in the environment, for a switch added to a scratch copy while experimenting.
+``TREE::ARG,ARG`` adds those arguments to its ``stx send`` (e.g. ``.::--limit-rate=100G``
+against ``.``: what a limit far above the machine's speed costs).
 Every round runs each candidate once, in alternating order; each run is ``stx recv --once``
 started 1 s ahead, then ``stx send`` of a random file in ``/dev/shm`` over loopback, and the
 copy is compared with the source. Wall time runs from the sender's start until both sides have
@@ -52,6 +54,7 @@ def role_of(name: str, cmdline: str) -> str | None:
 
 
 def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[float, dict, bool]:
+    cand, _, extra = cand.partition("::")
     tree, _, value = cand.partition("@")
     env = dict(os.environ, STX_AB=value)
     dest = work / f"dst-{port}"
@@ -84,7 +87,7 @@ def one_run(cand: str, src: Path, key: Path, work: Path, port: int) -> tuple[flo
             "-q",
         ]
         send_argv = [py, "-m", "stxpar.cli", "send", "--psk-file", str(key), str(src),
-                     f"127.0.0.1:{port}", "-q"]  # fmt: skip
+                     f"127.0.0.1:{port}", "-q", *(a for a in extra.split(",") if a)]  # fmt: skip
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": work, "env": env}
     recv = subprocess.Popen(recv_argv, **quiet)  # type: ignore[call-overload]
     time.sleep(1.0)

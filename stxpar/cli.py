@@ -95,9 +95,11 @@ def _human(n: float) -> str:
 class Progress:
     """One self-rewriting line on a terminal: done / total, percent, rate, ETA."""
 
-    def __init__(self, stream: TextIO, label: str) -> None:
+    def __init__(self, stream: TextIO, label: str, limit: int = 0) -> None:
         self.stream = stream
         self.label = label
+        #: --limit-rate in force (bytes a second), shown beside the rate
+        self.limit = limit
         self.start = time.monotonic()
         self.base: int | None = None
         self.shown = False
@@ -119,11 +121,14 @@ class Progress:
         files = f"  {self.files[0]}/{self.files[1]} files" if self.files else ""
         line = (
             f"\r{self.label}: {_human(done)} / {_human(total)}  {pct:5.1f}%{files}  "
-            f"{rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
+            f"{rate / 1e6:7.1f} MB/s{self._limit()}  ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
         )
         self.stream.write(line)
         self.stream.flush()
         self.shown = True
+
+    def _limit(self) -> str:
+        return f" (limit {_human(self.limit)}/s)" if self.limit else ""
 
     def close(self) -> None:
         if self.shown:
@@ -134,7 +139,7 @@ class Progress:
 def _progress_for(args: argparse.Namespace, label: str) -> Progress | None:
     if args.quiet or not sys.stderr.isatty():
         return None
-    return Progress(sys.stderr, label)
+    return Progress(sys.stderr, label, getattr(args, "limit_rate", 0) or 0)
 
 
 def _key(args: argparse.Namespace) -> bytes:
@@ -193,6 +198,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         to=args.to,
         as_name=args.as_name,
+        limit_rate=args.limit_rate,
         cluster=args.cluster,
         cluster_workers=args.cluster_workers,
         cluster_wait=args.cluster_wait,
@@ -458,9 +464,10 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 )
         elif kind == "listening" and not args.quiet:
             also = "".join(f" and {a}" for a in fields.get("also") or ())
+            limit = f", at most {_human(args.limit_rate)}/s" if args.limit_rate else ""
             print(
                 f"listening on {fields['host']}:{fields['port']}{also} with"
-                f" {fields['workers']} workers, writing to {args.dest}",
+                f" {fields['workers']} workers, writing to {args.dest}{limit}",
                 file=sys.stderr,
             )
         elif kind == "rejected" and not args.quiet:
@@ -505,6 +512,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         max_files=args.max_files,
         max_bytes=args.max_bytes,
         no_subdirs=args.no_subdirs,
+        limit_rate=args.limit_rate,
     )
     receiver = Receiver(
         args.dest, psk=keys, options=options, host=host, port=port, on_event=on_event
@@ -634,6 +642,15 @@ def _add_send_args(p: argparse.ArgumentParser) -> None:
         help="give up with exit 4 when the whole transfer takes longer than this, or as soon as"
         " the next retry's wait would end past it (default: no limit); with a large"
         " --max-retries it bounds how long a receiver outage is waited out",
+    )
+    p.add_argument(
+        "--limit-rate",
+        type=_size,
+        default=0,
+        metavar="RATE",
+        help="send at most RATE bytes a second over all streams together, helpers' included"
+        " (e.g. 50M, 1G; binary units: M = 2^20; 0 = no limit, the default); each stream is"
+        " paced by the kernel at its share, so there are no bursts (docs/tuning.md)",
     )
     p.add_argument(
         "--to",
@@ -825,6 +842,15 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON line on stdout per received file or tree (with files, dirs and"
         " symlinks for a tree)",
+    )
+    p.add_argument(
+        "--limit-rate",
+        type=_size,
+        default=0,
+        metavar="RATE",
+        help="take in at most RATE bytes a second over every transfer and stream together"
+        " (e.g. 100M, 1G; binary units; 0 = no limit, the default); the senders are held back"
+        " by TCP's flow control (docs/tuning.md)",
     )
     p.add_argument(
         "--no-subdirs",

@@ -144,6 +144,9 @@ class SendOptions:
     to: str | None = None
     #: ``--as NAME``: the one PATH arrives under this name instead of its own.
     as_name: str | None = None
+    #: ``--limit-rate``: bytes a second for the whole transfer, over all its streams (local
+    #: and helpers'), each stream paced by the kernel at its share; 0: no limit.
+    limit_rate: int = 0
     #: ``HOST:PORT`` where this sender also listens for helpers (``stx worker --join``) whose
     #: worker processes join its data phase (docs/cluster.md); None: no cluster port.
     cluster: str | None = None
@@ -155,6 +158,8 @@ class SendOptions:
     def resolved(self) -> SendOptions:
         if self.max_retries < 0:
             raise UsageError("--max-retries must be 0 or more")
+        if self.limit_rate < 0:
+            raise UsageError("--limit-rate must be 0 (no limit) or more")
         if self.to is not None:
             check_to(self.to)
         if self.as_name is not None:
@@ -234,6 +239,9 @@ class RecvOptions:
     #: Refuse transfers sent with ``--to SUBDIR`` or ``--as NAME`` (``stx recv --no-subdirs``):
     #: everything lands directly in the destination under its sender's own name.
     no_subdirs: bool = False
+    #: ``stx recv --limit-rate``: bytes a second taken in over every transfer and stream
+    #: together (0: no limit).
+    limit_rate: int = 0
     #: Seconds from accept until a connection must have authenticated, and then until its
     #: METADATA arrives.
     handshake_timeout: float = 10.0
@@ -297,6 +305,8 @@ class RecvOptions:
             raise UsageError("max_files must be at least 1 and max_bytes not negative")
         if not self.stall_timeout > 0:
             raise UsageError("the stall timeout must be a positive number of seconds")
+        if self.limit_rate < 0:
+            raise UsageError("--limit-rate must be 0 (no limit) or more")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecvOptions)}
         fields.update(
             workers=workers,

@@ -128,9 +128,11 @@ class Setup(Message):
 @message("blocks")
 @dataclass(frozen=True)
 class Blocks(Message):
-    """Coordinator -> worker: send these blocks (then ask again)."""
+    """Coordinator -> worker: send these blocks (then ask again); ``pace``: the bytes a second
+    this worker's stream may send from now on (``--limit-rate``; 0: no limit)."""
 
     blocks: tuple[int, ...]
+    pace: int = 0
 
 
 @message("done")
@@ -221,6 +223,15 @@ class Cancel(Message):
     """Coordinator -> worker: end every stream of this session now."""
 
     session_id: bytes
+
+
+@message("pace")
+@dataclass(frozen=True)
+class Pace(Message):
+    """Coordinator -> receiver worker: take in at most ``rate`` bytes a second over all its
+    streams together (its share of ``stx recv --limit-rate``; 0: no limit)."""
+
+    rate: int
 
 
 @message("ready")
@@ -394,7 +405,7 @@ LAYOUT_PART = 512 << 10
 SENDER_REQUESTS: tuple[type[Message], ...] = (Hello, Get)
 SENDER_REPLIES: tuple[type[Message], ...] = (Setup, Blocks, Done)
 SENDER_REPORTS: tuple[type[Message], ...] = (Acked, Sent, Retransmit, WorkerError, Alive)
-RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel)
+RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel, Pace)
 RECEIVER_REPORTS: tuple[type[Message], ...] = (Landed, StreamFailed, StreamClosed)
 RECEIVER_LIVENESS: tuple[type[Message], ...] = (Ready, Beat)
 

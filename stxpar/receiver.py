@@ -235,6 +235,7 @@ class Receiver:
                 sync_bytes=self.sync_bytes,
                 on_event=self._event,
             )
+            self._pool.set_limit(self.options.limit_rate)
             router = ReportRouter(self._pool.released, self.registry.deliver)
             t = threading.Thread(
                 target=route_reports, args=(pull, router, self._pool, self._stopping), daemon=True
@@ -265,6 +266,7 @@ class Receiver:
             port=port,
             workers=self.workers,
             also=[f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses[1:]],
+            limit_rate=self.options.limit_rate,
         )
         return self
 

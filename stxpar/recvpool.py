@@ -38,7 +38,7 @@ from .config import (
     WORKER_TIMEOUT,
 )
 from .errors import ConnectError
-from .messages import Cancel, StreamJob
+from .messages import Cancel, Pace, StreamJob
 from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .placement import WORKER_QUIET_S as WORKER_QUIET_S
 from .placement import WORKER_START_S as WORKER_START_S
@@ -135,6 +135,15 @@ class ReceiverWorker:
             self.proc.wait()
 
 
+def pace_shares(rate: int, load: list[int]) -> list[int]:
+    """Each worker's share of ``rate`` (bytes a second) by its open streams; a worker without
+    streams gets one stream's share, so that a stream handed to it starts at a fair pace."""
+    total = sum(load)
+    if not total:
+        return [rate] * len(load)
+    return [max(1, rate * (n or 1) // total) for n in load]
+
+
 class ReceiverPool:
     """Receiver worker processes: hand-overs within caps, cancels, replacement of workers that
     exited or stopped beating (see the module's docstring).
@@ -160,6 +169,9 @@ class ReceiverPool:
     ) -> None:
         self.report_endpoint = report_endpoint
         self.sync_bytes = sync_bytes
+        #: ``--limit-rate`` (0: none), and the share each worker was last told (``_repace``)
+        self.limit_rate = 0
+        self._paces: dict[int, int] = {}
         self._on_event = on_event
         self.members: list[ReceiverWorker] = []
         self.placement = Placement(
@@ -244,6 +256,8 @@ class ReceiverPool:
         self._spawn_failed = False
         self.live.started(i, time.monotonic())
         self.replaced += 1
+        self._paces.pop(i, None)
+        self._repace()
         if stuck is not None:
             events.append({"pid": old.pid, "reason": stuck})
 
@@ -274,12 +288,42 @@ class ReceiverPool:
                 except OSError:
                     continue  # that worker just died, or is not reading: check() replaces it
                 self.placement.assign(i, job.session_id, job.stream)
+                self._repace()
                 return
         raise ConnectError("receiver busy: no worker could take the data stream; try again shortly")
 
     def released(self, session_id: bytes, stream: int) -> None:
         with self.lock:
             self.placement.release(session_id, stream)
+            self._repace()
+
+    def _repace(self) -> None:
+        """``--limit-rate``: each worker's share of the rate, by its share of the open
+        streams, sent to the workers whose share changed (under ``lock``)."""
+        if not self.limit_rate:
+            return
+        shares = pace_shares(self.limit_rate, self.placement.load)
+        for i, rate in enumerate(shares):
+            if self._paces.get(i) != rate:
+                try:
+                    self.members[i].send(Pace(rate))
+                except OSError:
+                    continue  # dead or stuck: check() replaces it, and the new one is paced
+                self._paces[i] = rate
+
+    def set_limit(self, rate: int) -> None:
+        """Take in at most ``rate`` bytes a second over every stream (0: no limit)."""
+        with self.lock:
+            self.limit_rate = rate
+            self._paces.clear()
+            if rate:
+                self._repace()
+            else:
+                for member in self.members:
+                    try:
+                        member.send(Pace(0))
+                    except OSError:
+                        pass
 
     def cancel(self, session_id: bytes) -> None:
         """End every stream of a session, now."""

@@ -33,6 +33,10 @@ from .messages import Blocks, Done
 #: small files do not cost a request each.
 MAX_BATCH = 16
 MAX_BATCH_BLOCKS = 1024
+#: Under a rate limit, a batch holds at most this many seconds of a worker's share (at least
+#: one block), so that a change of the share (a worker done, one joining) reaches every
+#: worker within about that long.
+PACED_BATCH_S = 1.0
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Scheduler:
         self.parked: list[int] = []
         #: blocks sent by every worker of the run (the workers' running counts, summed)
         self.blocks_sent = 0
+        #: ``--limit-rate``: bytes a second for the whole transfer, shared evenly by the
+        #: workers that have work (0: no limit); each batch carries its worker's share
+        self.rate = 0
 
     # -- workers
     def add_worker(self, slot: int) -> None:
@@ -100,6 +107,9 @@ class Scheduler:
             space = self.ledger.space
             k = max(1, min(MAX_BATCH, len(queue) // (2 * max(1, len(self.live)))))
             budget = k * space.block_size
+            pace = self.pace()
+            if pace:
+                budget = min(budget, max(space.block_size, int(pace * PACED_BATCH_S)))
             taken: list[int] = []
             while queue and budget > 0 and len(taken) < MAX_BATCH_BLOCKS:
                 block = queue.popleft()
@@ -109,13 +119,21 @@ class Scheduler:
             st.assigned.update(batch)
             if slot in self.parked:
                 self.parked.remove(slot)
-            return Blocks(batch)
+            return Blocks(batch, pace)
         if self.ledger.complete:
             st.done = True
             return Done()
         if slot not in self.parked:
             self.parked.append(slot)
         return None
+
+    def pace(self) -> int:
+        """One worker's share of ``rate`` now: the workers that are live, not done and not
+        parked (waiting for blocks to come back) share it evenly; 0 without a limit."""
+        if not self.rate:
+            return 0
+        busy = sum(1 for s in self.live if s not in self.parked and not self.slots[s].done)
+        return max(1, self.rate // max(1, busy))
 
     def wake(self) -> list[int]:
         """The parked workers to ask again now that blocks are queued (none otherwise)."""

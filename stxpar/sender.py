@@ -140,6 +140,7 @@ class _DataPhase:
         cluster: ClusterPort | None = None,
         layout: bytes = b"",
         tally: Tally | None = None,
+        limit_rate: int = 0,
     ) -> None:
         assert pool.link is not None
         self.run_state, self.session, self.setup = run, session, setup
@@ -147,6 +148,7 @@ class _DataPhase:
         self.ctl, self.progress, self.file_progress = ctl, progress, file_progress
         self.sched = Scheduler(needed, run.ledger)
         self.sched.blocks_sent = run.blocks_sent
+        self.sched.rate = limit_rate  # each batch carries its worker's share
         #: slot -> where its answers go: a local worker's ROUTER identity (bytes), or a
         #: remote worker's route through its helper (``cluster.Route``)
         self.identities: dict[int, bytes | Route] = {}
@@ -629,6 +631,7 @@ def _session(
                     cluster=cluster,
                     layout=layout_bytes,
                     tally=tally,
+                    limit_rate=opts.limit_rate,
                 )
                 phase.run()
                 pending.extend(session.handle(DataComplete()))
@@ -842,6 +845,7 @@ def _send(
         if cluster is not None:
             cluster.close()
     extra: dict[str, Any] = {"streams_replaced": run.streams_replaced, **src.summary()}
+    extra["limit_rate"] = opts.limit_rate  # bytes a second, 0: none
     if cluster is not None:
         extra["hosts"] = dict(tally.hosts)
         extra["remote_workers"] = tally.remote

@@ -35,6 +35,7 @@ from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, IntegrityError, ProtocolError, RejectedError, StxError
 from stxpar.messages import Beat, Cancel, Landed, Ready, StreamClosed, StreamFailed
 from stxpar.netio import FramedSocket
+from stxpar.pacing import SLICE, TokenBucket
 from stxpar.records import BLOCK_SUFFIX, AckChannel, BlockContext, BlockOpener, CrcMismatch
 from stxpar.wire import BLOCK_HEADER, Ack, ErrorMsg, FrameType, encode_frame
 
@@ -135,8 +136,19 @@ class StreamThread(threading.Thread):
         finally:
             conn.close()
 
+    @staticmethod
+    def _paced_read(conn: FramedSocket, view: memoryview, bucket: TokenBucket) -> None:
+        """Fill ``view`` a slice at a time, each slice taken from the worker's bucket first."""
+        for at in range(0, len(view), SLICE):
+            part = view[at : at + SLICE]
+            wait = bucket.charge(len(part), time.monotonic())
+            if wait > 0:
+                time.sleep(wait)
+            conn.recv_into(part)
+
     def _receive(self, conn: FramedSocket, report: Callable[[bytes], None]) -> None:
         job = self.job
+        bucket = self.owner.bucket
         secret = job.secret
         self.job = dataclasses.replace(job, secret=b"")
         try:
@@ -195,7 +207,10 @@ class StreamThread(threading.Thread):
                     return
                 _, length = header
                 view = body_view[:length]
-                conn.recv_into(view)
+                if bucket.rate:
+                    self._paced_read(conn, view, bucket)
+                else:
+                    conn.recv_into(view)
                 try:
                     where, plain = opener.open(view)
                 except CrcMismatch as damaged:
@@ -384,6 +399,8 @@ class Worker:
         self._push = report_push(self.ctx, report_endpoint)
         self._push_lock = threading.Lock()
         self.lock = threading.Lock()
+        #: --limit-rate: this worker's share, over all its streams (set by its coordinator)
+        self.bucket = TokenBucket()
         self.streams: set[StreamThread] = set()
         self.stopping = threading.Event()
         self.thread_failures = 0
@@ -479,6 +496,8 @@ class Worker:
                     self.report(messages.encode(failed))
                 except zmq.ZMQError:
                     return  # shutting down
+            elif isinstance(cmd, messages.Pace):
+                self.bucket.set_rate(cmd.rate)
             elif isinstance(cmd, Cancel):
                 with self.lock:
                     victims = [j for j in self.streams if j.sid == cmd.session_id]

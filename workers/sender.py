@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import socket
+import struct
 import sys
 import threading
 from typing import Any
@@ -56,6 +57,9 @@ from stxpar.wire import (
 POLL_MS = 100
 #: Source files a worker keeps open at once (a tree's small files come and go).
 OPEN_SOURCES = 64
+#: Linux's SO_MAX_PACING_RATE (not every Python exports it), and its "no limit" value.
+_SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+_NO_PACING = 0xFFFFFFFF
 
 
 def _ack_cap(ftype: FrameType) -> int:
@@ -160,6 +164,7 @@ class Worker:
         del secret
         # Source files are opened as their blocks come (a tree has many): a few stay open.
         self.fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.pace = 0
         self.buf = bytearray(self.space.block_size)
         self.view = memoryview(self.buf)
         host, port = msg.host, msg.port
@@ -175,6 +180,7 @@ class Worker:
         work = self.request(get)
         while isinstance(work, Blocks):
             self.link.ask(get)  # the next batch, while this one goes
+            self.set_pace(work.pace)
             for seq in work.blocks:
                 self.send_block(seq)
             work = self.reply()
@@ -184,6 +190,22 @@ class Worker:
         except OSError:
             pass
         reader.join(timeout=30)
+
+    def set_pace(self, pace: int) -> None:
+        """This stream's share of ``--limit-rate``: the kernel paces the socket's packets
+        (SO_MAX_PACING_RATE, bytes a second; ~0 is no limit), so there are no bursts."""
+        if pace == self.pace:
+            return
+        self.pace = pace
+        # a share beyond what the option can say (~4.3 GB/s a stream) is no limit at all
+        rate = pace if 0 < pace < _NO_PACING else _NO_PACING
+        try:
+            # as an unsigned 32-bit value: ~0 (no limit) does not fit a C int
+            self.conn.sock.setsockopt(
+                socket.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", rate)
+            )
+        except OSError:
+            pass  # (not Linux): the limit is not kept on this stream
 
     def send_block(self, seq: int) -> None:
         """Read, digest, seal and send one block. The digest is recorded before the block goes
