@@ -27,6 +27,7 @@ Ctrl-C, SIGTERM or SIGHUP. See perf/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -103,6 +104,52 @@ def tree_cpu(pid: int) -> float:
 def tbf_sent(host: Host) -> int:
     m = re.search(r"Sent (\d+) bytes", host.qdisc_stats())
     return int(m.group(1)) if m else 0
+
+
+def rx_bytes(host: Host) -> int:
+    """Bytes the host has sent: what its bridge-side veth peer (root namespace) received."""
+    return int(Path(f"/sys/class/net/{host.peer}/statistics/rx_bytes").read_text())
+
+
+class Uplinks:
+    """Samples every sender's uplink (bytes sent, from the root namespace) every ``interval``
+    seconds from ``t0`` until stopped: when each uplink started and stopped carrying data."""
+
+    def __init__(self, hosts: list[Host], t0: float, interval: float = 0.05) -> None:
+        self.hosts = hosts
+        self.t0 = t0
+        self.interval = interval
+        self.base = [rx_bytes(h) for h in hosts]
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic() - self.t0
+            try:
+                sent = [rx_bytes(h) - b for h, b in zip(self.hosts, self.base, strict=True)]
+            except (OSError, ValueError):
+                return  # the lab is going away
+            self.samples.append((now, sent))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        """Per host: bytes, and the times (s since t0) its first and last MiB went out."""
+        self._stop.set()
+        self._thread.join(5)
+        out: dict[str, dict[str, float]] = {}
+        for i, h in enumerate(self.hosts):
+            total = self.samples[-1][1][i] if self.samples else 0
+            with contextlib.suppress(OSError, ValueError):
+                total = rx_bytes(h) - self.base[i]
+            first = next((t for t, b in self.samples if b[i] >= 1 << 20), None)
+            last = next((t for t, b in self.samples if b[i] >= total - (1 << 20)), None)
+            out[h.name] = {"bytes": total}
+            if total > 2 << 20 and first is not None and last is not None:
+                out[h.name].update(first_mib_s=first, last_mib_s=last)
+        return out
 
 
 def sha256(path: Path) -> str:
@@ -250,6 +297,7 @@ class ClusterBench:
         rec: dict[str, Any] = {"round": round_no, "ok": False, "loadavg": os.getloadavg()[0]}
         procs: list[subprocess.Popen[bytes]] = []
         logs: dict[str, TimedLog] = {}
+        uplinks: Uplinks | None = None
         try:
             rargv = [self.stx, "recv", "--listen", f"{recv_addr}:{RECV_PORT}"]
             rargv += ["--psk-file", str(self.key), "--dest", str(dst), "--once", "--json"]
@@ -274,6 +322,7 @@ class ClusterBench:
             recv_cpu0 = tree_cpu(recv.pid)
             busy0 = cpu_busy()
             t0 = time.monotonic()
+            uplinks = Uplinks([self.hosts[h] for h in ("s0", *HELPERS)], t0)
             if cfg == "three":
                 for h in HELPERS:
                     hargv = [self.stx, "worker", "--join", f"{s0}:{CLUSTER_PORT}"]
@@ -292,6 +341,7 @@ class ClusterBench:
             send_cpu = self.reap(send, deadline)
             rec["wall"] = time.monotonic() - t0
             busy1 = cpu_busy()
+            rec["uplinks"] = uplinks.stop()
             sent1 = {h: tbf_sent(self.hosts[h]) for h in ("s0", *HELPERS)}
             end = time.monotonic() + (30 if send.returncode == 0 else 3)
             recv_cpu = self.reap(recv, end) - recv_cpu0
@@ -306,7 +356,7 @@ class ClusterBench:
                 cpu_s={"send": send_cpu, "recv": recv_cpu} | helper_cpu,
                 machine_busy=busy,
                 recv_cores=recv_cpu / rec["wall"],
-                uplink_bytes={h: sent1[h] - sent0[h] for h in sent0},
+                tbf_bytes={h: sent1[h] - sent0[h] for h in sent0},
                 helper_log={h: log.relative(t0) for h, log in logs.items()},
             )
             rec["maybe_cpu_bound"] = busy >= BUSY_FLAG
@@ -332,6 +382,8 @@ class ClusterBench:
             rec["error"] = str(exc)
             say(f"{cfg}, {self.when(round_no)}: FAILED: {exc}")
         finally:
+            if uplinks is not None:
+                uplinks.stop()
             for p in procs:
                 if p.poll() is None:
                     p.kill()
@@ -455,14 +507,30 @@ class ClusterBench:
             " tree's CPU seconds over the wall time.",
             "",
         ]
-        three = [x for x in self.runs["three"] if x["ok"]]
-        if three:
-            L.append("Three-host runs, per uplink (MB through tbf) and worker processes per host:")
+        done = [(c, x) for c in CONFIGS for x in self.runs[c] if x["ok"]]
+        if done:
+            L.append(
+                "Per run: each uplink's MB sent (frames, counted at its bridge port) and the"
+                " seconds after the start when its first and its last MiB went out; worker"
+                " processes per host (`stx send --json`):"
+            )
             L.append("")
-            for x in three:
-                up = ", ".join(f"{h} {n / 1e6:.0f}" for h, n in x["uplink_bytes"].items())
+            for c, x in done:
+                up = ", ".join(
+                    f"{h} {u['bytes'] / 1e6:.0f} MB"
+                    + (
+                        f" ({u['first_mib_s']:.2f}-{u['last_mib_s']:.2f} s)"
+                        if "last_mib_s" in u
+                        else ""
+                    )
+                    for h, u in x["uplinks"].items()
+                    if u["bytes"] > 1 << 20
+                )
                 hosts = (x.get("stx_json") or {}).get("hosts")
-                L.append(f"- round {x['round'] + 1}: {up}; hosts {hosts}")
+                L.append(
+                    f"- {c}, round {x['round'] + 1}, {x['wall']:.2f} s: {up}"
+                    + (f"; hosts {hosts}" if hosts else "")
+                )
             L.append("")
         notes = [
             f"- {c}, round {x['round'] + 1}: {x['error']}"
