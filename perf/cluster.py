@@ -510,7 +510,7 @@ class ClusterBench:
         done = [(c, x) for c in CONFIGS for x in self.runs[c] if x["ok"]]
         if done:
             L.append(
-                "Per run: each uplink's MB sent (frames, counted at its bridge port) and the"
+                "Per run: each uplink's MB sent (what its bridge port received) and the"
                 " seconds after the start when its first and its last MiB went out; worker"
                 " processes per host (`stx send --json`):"
             )
