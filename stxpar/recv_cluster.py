@@ -22,10 +22,11 @@ here). The routes then go to the sender as a ROUTES frame, just before METADATA_
 
 A helper's workers report to the helper, which relays each report whole (``Report``); a
 report is taken only for a stream routed to that helper, and goes to the session as a local
-worker's would (``deliver``). A helper that dies (silent for ``cluster.HELPER_TIMEOUT``, a
-lost connection, ``Bye``) is dropped: every session that routed streams to it gets new
-routes with those streams sent here (``ControlHandler.reroute`` -> a new ROUTES); the
-sender's replacement streams have new ids and follow them. A helper that joins during a
+worker's would (``deliver``). A helper that dies (silent for ``cluster.HELPER_TIMEOUT``, or
+for ``DISCONNECT_SILENCE_S`` after a connection on the port dropped, or ``Bye``) is dropped:
+every session that routed streams to it gets new routes with those streams sent here
+(``ControlHandler.reroute`` -> a new ROUTES); the sender's replacement streams have new ids
+and follow them. A helper that joins during a
 session is used from the next session on. When a session ends (``cancel``/``cancel_later``)
 its helpers are told ``RecvCancel`` and forget its secrets.
 
@@ -49,7 +50,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .cluster import ClusterPort, EventFn, Helper
+import zmq
+
+from .cluster import HELPER_TIMEOUT, ClusterPort, EventFn, Helper
 from .errors import ProtocolError
 from .keyschedule import SessionKeys
 from .messages import (
@@ -76,6 +79,9 @@ from .wire import MAX_ROUTE_PLACES, MAX_STREAMS, Routes
 OFFER_WAIT_S = 5.0
 #: Seconds the port's thread waits on the port per turn (also how soon the outbox is sent).
 TURN_S = 0.02
+#: After a connection on the port drops, a helper silent this long is taken for the one that
+#: went (it beats every ``cluster.BEAT_S``): noticed in about two seconds, not ``HELPER_TIMEOUT``.
+DISCONNECT_SILENCE_S = 2.0
 #: Stream ids per ``StreamOffer`` at most (its secrets stay well under ``MAX_CLUSTER``).
 OFFER_STREAMS = MAX_STREAMS
 assert OFFER_STREAMS * 64 < MAX_CLUSTER
@@ -153,6 +159,8 @@ class RecvCluster:
         self._plans: dict[bytes, _Plan] = {}
         self._cancels: list[tuple[float, bytes]] = []
         self._stopping = threading.Event()
+        self._monitor = self.port.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._suspect_until = 0.0
         self._thread = threading.Thread(target=self._run, name="stx-recv-cluster", daemon=True)
         self._thread.start()
 
@@ -167,7 +175,18 @@ class RecvCluster:
                 self.port._event("warning", message=f"cluster port: {type(exc).__name__}")
                 time.sleep(TURN_S)
 
+    def _disconnects(self, now: float) -> None:
+        """A connection dropped: whoever has gone silent since is the helper that left."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            self._suspect_until = now + HELPER_TIMEOUT
+        if now < self._suspect_until:
+            for h in list(self.port.helpers.values()):
+                if h.usable and now - h.last_heard > DISCONNECT_SILENCE_S:
+                    self.port._put_aside(h, "gone", "its connection dropped")
+
     def _turn(self) -> None:
+        self._disconnects(time.monotonic())
         with self._cond:
             todo = list(self._outbox)
             self._outbox.clear()
@@ -384,4 +403,7 @@ class RecvCluster:
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
             self._turn()
+        with contextlib.suppress(zmq.ZMQError):
+            self.port.router.disable_monitor()
+        self._monitor.close(linger=0)
         self.port.close()
