@@ -501,6 +501,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             print(f"keys reloaded: {fields['keys']} key file(s)", file=sys.stderr)
         elif kind == "worker_replaced" and not args.quiet:
             print(f"replaced receiver worker {fields['pid']}: {fields['reason']}", file=sys.stderr)
+        elif kind in _CLUSTER_EVENTS and not args.quiet:
+            print(cluster_line(kind, fields), file=sys.stderr, flush=True)
 
     options = RecvOptions(
         workers=args.workers,
@@ -513,6 +515,9 @@ def cmd_recv(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         no_subdirs=args.no_subdirs,
         limit_rate=args.limit_rate,
+        cluster=args.cluster,
+        cluster_workers=args.cluster_workers,
+        cluster_wait=args.cluster_wait,
     )
     receiver = Receiver(
         args.dest, psk=keys, options=options, host=host, port=port, on_event=on_event
@@ -716,8 +721,9 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         type=_hostport,
         required=True,
         metavar="HOST:PORT",
-        help="the coordinator's cluster port ('stx send --cluster HOST:PORT'); tried again"
-        " with backoff until it answers, so a helper may start first",
+        help="the coordinator's cluster port ('stx send --cluster HOST:PORT' or 'stx recv"
+        " --cluster HOST:PORT'); tried again with backoff until it answers, so a helper may"
+        " start first",
     )
     p.add_argument("--psk-file", metavar="FILE", help=KEY_HELP)
     p.add_argument(
@@ -731,8 +737,10 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         "--data-listen",
         metavar="HOST:PORT",
         type=_hostport_text,
-        help="where this host would accept its own data streams as a receiver's helper (not"
-        " used yet: a sender's helper connects out to the receiver)",
+        help="needed to help a receiver: accept this host's own data streams here (port 0:"
+        " any free port; a wildcard host is given to the sender as this host's name) and"
+        " write them into the destination as this host sees it (the same path, e.g. a shared"
+        " file system); a sender's helper ignores it (it connects out)",
     )
     p.add_argument(
         "--once", action="store_true", help="exit after one transfer that gave this helper work"
@@ -841,7 +849,32 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help="print one JSON line on stdout per received file or tree (with files, dirs and"
-        " symlinks for a tree)",
+        " symlinks for a tree; with --cluster: hosts, data streams served per host)",
+    )
+    p.add_argument(
+        "--cluster",
+        type=_hostport_text,
+        metavar="HOST:PORT",
+        help="also listen here for helpers ('stx worker --join HOST:PORT --data-listen"
+        " HOST:PORT' on other hosts that see --dest at the same path, e.g. a shared file"
+        " system): each takes data streams on its own port and writes their blocks into the"
+        " destination; the receiver tells the sender where each stream goes (ROUTES). The"
+        " channel is CurveZMQ with keys derived from the (first) key file (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--cluster-workers",
+        type=_nonneg_int,
+        default=_RECV.cluster_workers,
+        metavar="K",
+        help="with --cluster: admit a transfer only once helpers offer K worker processes"
+        " (at most --cluster-wait seconds; then go on with what joined)",
+    )
+    p.add_argument(
+        "--cluster-wait",
+        type=float,
+        default=_RECV.cluster_wait,
+        metavar="S",
+        help=f"seconds to wait for --cluster-workers (default {_RECV.cluster_wait:g})",
     )
     p.add_argument(
         "--limit-rate",
@@ -934,11 +967,13 @@ def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
         sub.add_parser(
             "worker",
             help="serve as worker processes of a coordinator on another host",
-            description="Join the coordinator at --join (an 'stx send --cluster') and serve as"
-            " --workers worker processes of it, transfer after transfer, until stopped. A"
-            " sender's helper reads the blocks it sends from the same path as the sender, so"
-            " the files must be visible here (a shared file system). It logs one line per"
-            " event on stderr; a wrong key is exit 3.",
+            description="Join the coordinator at --join (an 'stx send --cluster' or 'stx recv"
+            " --cluster') and serve as --workers worker processes of it, transfer after"
+            " transfer, until stopped. A sender's helper reads the blocks it sends from the"
+            " same path as the sender, so the files must be visible here (a shared file"
+            " system). A receiver's helper (--data-listen) takes data streams on its own port"
+            " and writes them into the destination at the same path as the receiver sees it."
+            " It logs one line per event on stderr; a wrong key is exit 3.",
             epilog=EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

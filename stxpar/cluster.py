@@ -1,4 +1,7 @@
-"""The sender coordinator's cluster port: helpers on other hosts whose workers join its data phase.
+"""The coordinator's cluster port: helpers on other hosts whose workers join its data phase.
+
+(A receiver's port, ``role="recv"``, is the same machinery driven by ``recv_cluster``: see
+there; what follows is the sender's use.)
 
 Theory of operation
 -------------------
@@ -51,6 +54,7 @@ from .messages import (
     Join,
     LayoutPart,
     Message,
+    Offered,
     Refuse,
     Release,
     Report,
@@ -96,6 +100,16 @@ class Phase(Protocol):
     def remote_request(self, route: Route, msg: Message, now: float) -> None: ...
 
     def remote_report(self, msg: Message, now: float) -> None: ...
+
+
+class RecvPhase(Protocol):
+    """What the port needs of a receiver's cluster (``recv_cluster.RecvCluster``)."""
+
+    def adopt(self, helper: Helper) -> None: ...
+
+    def helper_message(self, helper: Helper, msg: Message, now: float) -> None: ...
+
+    def helper_left(self, helper: Helper) -> None: ...
 
 
 @dataclass(eq=False)
@@ -164,9 +178,14 @@ def _endpoint(host: str, port: int) -> str:
 class ClusterPort:
     """The coordinator's end of the cluster channel: bind, ZAP, the helpers, relaying."""
 
-    def __init__(self, address: str, *, psk: bytes, on_event: EventFn | None = None) -> None:
+    def __init__(
+        self, address: str, *, psk: bytes, on_event: EventFn | None = None, role: str = "send"
+    ) -> None:
         host, port = parse_hostport(address)
         self.on_event = on_event
+        #: "send": a sender's helpers (``phase``); "recv": a receiver's (``recv_phase``)
+        self.role = role
+        self.recv_phase: RecvPhase | None = None
         self.helpers: dict[bytes, Helper] = {}
         self.phase: Phase | None = None
         self.layout = b""
@@ -221,6 +240,8 @@ class ClusterPort:
             return
         helper.state = state
         self._event("helper_left", host=helper.host, reason=why)
+        if self.recv_phase is not None:
+            self.recv_phase.helper_left(helper)
 
     # ------------------------------------------------------------ sessions
 
@@ -261,6 +282,10 @@ class ClusterPort:
     def host_of(self, route: Route) -> str:
         helper = self.helpers.get(route[0])
         return helper.host if helper is not None else "?"
+
+    def send(self, helper: Helper, msg: Message) -> None:
+        """Send ``msg`` to ``helper`` (put aside when it cannot be reached)."""
+        self._send(helper, msg)
 
     def _send(self, helper: Helper, msg: Message) -> None:
         if helper.state == "gone":
@@ -312,7 +337,10 @@ class ClusterPort:
             return
         kind = type(msg)
         try:
-            if kind is Up:
+            if self.role == "recv" and kind in (Report, Offered, Up, Exited):
+                if self.recv_phase is not None and kind is not Up and kind is not Exited:
+                    self.recv_phase.helper_message(helper, msg, now)
+            elif kind is Up:
                 assert isinstance(msg, Up)
                 self._up(helper, msg, now)
             elif kind is Report:
@@ -346,8 +374,10 @@ class ClusterPort:
         host = "".join(c if c.isprintable() else "?" for c in msg.host) or "?"
         helper = Helper(identity, host, msg.workers, msg.data_listen[:MAX_NAME], now)
         self.helpers[identity] = helper
-        self._send(helper, Welcome("send"))
+        self._send(helper, Welcome(self.role))
         self._event("helper_joined", host=host, workers=msg.workers)
+        if self.recv_phase is not None and helper.usable:
+            self.recv_phase.adopt(helper)
         if self.phase is not None and helper.usable:
             self.phase.adopt(helper)
 

@@ -284,6 +284,14 @@ class RecvOptions:
     max_files: int = DEFAULT_MAX_FILES
     #: Bytes of data one transfer may bring (holes of sparse files not counted).
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: ``HOST:PORT`` where this receiver also listens for helpers (``stx worker --join ...
+    #: --data-listen ...``) that take data streams on their own hosts (docs/cluster.md);
+    #: None: no cluster port.
+    cluster: str | None = None
+    #: Remote worker processes to wait for before a transfer is admitted (0: do not wait).
+    cluster_workers: int = 0
+    #: Seconds to wait for them; the transfer goes on with what joined by then.
+    cluster_wait: float = 30.0
 
     def resolved(self) -> ResolvedRecvOptions:
         """These options checked (UsageError for the first bad one) and made concrete."""
@@ -307,6 +315,12 @@ class RecvOptions:
             raise UsageError("the stall timeout must be a positive number of seconds")
         if self.limit_rate < 0:
             raise UsageError("--limit-rate must be 0 (no limit) or more")
+        if self.cluster is not None:
+            parse_hostport(self.cluster)  # UsageError for a bad address
+        if self.cluster_workers < 0 or self.cluster_wait < 0:
+            raise UsageError("--cluster-workers and --cluster-wait must be 0 or more")
+        if self.cluster_workers and self.cluster is None:
+            raise UsageError("--cluster-workers needs --cluster HOST:PORT")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecvOptions)}
         fields.update(
             workers=workers,

@@ -12,7 +12,13 @@ core's outputs are carried out at once, in order: frames sent, file effects thro
 the worker pool (``cancel(session_id)``, ``cancel_later(session_id)``), events reported.
 While the core waits for END's last blocks it does not read the socket, as before.
 
-Another thread touches a handler only through ``deliver``, ``supersede`` and ``stop``; the
+With helpers (``recv_cluster``), admission first waits for ``cluster_workers`` remote worker
+processes (at most ``cluster_wait`` s), then asks the cluster to route the session's streams
+(``Admitted.routes``: a ROUTES frame before METADATA_ACK); ``reroute`` (a helper died, from
+the cluster's thread) sends new ones, and the local port refuses a JOIN for a stream routed
+to a helper (``routed_away``).
+
+Another thread touches a handler only through ``deliver``, ``reroute``, ``supersede`` and ``stop``; the
 files of the session are guarded by ``lock`` (a superseding session closes them at once, so
 that it may reopen the state log itself).
 """
@@ -57,6 +63,7 @@ from .recv_session import (
     PartialChecked,
     ReceiverSession,
     Refused,
+    Reroute,
     State,
     Stopping,
     StreamBroke,
@@ -65,7 +72,7 @@ from .recv_session import (
 from .registry import ReceivedFile, SessionRegistry
 from .session_base import ConnectionLost, Failed, FrameIn, Input, Output, SendFrame, Succeeded, Tick
 from .transfer import Transfer
-from .wire import printable
+from .wire import Routes, printable
 
 #: Seconds one send on a control connection may block (the peer is authenticated by then).
 SEND_TIMEOUT = 120.0
@@ -77,6 +84,27 @@ class Pool(Protocol):
     def cancel(self, session_id: bytes) -> None: ...
 
     def cancel_later(self, session_id: bytes) -> None: ...
+
+
+class Cluster(Protocol):
+    """A receiver's helpers (``recv_cluster.RecvCluster``), as a session uses them."""
+
+    def wait_workers(self, want: int, wait_s: float) -> int: ...
+
+    def plan(
+        self,
+        session: Any,
+        keys: SessionKeys,
+        md: Transfer,
+        *,
+        path: str,
+        tree: bool,
+        layout: str,
+        inode: tuple[int, int] | None,
+        sync_bytes: int,
+    ) -> Routes | None: ...
+
+    def hosts(self, session_id: bytes) -> dict[str, int]: ...
 
 
 class ControlHandler:
@@ -99,8 +127,18 @@ class ControlHandler:
         workdir: str = "",
         limits: Limits | None = None,
         no_subdirs: bool = False,
+        cluster: Cluster | None = None,
+        cluster_workers: int = 0,
+        cluster_wait: float = 30.0,
+        sync_bytes: int = 0,
     ) -> None:
         self.fs = fs
+        self.cluster = cluster
+        self.cluster_workers = cluster_workers
+        self.cluster_wait = cluster_wait
+        self.sync_bytes = sync_bytes
+        #: where the sender's streams go (None: all here); replaced by ``reroute``
+        self.routes: Routes | None = None
         self.no_subdirs = no_subdirs
         self.keys = keys
         self.session_id = keys.session_id
@@ -120,7 +158,7 @@ class ControlHandler:
         self.streams: set[int] = set()
         self._opened: partials.Opened | treefiles.TreeOpened | None = None
         self._final: Path | None = None
-        self._reports: deque[Landed | StreamFailed] = deque()
+        self._reports: deque[Landed | StreamFailed | Routes] = deque()
         self._wake_r = self._wake_w = -1
         self._superseded = False
         self._stopping = False
@@ -155,6 +193,17 @@ class ControlHandler:
         """From the report router's thread."""
         self._reports.append(report)
         self._poke()
+
+    def reroute(self, routes: Routes) -> None:
+        """From the cluster's thread: streams go there from now on (a helper died)."""
+        self.routes = routes
+        self._reports.append(routes)
+        self._poke()
+
+    def routed_away(self, stream: int) -> bool:
+        """Whether ``stream`` is routed to a helper (its JOIN must not be taken here)."""
+        routes = self.routes
+        return routes is not None and routes.place(stream) is not None
 
     def supersede(self) -> None:
         """From the thread of the session that takes over: this one ends now, quietly; its
@@ -260,7 +309,9 @@ class ControlHandler:
     def _drain(self) -> None:
         while self._reports and not self.core.terminal:
             report = self._reports.popleft()
-            if isinstance(report, Landed):
+            if isinstance(report, Routes):
+                self._feed(Reroute(report))
+            elif isinstance(report, Landed):
                 self._feed(BlocksLanded(report.blocks))
             else:
                 error = type(error_from_wire(report.code, report.message))(report.message)
@@ -312,6 +363,13 @@ class ControlHandler:
             pass
 
     def _admit(self, md: Transfer) -> None:
+        if self.cluster is not None and self.cluster_workers:
+            have = self.cluster.wait_workers(self.cluster_workers, self.cluster_wait)
+            if have < self.cluster_workers:
+                self._event(
+                    "cluster_short",
+                    {"want": self.cluster_workers, "got": have, "wait": self.cluster_wait},
+                )
         try:
             self.dest = landing_dir(self.dest, md, no_subdirs=self.no_subdirs)
             final, opened = admit(self.dest, md, self.registry, on_event=self._event)
@@ -338,8 +396,23 @@ class ControlHandler:
                 return
         self._opened, self._final = opened, final
         self.registry.activate(final, self)
+        if self.cluster is not None and not opened.complete and self._layout:
+            path, tree, _, inode = self.data_target()
+            try:
+                self.routes = self.cluster.plan(
+                    self,
+                    self.keys,
+                    md,
+                    path=path,
+                    tree=tree,
+                    layout=self._layout,
+                    inode=inode,
+                    sync_bytes=self.sync_bytes,
+                )
+            except OSError as exc:
+                self._event("warning", {"message": f"no helpers for this transfer: {exc}"})
         self._feed(Tick(time.monotonic()))  # the transfer's time and stall clock start now
-        self._feed(Admitted(md.name, opened.ledger, opened.complete))
+        self._feed(Admitted(md.name, opened.ledger, opened.complete, routes=self.routes))
 
     @staticmethod
     def _plan(md: Transfer, opened: partials.Opened | treefiles.TreeOpened) -> layout_file.Layout:
@@ -381,6 +454,12 @@ class ControlHandler:
         self.registry.forget(self, self._final)
         with self.lock:
             streams = len(self.streams)
+        hosts: dict[str, int] | None = None
+        if self.cluster is not None:
+            hosts = {socket.gethostname() or "localhost": streams}
+            for host, n in self.cluster.hosts(self.session_id).items():
+                hosts[host] = hosts.get(host, 0) + n
+            streams = sum(hosts.values())
         manifest = md.manifest
         where = self._final
         if manifest.single() is None:  # a tree: where its one top-level entry is, or DEST
@@ -398,6 +477,7 @@ class ControlHandler:
             streams=streams,
             bytes_resumed=self.core.resumed_bytes,
             peer=self.core.peer,
+            hosts=hosts,
         )
         # Complete, durable and renamed: recorded and reported before it is acknowledged, so
         # a receiver killed after the RECEIPT has always reported the file. A sender that

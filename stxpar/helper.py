@@ -6,8 +6,10 @@ Only this process holds the PSK. It derives the cluster's CURVE keys from it
 (``cluster_auth``), connects a DEALER to the coordinator's cluster port and waits for the
 handshake (``wait_handshake``: a refused key is an ``AuthError`` at once; a coordinator that is
 not up yet is retried with exponential backoff and jitter, forever), says ``Join`` and learns
-its role from the ``Welcome`` (``"send"``: a sender's helper; the receiver's is not there yet
-and is refused).
+its role from the ``Welcome``: ``"send"``, a sender's helper (below), or ``"recv"``, a
+receiver's: it then takes data streams on its ``--data-listen`` port (``recv_helper``, bound
+once before the first ``Join``, which gives its address) and relays its receiver workers'
+reports.
 
 Its workers are the ordinary sender workers (``stxpar.workers.sender``), started as new
 interpreters (``ipc.spawn_worker``: never forked from this process, which holds the key) and
@@ -77,6 +79,7 @@ from .messages import (
     encode,
 )
 from .netio import Backoff, parse_hostport
+from .recv_helper import RecvSide
 
 #: Seconds one attempt to reach the coordinator may take before the next one is planned.
 ATTEMPT_S = 2.0
@@ -158,13 +161,33 @@ def serve_helper(
     return after the first transfer that gave this helper work. Returns the transfers served.
 
     ``AuthError`` (exit 3) when the coordinator refuses this helper's key; a coordinator that
-    is not reachable yet is retried with backoff, forever. ``data_listen`` is passed on in
-    ``Join`` (receiver-side helpers; a sender ignores it)."""
+    is not reachable yet is retried with backoff, forever. ``data_listen``: where a receiver's
+    helper takes its data streams (bound here, once; its address goes in ``Join``; a sender
+    ignores it)."""
     host, port = parse_hostport(join)
     say = log or _stderr_log
     keys = ca.derive_cluster_keys(psk=psk)
     n = workers or default_workers()
     endpoint = _endpoint(host, port)
+    recv_side = RecvSide(data_listen, workers=n, log=say) if data_listen else None
+    try:
+        return _serve(endpoint, join, keys, n, recv_side, once, say)
+    finally:
+        if recv_side is not None:
+            recv_side.close()
+
+
+def _serve(
+    endpoint: str,
+    join: str,
+    keys: ca.ClusterKeys,
+    n: int,
+    recv_side: RecvSide | None,
+    once: bool,
+    say: LogFn,
+) -> int:
+    host = parse_hostport(join)[0]
+    data_listen = recv_side.address if recv_side is not None else ""
     attempt = 0
     served = 0
     while True:
@@ -187,7 +210,16 @@ def serve_helper(
                 attempt = min(attempt + 1, 16)
                 continue
             attempt = 0
-            relay = _Relay(ctx, sock, workers=n, join=join, data_listen=data_listen, log=say)
+            relay = _Relay(
+                ctx,
+                sock,
+                workers=n,
+                join=join,
+                data_listen=data_listen,
+                log=say,
+                recv=recv_side,
+                once=once,
+            )
             try:
                 relay.run()
             except BaseException:
@@ -217,8 +249,12 @@ class _Relay:
         join: str,
         data_listen: str,
         log: LogFn,
+        recv: RecvSide | None = None,
+        once: bool = False,
     ) -> None:
+        self.once = once
         self.ctx, self.sock, self.n, self.join, self.log = ctx, sock, workers, join, log
+        self.recv = recv
         self.data_listen = data_listen
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.endpoints = Endpoints.private("stx-send-")
@@ -258,6 +294,14 @@ class _Relay:
                 time.sleep(JOIN_BACKOFF.delay(0))
                 return
         first = decode_cluster(self.sock.recv(), expect=CLUSTER_DOWN)
+        if isinstance(first, Welcome) and first.role == "recv":
+            if self.recv is None:
+                self.up(Refuse("a receiver's helper needs --data-listen HOST:PORT"))
+                self.log(f"the coordinator at {self.join} is a receiver: --data-listen needed")
+                time.sleep(JOIN_BACKOFF.cap)
+                return
+            self.run_recv(self.recv)
+            return
         if not isinstance(first, Welcome) or first.role != "send":
             role = first.role if isinstance(first, Welcome) else type(first).__name__
             self.up(Refuse(f"this helper serves senders only, not {role!r}"))
@@ -288,6 +332,44 @@ class _Relay:
             if now - self.last_beat >= BEAT_S:
                 self.last_beat = now
                 self.up(HelperBeat())
+
+    def run_recv(self, side: RecvSide) -> None:
+        """Serve a receiver: offers and cancels come down, the workers' reports go up."""
+        side.start()
+        side.up = self.up
+        self.log(
+            f"joined {self.join} as receiver helper, {self.n} workers, data port {side.address}"
+        )
+        poller = zmq.Poller()
+        assert side.pull is not None
+        for s in (self.sock, side.pull, self.monitor):
+            poller.register(s, zmq.POLLIN)
+        before = side.sessions_done
+        try:
+            while True:
+                if self.once and side.sessions_done > before:
+                    self.bye()  # --once: one transfer served; its coordinator drops it now
+                    return
+                events = dict(poller.poll(100))
+                if self.sock in events:
+                    while self.sock.poll(0):
+                        msg = decode_cluster(self.sock.recv(), expect=CLUSTER_DOWN)
+                        if isinstance(msg, Release):
+                            self.released = True
+                            return
+                        side.handle(msg)
+                side.relay()
+                if self.monitor in events and self._disconnected():
+                    self.log(f"lost the coordinator at {self.join}; joining again")
+                    return
+                now = time.monotonic()
+                if now - self.last_beat >= BEAT_S:
+                    self.last_beat = now
+                    self.up(HelperBeat())
+        finally:
+            side.up = None
+            side.end_all()
+            self.transfers += side.sessions_done - before
 
     def _disconnected(self) -> bool:
         while self.monitor.poll(0):

@@ -391,9 +391,87 @@ class HelperBeat(Message):
     """Helper -> coordinator, every ``cluster.BEAT_S``: still there."""
 
 
+# A receiving helper (``Welcome("recv")``) accepts data streams on its own port: it gets, per
+# session, the layout and the stream secrets of the streams routed to it, and relays its
+# workers' reports (``Report``) whole.
+
+
+@message("c.slayout")
+@dataclass(frozen=True)
+class SessionLayout(Message):
+    """Receiver coordinator -> helper: part ``index`` of a session's layout file (``index`` 0
+    starts it, ``last`` ends it)."""
+
+    session_id: bytes
+    index: int
+    last: bool
+    data: bytes
+
+
+@message("c.offer")
+@dataclass(frozen=True)
+class StreamOffer(Message):
+    """Receiver coordinator -> helper, after the session's layout: these streams of the session
+    are routed to it, with their stream secrets (one each, in the order of ``streams``), and
+    where their blocks land (``StreamJob``'s fields: ``path`` as the coordinator's host sees
+    it, ``inode`` with its ``st_dev``, which the helper replaces with its own after checking
+    the inode number)."""
+
+    session_id: bytes
+    streams: tuple[int, ...]
+    secrets: tuple[bytes, ...] = field(repr=False)  # stream secrets: never in a repr or a log
+    path: str
+    tree: bool
+    manifest_id: bytes
+    rekey_records: int
+    rekey_bytes: int
+    sync_bytes: int
+    nstreams: int
+    inode: tuple[int, int] | None
+
+
+@message("c.offered")
+@dataclass(frozen=True)
+class Offered(Message):
+    """Receiving helper -> coordinator: the session's offer is in place (``ok``), or it cannot
+    serve it (``reason``: the destination is not visible here)."""
+
+    session_id: bytes
+    ok: bool
+    reason: str
+
+
+@message("c.cancel")
+@dataclass(frozen=True)
+class RecvCancel(Message):
+    """Receiver coordinator -> helper: the session is over; end its streams, forget its
+    secrets."""
+
+    session_id: bytes
+
+
 #: The cluster port's messages, each way.
-CLUSTER_UP: tuple[type[Message], ...] = (Join, Up, Report, Exited, Refuse, Bye, HelperBeat)
-CLUSTER_DOWN: tuple[type[Message], ...] = (Welcome, LayoutPart, Assign, Stop, Down, Release)
+CLUSTER_UP: tuple[type[Message], ...] = (
+    Join,
+    Up,
+    Report,
+    Exited,
+    Refuse,
+    Bye,
+    HelperBeat,
+    Offered,
+)
+CLUSTER_DOWN: tuple[type[Message], ...] = (
+    Welcome,
+    LayoutPart,
+    Assign,
+    Stop,
+    Down,
+    Release,
+    SessionLayout,
+    StreamOffer,
+    RecvCancel,
+)
 #: Largest cluster message (``cluster_auth.MAX_CLUSTER_MESSAGE``, 1 MiB; kept here so that the
 #: codec does not import ZeroMQ); the byte strings inside may use nearly all of it.
 MAX_CLUSTER = 1 << 20

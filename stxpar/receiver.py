@@ -61,6 +61,7 @@ from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .placement import WORKER_QUIET_S as WORKER_QUIET_S
 from .placement import WORKER_START_S as WORKER_START_S
 from .placement import ReportRouter
+from .recv_cluster import RecvCluster
 from .recv_session import DigestMismatch as DigestMismatch
 from .recvpool import SPAWN_DESCRIPTORS as SPAWN_DESCRIPTORS
 from .recvpool import ReceiverPool, route_reports
@@ -141,6 +142,8 @@ class Receiver:
         if not psks or any(len(k) < 32 for k in psks):
             raise UsageError("the key must be at least 256 bits")
         self._keyring = keyring_for([bytes(k) for k in psks])
+        #: The cluster port's keys come from the first key (helpers hold that one).
+        self._cluster_psk = bytes(psks[0])
         self.dest = Path(dest)
         self.host, self.port = host, port
         o = self.options
@@ -179,6 +182,8 @@ class Receiver:
         self._report_ep = ""
         self._umask = _process_umask()  # read once, here
         self.dropped_streams = 0
+        #: The helpers' port (``RecvOptions.cluster``), once started.
+        self.cluster: RecvCluster | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -218,6 +223,7 @@ class Receiver:
         )
 
     def start(self) -> Receiver:
+        o = self.options
         self._check_dest()
         self._listeners = listen_all(self.host, self.port)
         try:
@@ -242,6 +248,14 @@ class Receiver:
             )
             t.start()
             self._threads.append(t)
+            if o.cluster is not None:
+                self.cluster = RecvCluster(
+                    o.cluster,
+                    psk=self._cluster_psk,
+                    local_workers=self.workers,
+                    deliver=self.registry.deliver,
+                    on_event=lambda kind, fields: self._event(kind, **fields),
+                )
             self._gate = Gatekeeper(
                 self._listeners,
                 keyring=self._keyring,
@@ -289,6 +303,8 @@ class Receiver:
             for lsock in self._listeners:
                 lsock.close()
         self._end_sessions()
+        if self.cluster is not None:
+            self.cluster.close()
         if self._pool is not None:
             for sid in self.registry.session_ids():
                 self._pool.cancel(sid)
@@ -381,13 +397,20 @@ class Receiver:
             for frame in frames:  # the handshake's last (KEY_CONFIRMATION)
                 fs.send(frame)
             assert self._pool is not None
+            pool: Any = self._pool
+            if self.cluster is not None:
+                pool = _BothPools(self._pool, self.cluster)
             ControlHandler(
                 fs,
                 session,
                 peer,
                 dest=self.dest,
                 registry=self.registry,
-                pool=self._pool,
+                pool=pool,
+                cluster=self.cluster,
+                cluster_workers=self.options.cluster_workers,
+                cluster_wait=self.options.cluster_wait,
+                sync_bytes=self.sync_bytes,
                 stall_timeout=self.stall_timeout,
                 handshake_timeout=self.handshake_timeout,
                 mode=0o666 & ~self._umask,
@@ -427,6 +450,21 @@ class Receiver:
             with contextlib.suppress(StxError):  # retryable: the sender replaces the stream
                 fs.send(error_frame(exc, generic=False))
             raise
+
+
+class _BothPools:
+    """The local worker pool and the helpers, as one session's ``control.Pool``."""
+
+    def __init__(self, pool: ReceiverPool, cluster: RecvCluster) -> None:
+        self.pool, self.cluster = pool, cluster
+
+    def cancel(self, session_id: bytes) -> None:
+        self.pool.cancel(session_id)
+        self.cluster.cancel(session_id)
+
+    def cancel_later(self, session_id: bytes) -> None:
+        self.pool.cancel_later(session_id)
+        self.cluster.cancel_later(session_id)
 
 
 def list_partials(dest: str | os.PathLike[str]) -> list[Partial]:

@@ -21,6 +21,11 @@ what the core returns, in order: frames to send, effects (``Admit``, ``AppendLog
                                                          GRACE (0.1 s)    FINISHING --Finalized--> DONE
     a failure once admitted --> CLOSING --PartialChecked--> FAILED   (superseded: quietly FAILED)
 
+With helpers on other hosts (``stx recv --cluster``), ``Admitted.routes`` is sent as a ROUTES
+frame just before METADATA_ACK (so the sender's first streams already go where they should),
+and ``Reroute`` (a helper died) sends a new ROUTES while the session receives; in FINISHING
+and CLOSING it is ignored.
+
 The manifest is checked chunk by chunk as it arrives (``manifest.Builder``: every path, kind
 and limit) before anything is admitted or created. The one block ledger
 (``blocks.BlockLedger``) holds the blocks recorded in the state log and their digests; the
@@ -66,6 +71,7 @@ from .wire import (
     FrameType,
     MetadataAck,
     Receipt,
+    Routes,
 )
 
 #: After END, how long the receiver waits for workers' last reports before it asks the sender
@@ -122,6 +128,8 @@ class Admitted(Input):
     name: str
     ledger: BlockLedger
     complete: bool = False
+    #: where the sender's data streams go (helpers); None: all to this receiver
+    routes: Routes | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,13 @@ class StreamBroke(Input):
     """A worker's report: a stream of the session failed with this error."""
 
     error: StxError
+
+
+@dataclass(frozen=True)
+class Reroute(Input):
+    """Where data streams go changed (a helper joined or died): tell the sender."""
+
+    routes: Routes
 
 
 @dataclass(frozen=True)
@@ -366,9 +381,14 @@ class ReceiverSession(Machine):
                 },
             )
         ]
+        if ev.routes is not None:
+            out.append(SendFrame(self.channel.seal(FrameType.ROUTES, ev.routes.encode())))
         ack = MetadataAck(have=ev.ledger.bitmap(), digests=ev.ledger.held_digests())
         out.append(SendFrame(self.channel.seal(FrameType.METADATA_ACK, ack.encode())))
         return out
+
+    def _on_reroute(self, ev: Reroute) -> list[Output]:
+        return [SendFrame(self.channel.seal(FrameType.ROUTES, ev.routes.encode()))]
 
     def _on_refused(self, ev: Refused) -> list[Output]:
         return self._fail(ev.error)
@@ -573,6 +593,8 @@ def _table() -> dict[tuple[enum.Enum, type[Input]], Handler]:
         (State.FINISHING, Tick): c._ignore,
         (State.FINISHING, Stopping): c._ignore,
         (State.CLOSING, PartialChecked): c._on_checked,
+        (State.FINISHING, Reroute): c._ignore,
+        (State.CLOSING, Reroute): c._ignore,
     }
     for st in (State.RECEIVING, State.GRACE, State.COMPLETING):
         table[(st, Tick)] = c._on_tick
@@ -582,6 +604,7 @@ def _table() -> dict[tuple[enum.Enum, type[Input]], Handler]:
         table[(st, StreamBroke)] = c._on_stream_broke
         table[(st, Superseded)] = c._on_superseded
         table[(st, Stopping)] = c._on_stopping
+        table[(st, Reroute)] = c._on_reroute
     return table
 
 
@@ -603,4 +626,5 @@ INPUTS: tuple[type[Input], ...] = (
     PartialChecked,
     Superseded,
     Stopping,
+    Reroute,
 )

@@ -68,9 +68,13 @@ class ReceivedFile:
     symlinks: int = 0
     #: The sender's address.
     peer: str = ""
+    #: With helpers (``stx recv --cluster``): data streams served per host.
+    hosts: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
+        extra = {} if self.hosts is None else {"hosts": dict(self.hosts)}
         return {
+            **extra,
             "peer": self.peer,
             "bytes_resumed": self.bytes_resumed,
             "file": self.path,
@@ -115,6 +119,8 @@ class Link(Protocol):
     def opened(self) -> Opened | TreeOpened: ...
 
     def data_target(self) -> tuple[str, bool, str, tuple[int, int] | None]: ...
+
+    def routed_away(self, stream: int) -> bool: ...
 
     def deliver(self, report: Landed | StreamFailed) -> None: ...
 
@@ -239,6 +245,8 @@ class SessionRegistry:
         verify_join(
             stream_secret=secret, session_id=join.session_id, stream=join.stream, tag=join.mac
         )
+        if link.routed_away(join.stream):
+            raise AuthError(f"stream {join.stream} refused (routed to a helper)")
         md = link.md
         with link.lock:
             if join.stream in link.streams or len(link.streams) >= 4 * md.streams + 64:

@@ -15,6 +15,7 @@ States and what moves them (the whole table is ``SenderSession.TABLE``)::
     START --start()--> WAIT_ACK --METADATA_ACK--> DATA --DataComplete--> VERIFY
                                              \\--(nothing needed)------> VERIFY
     VERIFY --SourceChecked--> WAIT_RECEIPT --RECEIPT--> DONE
+    WAIT_ACK, DATA, VERIFY, WAIT_RECEIPT --ROUTES--> the same state (``routes`` replaced)
     any state --ERROR frame, ConnectionLost, a timeout, anything not in the table--> FAILED
 
 Outputs, in the order given: ``SendFrame(data)`` (write it on the control connection);
@@ -25,6 +26,10 @@ whenever blocks complete and ``DataComplete()`` when the ledger is complete, or 
 ``CheckSource()`` (check that the source is unchanged, then feed ``SourceChecked(error)``);
 ``StopWorkers()`` (the data phase is abandoned: stop the workers now); ``Failed(error)`` and
 ``Succeeded()`` end the session.
+
+A ROUTES frame (the receiver has helpers on other hosts, docs/cluster.md) replaces
+``routes``: the driver's ``setup(stream)`` sends each new data stream where it names (a
+stream it does not name goes to the receiver's own address). Streams already open stay.
 
 The receiver's bitmap is the truth: a block acknowledged in an earlier session but not held
 now (the receiver died before recording it) is sent again. A sealed ERROR frame is the error
@@ -60,7 +65,7 @@ from .session_base import (
     Tick,
 )
 from .transfer import Transfer
-from .wire import End, ErrorMsg, FrameType, MetadataAck, Receipt
+from .wire import End, ErrorMsg, FrameType, MetadataAck, Receipt, Routes
 
 
 class DeadlineReached(ConnectError):
@@ -185,6 +190,8 @@ class SenderSession(Machine):
         self.since = 0.0
         #: the whole-file digest sent in END
         self.digest = b""
+        #: the receiver's latest ROUTES (None: every stream to its own address)
+        self.routes: Routes | None = None
 
     def start(self, now: float) -> list[Output]:
         """Send METADATA; wait for METADATA_ACK."""
@@ -223,8 +230,17 @@ class SenderSession(Machine):
         self.state = State.VERIFY
         return [CheckSource()]
 
+    def _took_routes(self, event: FrameIn) -> bool:
+        """A ROUTES frame: opened (an unauthenticated one fails the session) and kept."""
+        if event.ftype is not FrameType.ROUTES:
+            return False
+        self.routes = Routes.decode(self.channel.open(event.ftype, event.payload))
+        return True
+
     # -- handlers
     def _on_ack(self, event: FrameIn) -> list[Output]:
+        if self._took_routes(event):
+            return []
         ack = MetadataAck.decode(self._open(event, FrameType.METADATA_ACK))
         ledger = self.ledger
         held = ack.held(ledger.total)
@@ -272,6 +288,8 @@ class SenderSession(Machine):
         return []
 
     def _on_data_frame(self, event: FrameIn) -> list[Output]:
+        if self._took_routes(event):
+            return []
         if event.ftype is FrameType.ERROR:
             raise sealed_error(self.channel, event.payload)
         raise ProtocolError(f"unexpected {event.ftype.name} on the control connection")
@@ -293,10 +311,14 @@ class SenderSession(Machine):
         return [SendFrame(self.channel.seal(FrameType.END, end.encode()))]
 
     def _on_verify_frame(self, event: FrameIn) -> list[Output]:
+        if self._took_routes(event):
+            return []
         self._open(event, FrameType.RECEIPT)  # an ERROR is its error; anything else is wrong
         raise ProtocolError(f"unexpected {event.ftype.name} before END")
 
     def _on_receipt(self, event: FrameIn) -> list[Output]:
+        if self._took_routes(event):
+            return []
         receipt = Receipt.decode(self._open(event, FrameType.RECEIPT))
         if receipt.digest != self.digest or receipt.size != self.metadata.size:
             raise IntegrityError("the receiver's receipt does not match the file sent")

@@ -55,7 +55,7 @@ from .messages import (
     Setup,
     WorkerError,
 )
-from .netio import FramedSocket, connect
+from .netio import FramedSocket, connect, parse_hostport
 from .records import ControlChannel
 from .scheduler import Scheduler
 from .send_pool import SenderPool
@@ -77,7 +77,13 @@ from .session_base import ConnectionLost, Failed, FrameIn, Output, SendFrame, Su
 from .source import REPLACED, SourceFile
 from .sources import Sources, choose_block_size, open_sources
 from .transfer import Transfer
-from .wire import MAX_CONTROL_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, MAX_STREAMS, FrameType
+from .wire import (
+    MAX_CONTROL_PAYLOAD,
+    MAX_HANDSHAKE_PAYLOAD,
+    MAX_ROUTES_PAYLOAD,
+    MAX_STREAMS,
+    FrameType,
+)
 
 __all__ = [
     "REPLACED",
@@ -104,6 +110,8 @@ SILENCE_CHECK = 0.5
 def _control_cap(ftype: FrameType) -> int:
     if ftype in (FrameType.METADATA_ACK, FrameType.RECEIPT):
         return MAX_CONTROL_PAYLOAD
+    if ftype is FrameType.ROUTES:
+        return MAX_ROUTES_PAYLOAD
     if ftype is FrameType.ERROR:
         return MAX_HANDSHAKE_PAYLOAD
     return -1
@@ -574,12 +582,15 @@ def _session(
             layout_path = path
 
         def setup(stream: int) -> Setup:
+            # The receiver's ROUTES may send this stream to one of its helpers.
+            place = session.routes.place(stream) if session.routes is not None else None
+            to_host, to_port = parse_hostport(place) if place is not None else (data_host, port)
             return Setup(
                 stream=stream,
                 secret=keys.stream_secret(stream),
                 session_id=keys.session_id,
-                host=data_host,
-                port=port,
+                host=to_host,
+                port=to_port,
                 layout=layout_path,
                 manifest_id=manifest.id,
                 rekey_records=md.rekey_records,

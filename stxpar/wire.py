@@ -72,6 +72,7 @@ class FrameType(enum.IntEnum):
     END = 0x09
     RECEIPT = 0x0A
     MANIFEST = 0x0B
+    ROUTES = 0x0C
     ERROR = 0x0F
     JOIN = 0x10
     BLOCK = 0x11
@@ -380,6 +381,58 @@ class Join:
             _int(stream, "stream", hi=MAX_STREAMS - 1),
             _bin(m, "mac", size=MAC_LEN),
         )
+
+
+#: The most helper addresses one ROUTES names, and the longest ``host:port`` among them.
+MAX_ROUTE_PLACES = 255
+MAX_ROUTE_ADDRESS = 300
+#: ROUTES' cap: every place and a table entry for every stream id.
+MAX_ROUTES_PAYLOAD = 128 << 10
+
+
+def _route_address(value: Any) -> str:
+    """A place of ROUTES: ``host:port`` (``[v6]:port``), port 1-65535."""
+    text = _str(value, "route", max_len=MAX_ROUTE_ADDRESS)
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError("Routes: a place is not host:port")
+    if any(not c.isprintable() or c.isspace() for c in host):
+        raise ProtocolError("Routes: a place is not host:port")
+    return text
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Receiver -> sender, sealed on the control connection: where each data stream goes.
+
+    ``table[s]`` is 0 for stream ``s`` going to the receiver's own address (the one the
+    control connection reached) or ``k`` for ``places[k - 1]`` (a receiving helper's
+    ``host:port``); a stream id beyond the table goes to the receiver's own address."""
+
+    places: tuple[str, ...]
+    table: bytes
+
+    def encode(self) -> bytes:
+        return _pack(list(self.places), self.table)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Routes:
+        places, table = _unpack(payload, 2, "Routes")
+        if not isinstance(places, list) or len(places) > MAX_ROUTE_PLACES:
+            raise ProtocolError("Routes: bad places")
+        got = tuple(_route_address(p) for p in places)
+        table = _bin(table, "route table", max_size=MAX_STREAMS)
+        if any(k > len(got) for k in table):
+            raise ProtocolError("Routes: a stream routed to no place")
+        return cls(got, table)
+
+    def place(self, stream: int) -> str | None:
+        """Where stream ``stream`` goes: a ``host:port``, or None for the receiver itself."""
+        if 0 <= stream < len(self.table) and self.table[stream]:
+            return self.places[self.table[stream] - 1]
+        return None
 
 
 @dataclass(frozen=True)

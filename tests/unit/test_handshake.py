@@ -614,6 +614,7 @@ SERVER_STATES = [
 _OTHER_PAYLOADS: dict[FrameType, bytes] = {
     FrameType.METADATA: os.urandom(64),  # sealed on the wire: opaque bytes
     FrameType.MANIFEST: os.urandom(64),  # sealed too: a chunk of the manifest
+    FrameType.ROUTES: os.urandom(64),  # sealed too: where data streams go
     FrameType.METADATA_ACK: MetadataAck(b"\x00").encode(),
     FrameType.END: End(1, bytes(32)).encode(),
     FrameType.RECEIPT: Receipt(bytes(32), 1).encode(),

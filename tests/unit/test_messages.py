@@ -71,6 +71,22 @@ SAMPLES: list[m.Message] = [
     m.Refuse(reason="not visible here"),
     m.Bye(),
     m.HelperBeat(),
+    m.SessionLayout(session_id=b"i" * 16, index=0, last=True, data=b"layout"),
+    m.StreamOffer(
+        session_id=b"i" * 16,
+        streams=(1, 4),
+        secrets=(b"s" * 32, b"s" * 32),
+        path="/dest/.f.stxpart",
+        tree=False,
+        manifest_id=b"m" * 16,
+        rekey_records=1 << 20,
+        rekey_bytes=1 << 30,
+        sync_bytes=8 << 20,
+        nstreams=4,
+        inode=(1, 2),
+    ),
+    m.Offered(session_id=b"i" * 16, ok=False, reason="not visible here"),
+    m.RecvCancel(session_id=b"i" * 16),
 ]
 EVERY_KIND = tuple({type(s) for s in SAMPLES})
 
@@ -91,7 +107,7 @@ def test_every_kind_has_a_sample() -> None:
 
 def test_stream_secrets_stay_out_of_reprs() -> None:
     for msg in SAMPLES:
-        if hasattr(msg, "secret"):
+        if hasattr(msg, "secret") or hasattr(msg, "secrets"):
             assert repr(b"s" * 32) not in repr(msg) and "secret" not in repr(msg)
 
 

@@ -49,6 +49,7 @@ from stxpar.recv_session import (
     PartialChecked,
     ReceiverSession,
     Refused,
+    Reroute,
     State,
     Stopping,
     StreamBroke,
@@ -73,6 +74,7 @@ from stxpar.wire import (
     FrameType,
     MetadataAck,
     Receipt,
+    Routes,
     parse_header,
 )
 
@@ -615,6 +617,7 @@ def _sample(kind: type[Input], data: st.DataObject, p: Pair) -> Input:
         PartialChecked: lambda: PartialChecked(data.draw(st.booleans())),
         Superseded: Superseded,
         Stopping: Stopping,
+        Reroute: lambda: Reroute(Routes(("h:1",), b"\x01")),
     }
     return make[kind]()  # type: ignore[no-any-return]
 
@@ -639,3 +642,52 @@ def test_every_state_and_input(state: State, kind: type[Input], data: st.DataObj
             assert isinstance(p.core.error or errors[0], ProtocolError)
     for follow in (PartialChecked(gone=False), Tick(1e9)):
         p.feed(follow)  # whatever state it is in now, it goes on without raising
+
+
+# ---------------------------------------------------------------- ROUTES (helpers, issue 14)
+
+ROUTES = Routes(("dtn2:7001", "[2001:db8::3]:7002"), bytes([0, 1, 2, 0, 1, 2]))
+
+
+def test_routes_go_before_the_metadata_ack() -> None:
+    p = Pair()
+    assert isinstance(p.metadata()[0], Admit)
+    out = p.feed(Admitted("f.bin", ledger(), routes=ROUTES))
+    frames = [p.opened(o) for o in out if isinstance(o, SendFrame)]
+    assert [f for f, _ in frames] == [FrameType.ROUTES, FrameType.METADATA_ACK]
+    assert Routes.decode(frames[0][1]) == ROUTES
+
+
+def test_no_routes_without_helpers() -> None:
+    p = Pair()
+    out = p.admit()
+    assert [split(o.data)[0] for o in out if isinstance(o, SendFrame)] == [FrameType.METADATA_ACK]
+
+
+def test_reroute_while_receiving_and_after_end() -> None:
+    p = Pair()
+    p.admit()
+    later = Routes(("dtn2:7001",), bytes([0, 1, 0, 0, 1, 0]))
+    out = p.feed(Reroute(later))
+    assert len(out) == 1
+    ftype, body = p.opened(out[0])
+    assert ftype is FrameType.ROUTES and Routes.decode(body) == later
+    assert p.core.state is State.RECEIVING
+    p.end()  # COMPLETING: still told (a reconnect would use them)
+    assert p.core.state is State.COMPLETING
+    assert p.opened(p.feed(Reroute(later))[0])[0] is FrameType.ROUTES
+
+
+def test_reroute_is_ignored_while_finishing() -> None:
+    p = Pair()
+    p.admit()
+    p.land(list(range(TOTAL)))
+    assert p.end() == [Finalize(complete=False)]
+    assert p.feed(Reroute(ROUTES)) == [] and p.core.state is State.FINISHING
+
+
+def test_routes_from_the_sender_are_a_protocol_error() -> None:
+    p = Pair()
+    p.admit()
+    out = p.feed(p.frame(FrameType.ROUTES, ROUTES.encode()))
+    assert isinstance(out[-1], CheckPartial) and isinstance(p.core.error, ProtocolError)

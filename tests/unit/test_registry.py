@@ -59,6 +59,12 @@ class FakeLink:
     def deliver(self, report: Any) -> None:
         self.got.append(report)
 
+    #: stream ids routed to a helper (``control.ControlHandler.routed_away``)
+    away: frozenset[int] = frozenset()
+
+    def routed_away(self, stream: int) -> bool:
+        return stream in self.away
+
     def supersede(self) -> None:
         self.superseded = True
 
@@ -162,3 +168,16 @@ def test_a_tree_completion_is_remembered_by_its_manifest_id() -> None:
     assert reg.remembered(FINAL, md.manifest.id) is ledger
     assert reg.remembered(FINAL, b"\0" * 16) is None
     assert reg.remembered(FINAL, Identity("f.bin", 10, 1, 65536, md.manifest.id)) is None
+
+
+def test_a_stream_routed_to_a_helper_is_refused_here() -> None:
+    reg = SessionRegistry()
+    link = FakeLink(streams=2)
+    link.away = frozenset({1})
+    reg.reserve(FINAL, link.md.file_id, "f.bin")
+    reg.activate(FINAL, link)
+    with pytest.raises(AuthError, match="routed to a helper"):
+        reg.accept_stream(join_for(link, 1))
+    assert reg.accept_stream(join_for(link, 0)).stream == 0
+    link.away = frozenset()  # the helper died: its streams come here now
+    assert reg.accept_stream(join_for(link, 1)).stream == 1

@@ -411,3 +411,41 @@ def test_every_state_and_input(state: State, events: list[Input]) -> None:
             assert s.state is State.FAILED
         if out and isinstance(out[-1], Failed):
             assert isinstance(out[-1].error, StxError) and s.terminal
+
+
+# ------------------------------------------------------------------ ROUTES (helpers, issue 14)
+
+
+def test_routes_before_and_during_the_data_phase() -> None:
+    from stxpar.wire import Routes
+
+    s, peer = _make()
+    _start(s, peer)
+    assert s.routes is None
+    first = Routes(("dtn2:7001",), bytes([0, 1]))
+    assert s.handle(peer.frame(FrameType.ROUTES, first.encode())) == []
+    assert s.state is State.WAIT_ACK and s.routes == first
+    assert s.routes.place(1) == "dtn2:7001" and s.routes.place(0) is None
+    assert s.routes.place(2) is None  # beyond the table: the receiver itself
+    out = s.handle(_ack(peer, []))
+    assert isinstance(out[-1], StartData) and s.state is State.DATA
+    second = Routes((), bytes(2))  # the helper died: everything to the receiver
+    assert s.handle(peer.frame(FrameType.ROUTES, second.encode())) == []
+    assert s.state is State.DATA and s.routes == second and s.routes.place(1) is None
+    for b in range(TOTAL):
+        s.ledger.record(b, _digest(b))
+    assert s.handle(DataComplete()) == [CheckSource()]
+    assert s.handle(peer.frame(FrameType.ROUTES, first.encode())) == []  # VERIFY: kept
+    assert s.state is State.VERIFY
+    assert _finish(s, peer) == [Succeeded()]
+
+
+def test_unsealed_or_garbled_routes_fail_the_session() -> None:
+    s, peer = _make()
+    _start(s, peer)
+    out = s.handle(FrameIn(FrameType.ROUTES, b"\x00" * 40))
+    assert isinstance(out[-1], Failed) and s.state is State.FAILED
+    s, peer = _make()
+    _start(s, peer)
+    out = s.handle(peer.frame(FrameType.ROUTES, b"\x92\x91\xa3bad\xc4\x01\x01"))
+    assert isinstance(out[-1], Failed) and isinstance(out[-1].error, ProtocolError)

@@ -1,0 +1,409 @@
+"""The receiver coordinator's cluster port: helpers on other hosts that take data streams.
+
+Theory of operation
+-------------------
+With ``RecvOptions.cluster`` a ``Receiver`` binds a ``cluster.ClusterPort`` in the role
+``"recv"`` (the same CurveZMQ channel, ZAP check, message caps and helper bookkeeping as a
+sender's) and drives it from one thread of its own (``_run``): every ZeroMQ call on the port
+happens there; the control threads hand it what to send through ``_outbox`` and wait on
+``_cond`` for answers.
+
+A receiving helper (``stx worker --join ... --data-listen HOST:PORT``) says in its ``Join``
+the address its data port is bound to; a helper without a usable one is put aside. For each
+admitted session (``plan``, from the session's control thread, after admission and before
+METADATA_ACK) the stream ids the session may use (``4 x streams + 64``, as the registry
+caps them) are routed round-robin over this host and the live helpers, each weighted by its
+worker processes. Every helper that got streams is sent the session's layout
+(``SessionLayout``) and one ``StreamOffer``: the stream secrets of its streams only, and the
+``StreamJob`` fields (the partial or staging directory by absolute path and inode). It
+answers ``Offered`` once it checked that the path is the same inode on its host; a helper
+that refuses or does not answer within ``OFFER_WAIT_S`` gets no streams (they come back
+here). The routes then go to the sender as a ROUTES frame, just before METADATA_ACK.
+
+A helper's workers report to the helper, which relays each report whole (``Report``); a
+report is taken only for a stream routed to that helper, and goes to the session as a local
+worker's would (``deliver``). A helper that dies (silent for ``cluster.HELPER_TIMEOUT``, or
+for ``DISCONNECT_SILENCE_S`` after a connection on the port dropped, or ``Bye``) is dropped:
+every session that routed streams to it gets new routes with those streams sent here
+(``ControlHandler.reroute`` -> a new ROUTES); the sender's replacement streams have new ids
+and follow them. A helper that joins during a
+session is used from the next session on. When a session ends (``cancel``/``cancel_later``)
+its helpers are told ``RecvCancel`` and forget its secrets.
+
+Acknowledgements: a helper's worker reports ``Landed`` to the helper before it ACKs a block
+to the sender, and the helper forwards it at once, but the worker does not wait for this
+coordinator to record it. A block acknowledged whose report is lost (the helper died in
+between) is not in the state log: END then finds it missing, the session fails with a
+retryable "K blocks are missing at END" and the sender, reconnecting, is shown the true bitmap
+and sends it again (docs/protocol.md §8). A local worker that dies between its ACK and its
+report is the same case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from .cluster import HELPER_TIMEOUT, ClusterPort, EventFn, Helper
+from .errors import ProtocolError
+from .keyschedule import SessionKeys
+from .messages import (
+    LAYOUT_PART,
+    MAX_CLUSTER,
+    RECEIVER_REPORTS,
+    Landed,
+    Message,
+    Offered,
+    RecvCancel,
+    Report,
+    SessionLayout,
+    StreamClosed,
+    StreamFailed,
+    StreamOffer,
+    decode,
+)
+from .netio import parse_hostport
+from .placement import FINISHED_GRACE_S
+from .transfer import Transfer
+from .wire import MAX_ROUTE_PLACES, MAX_STREAMS, Routes
+
+#: Seconds a session's control thread waits for its helpers' ``Offered``.
+OFFER_WAIT_S = 5.0
+#: Seconds the port's thread waits on the port per turn (also how soon the outbox is sent).
+TURN_S = 0.02
+#: After a connection on the port drops, a helper silent this long is taken for the one that
+#: went (it beats every ``cluster.BEAT_S``): noticed in about two seconds, not ``HELPER_TIMEOUT``.
+DISCONNECT_SILENCE_S = 2.0
+#: Stream ids per ``StreamOffer`` at most (its secrets stay well under ``MAX_CLUSTER``).
+OFFER_STREAMS = MAX_STREAMS
+assert OFFER_STREAMS * 64 < MAX_CLUSTER
+
+
+class Session(Protocol):
+    """What the cluster needs of an admitted session (``control.ControlHandler``)."""
+
+    def reroute(self, routes: Routes) -> None: ...
+
+
+@dataclass
+class _Plan:
+    """One session's routes: ``table[s]`` is 0 (here) or an index + 1 into ``places``."""
+
+    session: Session
+    places: list[Helper]
+    table: bytearray
+    #: helper identity -> stream ids it reported on (the per-host count)
+    seen: dict[bytes, set[int]] = field(default_factory=dict)
+    #: helper identity -> Offered answer (True/False), absent while awaited
+    answers: dict[bytes, tuple[bool, str]] = field(default_factory=dict)
+
+    def routes(self) -> Routes:
+        return Routes(tuple(h.data_listen for h in self.places), bytes(self.table))
+
+    def streams_of(self, helper: Helper) -> set[int]:
+        if helper not in self.places:
+            return set()
+        k = self.places.index(helper) + 1
+        return {s for s, v in enumerate(self.table) if v == k}
+
+
+def usable_address(text: str) -> bool:
+    """Whether a helper's data address can be given to a sender (a host, not a wildcard;
+    a port)."""
+    try:
+        host, port = parse_hostport(text)
+    except Exception:
+        return False
+    return 0 < port and host not in ("", "0.0.0.0", "::", "*")
+
+
+def round_robin(weights: list[int], n: int) -> bytearray:
+    """Stream ids ``0..n-1`` dealt over places ``0..len(weights)-1`` (place 0 is this host),
+    each ``weights[k]`` times per round, interleaved."""
+    cycle: list[int] = []
+    for r in range(max(weights, default=0)):
+        cycle.extend(k for k, w in enumerate(weights) if w > r)
+    if not cycle:
+        return bytearray(n)
+    return bytearray(cycle[s % len(cycle)] for s in range(n))
+
+
+class RecvCluster:
+    """A receiver's helpers: routes, offers, relayed reports (see the module's docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        psk: bytes,
+        local_workers: int,
+        deliver: Callable[[Landed | StreamFailed], None],
+        on_event: EventFn | None = None,
+    ) -> None:
+        self.port = ClusterPort(address, psk=psk, on_event=on_event, role="recv")
+        self.port.recv_phase = self
+        self.address = self.port.address
+        self.local_workers = local_workers
+        self.deliver = deliver
+        self._cond = threading.Condition()
+        self._outbox: deque[Callable[[], None]] = deque()
+        self._live: dict[bytes, Helper] = {}
+        self._plans: dict[bytes, _Plan] = {}
+        self._cancels: list[tuple[float, bytes]] = []
+        self._stopping = threading.Event()
+        self._monitor = self.port.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._suspect_until = 0.0
+        self._thread = threading.Thread(target=self._run, name="stx-recv-cluster", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the port's thread
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.port.pump(TURN_S)
+                self._turn()
+            except Exception as exc:  # the thread must outlive a fault of one message
+                self.port._event("warning", message=f"cluster port: {type(exc).__name__}")
+                time.sleep(TURN_S)
+
+    def _disconnects(self, now: float) -> None:
+        """A connection dropped: whoever has gone silent since is the helper that left."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            self._suspect_until = now + HELPER_TIMEOUT
+        if now < self._suspect_until:
+            for h in list(self.port.helpers.values()):
+                if h.usable and now - h.last_heard > DISCONNECT_SILENCE_S:
+                    self.port._put_aside(h, "gone", "its connection dropped")
+
+    def _turn(self) -> None:
+        self._disconnects(time.monotonic())
+        with self._cond:
+            todo = list(self._outbox)
+            self._outbox.clear()
+            now = time.monotonic()
+            due = [sid for t, sid in self._cancels if t <= now]
+            self._cancels = [(t, sid) for t, sid in self._cancels if t > now]
+        for fn in todo:
+            fn()
+        for sid in due:
+            self._cancel_now(sid)
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            self._outbox.append(fn)
+
+    # -- cluster.RecvPhase (called in the port's thread)
+
+    def adopt(self, helper: Helper) -> None:
+        if not usable_address(helper.data_listen):
+            self.port._put_aside(
+                helper, "refused", "no usable --data-listen address (stx worker --data-listen)"
+            )
+            return
+        with self._cond:
+            self._live[helper.identity] = helper
+            self._cond.notify_all()
+
+    def helper_left(self, helper: Helper) -> None:
+        changed: list[tuple[Session, Routes]] = []
+        with self._cond:
+            self._live.pop(helper.identity, None)
+            for plan in self._plans.values():
+                plan.answers.setdefault(helper.identity, (False, "it left"))
+                if helper in plan.places:
+                    k = plan.places.index(helper) + 1
+                    if k in plan.table:
+                        plan.table = bytearray(0 if v == k else v for v in plan.table)
+                        changed.append((plan.session, plan.routes()))
+            self._cond.notify_all()
+        for session, routes in changed:
+            session.reroute(routes)
+
+    def helper_message(self, helper: Helper, msg: Message, now: float) -> None:
+        if isinstance(msg, Offered):
+            with self._cond:
+                plan = self._plans.get(msg.session_id)
+                if plan is not None and helper in plan.places:
+                    plan.answers[helper.identity] = (msg.ok, msg.reason[:500])
+                    self._cond.notify_all()
+            return
+        assert isinstance(msg, Report)
+        try:
+            report = decode(msg.body, expect=RECEIVER_REPORTS)
+        except ProtocolError as exc:
+            self.port._put_aside(helper, "gone", f"protocol error: {exc}")
+            return
+        assert isinstance(report, Landed | StreamFailed | StreamClosed)
+        sid, stream = report.session_id, report.stream
+        with self._cond:
+            plan = self._plans.get(sid)
+            if plan is None or stream not in plan.streams_of(helper):
+                return  # not one of its streams (or a session already over): ignored
+            plan.seen.setdefault(helper.identity, set()).add(stream)
+        if isinstance(report, Landed | StreamFailed):
+            self.deliver(report)
+        else:
+            assert isinstance(report, StreamClosed)
+
+    # ------------------------------------------------------------ the control threads
+
+    def remote_workers(self) -> int:
+        with self._cond:
+            return sum(h.workers for h in self._live.values() if h.usable)
+
+    def wait_workers(self, want: int, wait_s: float) -> int:
+        """Until the live helpers offer ``want`` worker processes or ``wait_s`` passed: how
+        many they offer then."""
+        end = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                have = sum(h.workers for h in self._live.values() if h.usable)
+                left = end - time.monotonic()
+                if have >= want or left <= 0:
+                    return have
+                self._cond.wait(min(left, 0.5))
+
+    def plan(
+        self,
+        session: Session,
+        keys: SessionKeys,
+        md: Transfer,
+        *,
+        path: str,
+        tree: bool,
+        layout: str,
+        inode: tuple[int, int] | None,
+        sync_bytes: int,
+    ) -> Routes | None:
+        """Route the session's streams (see the module's docstring); None when no helper
+        takes any (every stream comes here, as without a cluster)."""
+        with self._cond:
+            helpers = [h for h in self._live.values() if h.usable][:MAX_ROUTE_PLACES]
+        if not helpers or not layout:
+            return None
+        n = min(MAX_STREAMS, 4 * md.streams + 64)
+        table = round_robin([self.local_workers] + [h.workers for h in helpers], n)
+        plan = _Plan(session, helpers, table)
+        sid = keys.session_id
+        with open(layout, "rb") as f:
+            data = f.read()
+        path = os.path.abspath(path)
+        offers: list[tuple[Helper, StreamOffer]] = []
+        for k, helper in enumerate(helpers, start=1):
+            streams = tuple(s for s, v in enumerate(table) if v == k)
+            if not streams:
+                plan.answers[helper.identity] = (False, "no stream for it")
+                continue
+            offers.append(
+                (
+                    helper,
+                    StreamOffer(
+                        session_id=sid,
+                        streams=streams,
+                        secrets=tuple(keys.stream_secret(s) for s in streams),
+                        path=path,
+                        tree=tree,
+                        manifest_id=md.file_id,
+                        rekey_records=md.rekey_records,
+                        rekey_bytes=md.rekey_bytes,
+                        sync_bytes=sync_bytes,
+                        nstreams=md.streams,
+                        inode=inode,
+                    ),
+                )
+            )
+        with self._cond:
+            self._plans[sid] = plan
+
+        def send() -> None:
+            parts = max(1, -(-len(data) // LAYOUT_PART))
+            for helper, offer in offers:
+                for i in range(parts):
+                    chunk = data[i * LAYOUT_PART : (i + 1) * LAYOUT_PART]
+                    self.port.send(helper, SessionLayout(sid, i, i == parts - 1, chunk))
+                self.port.send(helper, offer)
+
+        self._later(send)
+        end = time.monotonic() + OFFER_WAIT_S
+        with self._cond:
+            while any(h.identity not in plan.answers for h, _ in offers):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+            refused = [h for h in helpers if not plan.answers.get(h.identity, (False, ""))[0]]
+            for h in refused:
+                k = helpers.index(h) + 1
+                plan.table = bytearray(0 if v == k else v for v in plan.table)
+                why = plan.answers.get(h.identity, (False, "no answer in time"))[1]
+                if why != "no stream for it":
+                    self.port._event("helper_left", host=h.host, reason=f"for this session: {why}")
+            if not any(plan.table):
+                del self._plans[sid]
+                routes = None
+            else:
+                routes = plan.routes()
+        offered = {h.identity for h, _ in offers}
+        stale = [h for h in refused if h.identity in offered]
+        if routes is None:
+            stale = [h for h, _ in offers]
+        if stale:  # offered, but not routed to: they forget the session's secrets
+            self._later(lambda: self._tell_cancel(sid, stale))
+        return routes
+
+    def hosts(self, session_id: bytes) -> dict[str, int]:
+        """Streams the session's helpers served, per helper host."""
+        out: dict[str, int] = {}
+        with self._cond:
+            plan = self._plans.get(session_id)
+            if plan is None:
+                return out
+            for h in plan.places:
+                n = len(plan.seen.get(h.identity, ()))
+                if n:
+                    out[h.host] = out.get(h.host, 0) + n
+        return out
+
+    def cancel(self, session_id: bytes) -> None:
+        """The session is over: its helpers end its streams and forget its secrets."""
+        self._later(lambda: self._cancel_now(session_id))
+
+    def cancel_later(self, session_id: bytes, delay: float = FINISHED_GRACE_S) -> None:
+        with self._cond:
+            self._cancels.append((time.monotonic() + delay, session_id))
+
+    def _cancel_now(self, session_id: bytes) -> None:
+        with self._cond:
+            plan = self._plans.pop(session_id, None)
+        if plan is not None:
+            self._tell_cancel(session_id, plan.places)
+
+    def _tell_cancel(self, session_id: bytes, helpers: list[Helper]) -> None:
+        for h in helpers:
+            self.port.send(h, RecvCancel(session_id))
+
+    def summary(self) -> dict[str, Any]:
+        with self._cond:
+            live = list(self._live.values())
+        return {"helpers": len(live), "remote_workers": sum(h.workers for h in live)}
+
+    def close(self) -> None:
+        """Release the helpers (each ends its sessions' streams) and stop listening."""
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._turn()
+        with contextlib.suppress(zmq.ZMQError):
+            self.port.router.disable_monitor()
+        self._monitor.close(linger=0)
+        self.port.close()
