@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -368,3 +369,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class WriteMeter:
+    """Samples the bytes a process tree has written (``write``/``pwrite``) until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.samples: list[tuple[float, int]] = []
+        self._seen: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WriteMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    self._seen[p.pid] = p.io_counters().write_chars
+                except psutil.Error:
+                    pass  # (gone: its last count stays)
+            self.samples.append((time.monotonic(), sum(self._seen.values())))
+            time.sleep(0.05)
+
+    def busiest_window(self, window: float) -> float:
+        """The most bytes written in any ``window`` seconds (edges at the samples)."""
+        best = 0
+        j = 0
+        for i, (t, total) in enumerate(self.samples):
+            while self.samples[j][0] < t - window:
+                j += 1
+            # from the last sample before the window to this one: never shorter than ``window``
+            start = self.samples[max(0, j - 1)][1]
+            best = max(best, total - start)
+            del i
+        return float(best)

@@ -19,6 +19,7 @@ import pytest
 from itest_support import (
     STX,
     CliReceiver,
+    WriteMeter,
     assert_no_secrets,
     free_port,
     make_keyfile,
@@ -388,3 +389,32 @@ def test_cli_checks(rig: dict[str, Any]) -> None:
     assert addr.rc == 2 and "HOST:PORT" in addr.stderr
     helptext = run_stx("worker", "--help")
     assert helptext.rc == 0 and "--data-listen" in helptext.stdout and "--once" in helptext.stdout
+
+
+def test_rate_limit_covers_the_helpers(
+    rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--limit-rate is the whole transfer's, helpers' streams included (issue 15)."""
+    monkeypatch.setenv("STX_LANDING", "pwrite")  # blocks land by pwrite: /proc counts them
+    rate = 8 * MIB
+    src = rig["root"] / "src" / "big"
+    digest = write_random(src, 24 * MIB)
+    recv = rig["receiver"](once=False)
+    cluster = _cluster()
+    assert recv.proc is not None
+    with WriteMeter(recv.proc.pid) as meter:
+        send = rig["sender"](
+            src, recv.address, cluster, "--workers", "1", "--cluster-workers", "2",
+            "--limit-rate", "8M",
+        )  # fmt: skip
+        helpers = [rig["helper"](cluster, "--once") for _ in range(2)]
+        assert send.wait(timeout=60) == 0, send.stderr
+    result = send.json()
+    assert sha256_file(rig["root"] / "dest" / "big") == digest
+    assert result["remote_workers"] == 2 and result["limit_rate"] == rate, result
+    for h in helpers:
+        assert h.wait(timeout=20) == 0, h.stderr
+        assert h.blocks() and h.blocks()[0] > 0, h.stderr  # the helpers sent their share
+    assert result["seconds"] >= 24 * MIB / rate * 0.95, result
+    busiest = meter.busiest_window(1.0)
+    assert busiest <= rate * 1.05 + 3 * MIB, (busiest / MIB, "MiB in 1 s")

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from itest_support import (
     STX,
     CliReceiver,
+    WriteMeter,
     assert_one_line_error,
     cli_receiver_rig,
     run_stx,
@@ -32,52 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 BLOCK = 256 << 10
 WINDOW = 1.0
-
-
-class WriteMeter:
-    """Samples the bytes a process tree has written (``write``/``pwrite``) until stopped."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.samples: list[tuple[float, int]] = []
-        self._seen: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> WriteMeter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            for p in procs:
-                try:
-                    self._seen[p.pid] = p.io_counters().write_chars
-                except psutil.Error:
-                    pass  # (gone: its last count stays)
-            self.samples.append((time.monotonic(), sum(self._seen.values())))
-            time.sleep(0.05)
-
-    def busiest_window(self) -> float:
-        """The most bytes written in any WINDOW seconds (window edges at the samples)."""
-        best = 0
-        j = 0
-        for i, (t, total) in enumerate(self.samples):
-            while self.samples[j][0] < t - WINDOW:
-                j += 1
-            # from the last sample before the window to this one: never shorter than WINDOW
-            start = self.samples[max(0, j - 1)][1]
-            best = max(best, total - start)
-            del i
-        return float(best)
 
 
 def _send(recv: CliReceiver, key: Path, src: Path, *opts: str) -> subprocess.Popen[bytes]:
@@ -112,7 +65,7 @@ def test_sender_limit_holds_over_every_window() -> None:
         assert sha256_file(root / "dest" / "f.bin") == digest
         assert result["workers"] == 3 and result["limit_rate"] == rate  # --json shows it
         assert took >= 24 * MiB / rate * 0.95, took
-        busiest = meter.busiest_window()
+        busiest = meter.busiest_window(WINDOW)
         assert busiest <= rate * WINDOW * 1.05 + 3 * BLOCK, (busiest / MiB, "MiB in 1 s")
         assert busiest >= rate * WINDOW * 0.5, "the meter saw nothing: it measures nothing"
 
@@ -139,7 +92,7 @@ def test_receiver_limit_holds_over_two_concurrent_senders() -> None:
             assert sha256_file(dest / "a.bin") == da and sha256_file(dest / "b.bin") == db
             assert "at most 8.0 MiB/s" in recv.stderr  # the limit in force, in its log
             assert took >= 24 * MiB / rate * 0.95, took
-            busiest = meter.busiest_window()
+            busiest = meter.busiest_window(WINDOW)
             assert busiest <= rate * WINDOW * 1.05 + 4 * BLOCK, (busiest / MiB, "MiB in 1 s")
             assert busiest >= rate * WINDOW * 0.5
         finally:
