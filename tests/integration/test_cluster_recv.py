@@ -159,7 +159,9 @@ def test_tree_through_helpers(rig: dict[str, Any]) -> None:
     assert send.wait(timeout=60) == 0, send.stderr + recv.stderr
     assert recv.wait(timeout=20) == 0, recv.stderr
     assert compare_trees(tree, rig["root"] / "dest" / "tree") == []
-    assert wait_for(lambda: all(_landed(h) for h in helpers), timeout=10), [
+    # Helpers landed part of the tree (each gets streams; on a loaded machine a stream whose
+    # worker started late may find no block left, so not necessarily both of them).
+    assert wait_for(lambda: any(sum(_landed(h)) > 0 for h in helpers), timeout=10), [
         h.stderr for h in helpers
     ]
 
