@@ -611,6 +611,12 @@ def _survey(
             # else: the finished file was removed or changed since: it starts over
         elif pairs and _partial_ours(staging_fd, partial_name(manifest.key(i))):
             held[i] = pairs
+        elif pairs and len(pairs) == len(blocks) and _in_place(dirs, e):
+            # Every block logged, no partial, and the file at its final path with its size
+            # and mtime (set before the rename): renamed into place just before a crash that
+            # came before its DONE record. It is done; the new log says so.
+            done.add(i)
+            held[i] = pairs
     _whole_packs(space, held, done)
     return held, done
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stxpar import treefiles
+from stxpar import treefiles, treestate
 from stxpar.blocks import BlockLedger, BlockSpace
 from stxpar.errors import RejectedError
 from stxpar.manifest import Entry, Kind, Manifest
@@ -631,3 +631,32 @@ def test_a_pack_is_held_only_when_the_log_has_it_for_every_file() -> None:
     held, done = {0: [(0, d)], 1: [(0, e)], 2: [(0, d)]}, {0, 1, 2}
     treefiles._whole_packs(space, held, done)
     assert held == {} and done == set()
+
+
+def test_a_file_renamed_in_place_before_its_done_record_is_not_sent_again(dest: Path) -> None:
+    """A crash between a file's rename into place and its DONE record: the next admission
+    finds every block logged, no partial, and the file in place with its size and mtime."""
+    t = tree_basic()
+    opened = admit(dest, t.m)
+    t.send(opened, t.blocks_of("D/small"))
+    end(opened, "keep")
+    log = opened.staging / treestate.NAME
+    data = log.read_bytes()
+    start = 13 + int.from_bytes(data[9:13], "big") + 4  # magic, length, header, CRC
+    records = [
+        data[i : i + treestate.RECORD_LEN] for i in range(start, len(data), treestate.RECORD_LEN)
+    ]
+    assert any(r[0] == treestate.DONE for r in records)
+    log.write_bytes(data[:start] + b"".join(r for r in records if r[0] != treestate.DONE))
+    placed = (dest / "D/small").stat()
+    again = admit(dest, t.m)
+    try:
+        assert again.files_done == 1
+        assert set(t.blocks_of("D/small")) <= set(again.ledger.held())
+        t.send(again, t.blocks_of("D/big.bin"))
+        finalize(again, mode=0)
+    finally:
+        again.close()
+    after = (dest / "D/small").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (placed.st_ino, placed.st_mtime_ns)
+    assert (dest / "D/big.bin").read_bytes() == t.data["D/big.bin"]
