@@ -1,7 +1,9 @@
-"""Benchmark one sender host against three (two helpers joined), each uplink shaped (issue 14).
+"""Benchmark one sender host against three (two helpers joined), each uplink shaped (issue 14),
+and with ``--side recv`` one receiving host against three, each downlink shaped.
 
     python perf/cluster.py                      # 600M file, 400mbit uplinks, 3 rounds
     python perf/cluster.py --size 200M --rounds 1 --no-warmup   # a quick try
+    python perf/cluster.py --side recv          # the receiving side (``both``: one, then the other)
 
 Builds a network lab (tests/netlab.py; root needed): a receiver host ``recv`` (unshaped) and
 three sender hosts ``s0``, ``s1``, ``s2`` whose uplinks are shaped with tbf to ``--rate``, so
@@ -22,6 +24,20 @@ the machine and the receiver used (so a CPU-bound run shows); ``--json-out`` wri
 (the sender's ``--json`` with its ``hosts``, the helpers' timed log lines, bytes each uplink
 carried). The lab, every process and the scratch directory are removed at the end, also on
 Ctrl-C, SIGTERM or SIGHUP. See perf/README.md.
+
+``--side recv``: one sender host ``snd`` (unshaped) and three receiving hosts ``r0``, ``r1``,
+``r2`` whose downlinks are shaped with tbf to ``--rate`` (``rate_in``). ``stx send FILE
+R0:PORT --workers 12`` in snd sends to
+
+* ``one``: ``stx recv --workers 4 --once`` in r0;
+* ``three``: ``stx worker --join R0:7000 --data-listen RN:0 --workers 4 --once`` in r1 and r2,
+  started first, and ``stx recv ... --workers 4 --cluster R0:7000 --cluster-workers 8`` in r0,
+  all three with the same ``--dest`` (the scratch directory: every namespace sees it).
+
+The receiving side is started and ready (listening, the helpers joined) before the clock
+starts, as for ``one`` the receiver is; wall time is ``stx send``'s run. The receiver's
+``--json`` ``streams`` and ``hosts`` (streams served per host) and each helper's ``transfer
+done: N blocks landed`` show that the helpers took their share.
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ CLUSTER_PORT = 7000
 TARGET = 2.4
 SRC_NAME = "cluster-src.bin"
 HELPERS = ("s1", "s2")
+RECV_HELPERS = ("r1", "r2")
 #: a run counts as possibly CPU-bound when the machine's CPUs were this busy over it
 BUSY_FLAG = 0.85
 
@@ -101,25 +118,30 @@ def tree_cpu(pid: int) -> float:
     return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def tbf_sent(host: Host) -> int:
-    m = re.search(r"Sent (\d+) bytes", host.qdisc_stats())
+def tbf_sent(host: Host, ingress: bool = False) -> int:
+    m = re.search(r"Sent (\d+) bytes", host.qdisc_stats(ingress=ingress))
     return int(m.group(1)) if m else 0
 
 
-def rx_bytes(host: Host) -> int:
-    """Bytes the host has sent: what its bridge-side veth peer (root namespace) received."""
-    return int(Path(f"/sys/class/net/{host.peer}/statistics/rx_bytes").read_text())
+def rx_bytes(host: Host, counter: str = "rx_bytes") -> int:
+    """Bytes the host has sent: what its bridge-side veth peer (root namespace) received;
+    with ``counter="tx_bytes"`` the bytes it has received (what the peer sent it)."""
+    return int(Path(f"/sys/class/net/{host.peer}/statistics/{counter}").read_text())
 
 
 class Uplinks:
     """Samples every sender's uplink (bytes sent, from the root namespace) every ``interval``
-    seconds from ``t0`` until stopped: when each uplink started and stopped carrying data."""
+    seconds from ``t0`` until stopped: when each uplink started and stopped carrying data.
+    ``counter="tx_bytes"`` samples downlinks instead (bytes each host received)."""
 
-    def __init__(self, hosts: list[Host], t0: float, interval: float = 0.05) -> None:
+    def __init__(
+        self, hosts: list[Host], t0: float, interval: float = 0.05, counter: str = "rx_bytes"
+    ) -> None:
         self.hosts = hosts
         self.t0 = t0
         self.interval = interval
-        self.base = [rx_bytes(h) for h in hosts]
+        self.counter = counter
+        self.base = [rx_bytes(h, counter) for h in hosts]
         self.samples: list[tuple[float, list[int]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -129,7 +151,10 @@ class Uplinks:
         while not self._stop.is_set():
             now = time.monotonic() - self.t0
             try:
-                sent = [rx_bytes(h) - b for h, b in zip(self.hosts, self.base, strict=True)]
+                sent = [
+                    rx_bytes(h, self.counter) - b
+                    for h, b in zip(self.hosts, self.base, strict=True)
+                ]
             except (OSError, ValueError):
                 return  # the lab is going away
             self.samples.append((now, sent))
@@ -143,7 +168,7 @@ class Uplinks:
         for i, h in enumerate(self.hosts):
             total = self.samples[-1][1][i] if self.samples else 0
             with contextlib.suppress(OSError, ValueError):
-                total = rx_bytes(h) - self.base[i]
+                total = rx_bytes(h, self.counter) - self.base[i]
             first = next((t for t, b in self.samples if b[i] >= 1 << 20), None)
             last = next((t for t, b in self.samples if b[i] >= total - (1 << 20)), None)
             out[h.name] = {"bytes": total}
@@ -212,7 +237,8 @@ class ClusterBench:
 
     # ------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def prepare(self) -> None:
+        """The room for the source and one copy, and the key."""
         a = self.args
         need = 2 * a.size + (256 << 20)
         free = shutil.disk_usage(self.root).free
@@ -220,6 +246,10 @@ class ClusterBench:
             raise SystemExit(f"cluster: {a.dir} has {free >> 20} MiB free; this needs {need >> 20}")
         subprocess.run([self.stx, "keygen", "-o", str(self.key)], check=True, capture_output=True)
         os.chmod(self.key, 0o600)
+
+    def setup(self) -> None:
+        a = self.args
+        self.prepare()
         self.hosts["recv"] = self.lab.add_host("recv")
         for name in ("s0", *HELPERS):
             self.hosts[name] = self.lab.add_host(
@@ -230,6 +260,10 @@ class ClusterBench:
             f" {', '.join(self.hosts[h].addr for h in ('s0', *HELPERS))} (uplinks tbf {a.rate},"
             f" burst {a.burst}, latency {a.latency})"
         )
+        self.make_source()
+
+    def make_source(self) -> None:
+        a = self.args
         say(f"making {a.size / 1e6:.1f} MB of random data in {self.src}")
         self.src.parent.mkdir()
         h = hashlib.sha256()
@@ -463,15 +497,47 @@ class ClusterBench:
             f" + s1, s2 `stx worker --workers {a.helper_workers}`"
         )
 
+    # the report's words for this side (RecvClusterBench has its own)
+
+    def title(self) -> str:
+        return f"One sender host against three, uplinks at {self.args.rate}"
+
+    def links(self) -> str:
+        a = self.args
+        return (
+            f"sender uplinks tbf {a.rate} (burst {a.burst}, latency {a.latency}), receiver unshaped"
+        )
+
+    def cores_note(self) -> str:
+        return "Receiver cores: the `stx recv` tree's CPU seconds over the wall time."
+
+    def per_run_intro(self) -> str:
+        return (
+            "Per run: each uplink's MB sent (what its bridge port received) and the"
+            " seconds after the start when its first and its last MiB went out; worker"
+            " processes per host (`stx send --json`):"
+        )
+
+    @staticmethod
+    def link_times(links: dict[str, dict[str, float]]) -> str:
+        return ", ".join(
+            f"{h} {u['bytes'] / 1e6:.0f} MB"
+            + (f" ({u['first_mib_s']:.2f}-{u['last_mib_s']:.2f} s)" if "last_mib_s" in u else "")
+            for h, u in links.items()
+            if u["bytes"] > 1 << 20
+        )
+
+    def run_line(self, x: dict[str, Any]) -> str:
+        hosts = (x.get("stx_json") or {}).get("hosts")
+        return self.link_times(x["uplinks"]) + (f"; hosts {hosts}" if hosts else "")
+
     def markdown(self, interrupted: bool) -> str:
         a = self.args
         L = [
-            f"# One sender host against three, uplinks at {a.rate}"
-            f" ({self.started:%Y-%m-%d %H:%M %Z})",
+            f"# {self.title()} ({self.started:%Y-%m-%d %H:%M %Z})",
             "",
             f"File: {a.size / 1e6:.1f} MB ({a.size} bytes), random, /dev/shm to /dev/shm through a"
-            f" network-namespace lab; sender uplinks tbf {a.rate} (burst {a.burst}, latency"
-            f" {a.latency}), receiver unshaped. {a.rounds} interleaved round(s)"
+            f" network-namespace lab; {self.links()}. {a.rounds} interleaved round(s)"
             f"{', interrupted' if interrupted else ''}. {os.cpu_count()} CPUs; load average"
             f" {self.load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
             "",
@@ -503,34 +569,15 @@ class ClusterBench:
         L += [
             "",
             f"Machine busy: share of all CPUs busy over the run (/proc/stat); a run at"
-            f" {BUSY_FLAG:.0%} or more counts as maybe CPU-bound. Receiver cores: the `stx recv`"
-            " tree's CPU seconds over the wall time.",
+            f" {BUSY_FLAG:.0%} or more counts as maybe CPU-bound. {self.cores_note()}",
             "",
         ]
         done = [(c, x) for c in CONFIGS for x in self.runs[c] if x["ok"]]
         if done:
-            L.append(
-                "Per run: each uplink's MB sent (what its bridge port received) and the"
-                " seconds after the start when its first and its last MiB went out; worker"
-                " processes per host (`stx send --json`):"
-            )
+            L.append(self.per_run_intro())
             L.append("")
             for c, x in done:
-                up = ", ".join(
-                    f"{h} {u['bytes'] / 1e6:.0f} MB"
-                    + (
-                        f" ({u['first_mib_s']:.2f}-{u['last_mib_s']:.2f} s)"
-                        if "last_mib_s" in u
-                        else ""
-                    )
-                    for h, u in x["uplinks"].items()
-                    if u["bytes"] > 1 << 20
-                )
-                hosts = (x.get("stx_json") or {}).get("hosts")
-                L.append(
-                    f"- {c}, round {x['round'] + 1}, {x['wall']:.2f} s: {up}"
-                    + (f"; hosts {hosts}" if hosts else "")
-                )
+                L.append(f"- {c}, round {x['round'] + 1}, {x['wall']:.2f} s: {self.run_line(x)}")
             L.append("")
         notes = [
             f"- {c}, round {x['round'] + 1}: {x['error']}"
@@ -569,6 +616,223 @@ class ClusterBench:
         }
 
 
+RECV_HOSTS = ("r0", *RECV_HELPERS)
+
+
+class RecvClusterBench(ClusterBench):
+    """The receiving side: one sender host ``snd`` (unshaped) and three receiving hosts whose
+    downlinks are shaped: ``r0`` (``stx recv``) alone, or with ``r1``, ``r2`` joined to it as
+    receiving helpers (``stx worker --data-listen``), all writing into one destination path.
+    The receiving side is started and ready (listening; the helpers joined) before the clock
+    starts, as a receiver is a service that waits; wall time is ``stx send``'s run."""
+
+    def setup(self) -> None:
+        a = self.args
+        self.prepare()
+        self.hosts["snd"] = self.lab.add_host("snd")
+        for name in RECV_HOSTS:
+            self.hosts[name] = self.lab.add_host(
+                name, rate_in=a.rate, burst=a.burst, latency=a.latency
+            )
+        say(
+            f"lab: snd {self.hosts['snd'].addr} (unshaped), r0/r1/r2"
+            f" {', '.join(self.hosts[h].addr for h in RECV_HOSTS)} (downlinks tbf {a.rate},"
+            f" burst {a.burst}, latency {a.latency})"
+        )
+        self.make_source()
+
+    def wait_ready(
+        self,
+        recv: subprocess.Popen[bytes],
+        rerr: Path,
+        helpers: dict[str, subprocess.Popen[bytes]],
+        logs: dict[str, TimedLog],
+    ) -> None:
+        """Until the receiver listens and every helper has joined it (60 s at most)."""
+        try:
+            peers.wait_for_text(rerr, "listening on", recv, 60)
+        except RuntimeError as exc:
+            raise Failed(f"stx recv: {exc}") from None
+        end = time.monotonic() + 60
+        for h, p in helpers.items():
+            while not any("as receiver helper" in line for _, line in logs[h].lines):
+                if p.poll() is not None or time.monotonic() > end:
+                    what = "exited" if p.returncode is not None else "not joined after 60 s"
+                    tail = " | ".join(line for _, line in logs[h].lines[-3:])
+                    raise Failed(f"helper {h}: {what}: {tail[-400:]}")
+                time.sleep(0.01)
+
+    def run_once(self, cfg: str, round_no: int) -> dict[str, Any]:
+        a = self.args
+        tag = self.tag(cfg)
+        dst = Path(tempfile.mkdtemp(prefix=f"dst-{cfg}-", dir=self.root))
+        r0 = self.hosts["r0"].addr
+        rec: dict[str, Any] = {"round": round_no, "ok": False, "loadavg": os.getloadavg()[0]}
+        procs: list[subprocess.Popen[bytes]] = []
+        logs: dict[str, TimedLog] = {}
+        helpers: dict[str, subprocess.Popen[bytes]] = {}
+        downlinks: Uplinks | None = None
+        try:
+            self.release()
+            t_start = time.monotonic()
+            if cfg == "three":  # the helpers first: they wait for their coordinator
+                for h in RECV_HELPERS:
+                    hargv = [self.stx, "worker", "--join", f"{r0}:{CLUSTER_PORT}"]
+                    hargv += ["--psk-file", str(self.key), "--workers", str(a.helper_workers)]
+                    hargv += ["--data-listen", f"{self.hosts[h].addr}:0", "--once"]
+                    p = self.start(h, hargv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    assert p.stderr is not None
+                    logs[h] = TimedLog(p.stderr, self.logs / f"{tag}-{h}.err")
+                    helpers[h] = p
+                    procs.append(p)
+            rargv = [self.stx, "recv", "--listen", f"{r0}:{RECV_PORT}"]
+            rargv += ["--psk-file", str(self.key), "--dest", str(dst), "--once", "--json"]
+            rargv += ["--workers", str(a.recv_workers)]
+            if cfg == "three":
+                rargv += ["--cluster", f"{r0}:{CLUSTER_PORT}"]
+                rargv += ["--cluster-workers", str(a.cluster_workers)]
+            rerr = self.logs / f"{tag}-recv.err"
+            with open(rerr, "wb") as err, open(self.logs / f"{tag}-recv.out", "wb") as out:
+                recv = self.start("r0", rargv, stdout=out, stderr=err)
+            procs.append(recv)
+            self.wait_ready(recv, rerr, helpers, logs)
+            rec["ready_s"] = time.monotonic() - t_start
+            sargv = [self.stx, "send", str(self.src), f"{r0}:{RECV_PORT}"]
+            sargv += ["--psk-file", str(self.key), "--json", "--quiet", "--workers", str(a.workers)]
+            got0 = {h: tbf_sent(self.hosts[h], ingress=True) for h in RECV_HOSTS}
+            recv_cpu0 = tree_cpu(recv.pid)
+            helper_cpu0 = {h: tree_cpu(p.pid) for h, p in helpers.items()}
+            busy0 = cpu_busy()
+            t0 = time.monotonic()
+            downlinks = Uplinks([self.hosts[h] for h in RECV_HOSTS], t0, counter="tx_bytes")
+            serr = self.logs / f"{tag}-send.err"
+            with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
+                send = self.start("snd", sargv, stdout=out, stderr=err)
+            procs.append(send)
+            send_cpu = self.reap(send, t0 + a.timeout)
+            rec["wall"] = time.monotonic() - t0
+            busy1 = cpu_busy()
+            rec["downlinks"] = downlinks.stop()
+            got1 = {h: tbf_sent(self.hosts[h], ingress=True) for h in RECV_HOSTS}
+            end = time.monotonic() + (30 if send.returncode == 0 else 3)
+            recv_cpu = self.reap(recv, end) - recv_cpu0
+            helper_cpu = {}
+            for h, p in helpers.items():
+                helper_cpu[h] = self.reap(p, end) - helper_cpu0[h]
+                logs[h].join()
+            busy = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
+            rec.update(
+                rc={"send": send.returncode, "recv": recv.returncode}
+                | {h: p.returncode for h, p in helpers.items()},
+                cpu_s={"send": send_cpu, "recv": recv_cpu} | helper_cpu,
+                machine_busy=busy,
+                recv_cores=recv_cpu / rec["wall"],
+                tbf_bytes={h: got1[h] - got0[h] for h in got0},
+                helper_log={h: log.relative(t0) for h, log in logs.items()},
+            )
+            rec["maybe_cpu_bound"] = busy >= BUSY_FLAG
+            for who in ("send", "recv"):
+                try:
+                    lines = (self.logs / f"{tag}-{who}.out").read_text().strip().splitlines()
+                    rec[f"{who}_json"] = json.loads(lines[-1]) if lines else None
+                except ValueError:
+                    rec[f"{who}_json"] = None
+            bad = {k: v for k, v in rec["rc"].items() if v != 0}
+            if bad:
+                tails = [f"send: {self.err_tail(serr)}", f"recv: {self.err_tail(rerr)}"]
+                tails += [f"{h}: {self.err_tail(self.logs / f'{tag}-{h}.err')}" for h in helpers]
+                raise Failed(f"exit {bad}: {'; '.join(tails)}")
+            copy = dst / SRC_NAME
+            if not copy.is_file():
+                raise Failed(f"no {copy}: {sorted(p.name for p in dst.iterdir())}")
+            got = sha256(copy)
+            rec["sha256_ok"] = got == self.src_sha
+            if not rec["sha256_ok"]:
+                raise Failed(f"the copy differs: sha256 {got[:16]}... != {self.src_sha[:16]}...")
+            rec["ok"] = True
+        except (Failed, OSError, subprocess.SubprocessError) as exc:
+            rec["error"] = str(exc)
+            say(f"recv side, {cfg}, {self.when(round_no)}: FAILED: {exc}")
+        finally:
+            if downlinks is not None:
+                downlinks.stop()
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs.values():
+                log.join(1.0)
+            self.stale.append(dst)
+        if rec["ok"]:
+            say(
+                f"recv side, {cfg}, {self.when(round_no)}: {rec['wall']:.2f} s,"
+                f" {self.args.size / 1e6 / rec['wall']:.1f} MB/s, machine busy"
+                f" {rec['machine_busy']:.0%}, r0 {rec['recv_cores']:.2f} cores,"
+                f" {self.streams(rec)}"
+            )
+        return rec
+
+    @staticmethod
+    def streams(x: dict[str, Any]) -> str:
+        """The data streams the receiver served, per host where it had helpers."""
+        rj = x.get("recv_json") or {}
+        hosts = rj.get("hosts")
+        return f"{rj.get('streams', '?')} streams" + (f", hosts {hosts}" if hosts else "")
+
+    @staticmethod
+    def landed(x: dict[str, Any]) -> str:
+        """Blocks each helper landed, from its ``transfer done: N blocks landed`` line."""
+        out = []
+        for h, lines in (x.get("helper_log") or {}).items():
+            for _, line in lines:
+                if m := re.search(r"transfer done: (\d+) blocks landed", line):
+                    out.append(f"{h} landed {m.group(1)} blocks")
+        return ", ".join(out)
+
+    def title(self) -> str:
+        return f"One receiving host against three, downlinks at {self.args.rate}"
+
+    def links(self) -> str:
+        a = self.args
+        return (
+            f"receiving hosts' downlinks tbf {a.rate} (burst {a.burst}, latency {a.latency}),"
+            " sender unshaped; the receiving side started and ready (helpers joined) before"
+            " the clock starts, wall time is `stx send`'s run"
+        )
+
+    def cores_note(self) -> str:
+        return "Receiver cores: r0's `stx recv` tree's CPU seconds over the wall time."
+
+    def per_run_intro(self) -> str:
+        return (
+            "Per run: each downlink's MB received (what its bridge port sent) and the seconds"
+            " after the start when its first and its last MiB arrived; data streams served"
+            " per host (`stx recv --json`: `streams`, `hosts`) and blocks each helper landed:"
+        )
+
+    def run_line(self, x: dict[str, Any]) -> str:
+        landed = self.landed(x)
+        return f"{self.link_times(x['downlinks'])}; {self.streams(x)}" + (
+            f"; {landed}" if landed else ""
+        )
+
+    def label(self, cfg: str) -> str:
+        a = self.args
+        if cfg == "one":
+            return (
+                f"1 host: r0 `stx recv --workers {a.recv_workers}`; snd `stx send --workers"
+                f" {a.workers}`"
+            )
+        return (
+            f"3 hosts: r0 `--workers {a.recv_workers} --cluster-workers {a.cluster_workers}`"
+            f" + r1, r2 `stx worker --data-listen --workers {a.helper_workers}`; snd"
+            f" `--workers {a.workers}`"
+        )
+
+    def to_json(self, interrupted: bool) -> dict[str, Any]:
+        return {"side": "recv", **super().to_json(interrupted)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="perf/cluster.py",
@@ -576,14 +840,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--size", default="600M", help="file size (powers of 1024; default 600M)")
-    ap.add_argument("--rate", default="400mbit", help="tbf rate of each sender uplink (400mbit)")
+    ap.add_argument(
+        "--side",
+        choices=("send", "recv", "both"),
+        default="send",
+        help="helpers on the sending side (default), the receiving side, or both, one after"
+        " the other",
+    )
+    ap.add_argument(
+        "--rate",
+        default="400mbit",
+        help="tbf rate of each shaped link: the sender hosts' uplinks (send), the receiving"
+        " hosts' downlinks (recv); default 400mbit",
+    )
     ap.add_argument("--burst", default="256kb", help="tbf burst (default 256kb, the lab's)")
     ap.add_argument("--latency", default="50ms", help="tbf latency (default 50ms, the lab's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--workers", type=int, default=4, help="stx send --workers (default 4)")
+    ap.add_argument(
+        "--workers", type=int, help="stx send --workers (default: 4 with send, 12 with recv)"
+    )
     ap.add_argument("--helper-workers", type=int, default=4, help="each helper's --workers (4)")
     ap.add_argument("--cluster-workers", type=int, default=8, help="--cluster-workers (8)")
-    ap.add_argument("--recv-workers", type=int, help="stx recv --workers (default: stx's)")
+    ap.add_argument(
+        "--recv-workers",
+        type=int,
+        help="stx recv --workers (default: stx's with send, 4 with recv)",
+    )
     ap.add_argument("--stx", help="the stx to run (default: the one beside this Python)")
     ap.add_argument("--json-out", metavar="FILE", help="write the results as JSON here")
     ap.add_argument("--dir", default="/dev/shm", help="scratch directory (default /dev/shm)")
@@ -597,9 +879,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.size = parse_size(a.size)
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
-    if a.rounds < 1 or a.size < 1 or min(a.workers, a.helper_workers, a.cluster_workers) < 1:
+    counts = [a.helper_workers, a.cluster_workers]
+    counts += [n for n in (a.workers, a.recv_workers) if n is not None]
+    if a.rounds < 1 or a.size < 1 or min(counts) < 1:
         ap.error("--rounds, --size and the worker counts must be at least 1")
     return a
+
+
+def side_args(a: argparse.Namespace, side: str) -> argparse.Namespace:
+    """``a`` with the worker counts that were not given set to ``side``'s defaults."""
+    out = argparse.Namespace(**vars(a))
+    if out.workers is None:
+        out.workers = 4 if side == "send" else 12
+    if out.recv_workers is None and side == "recv":
+        out.recv_workers = 4
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,28 +908,35 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
     interrupted = False
-    md = doc = None
-    bench: ClusterBench | None = None
-    try:
-        with Lab() as lab:
-            bench = ClusterBench(args, lab)
-            try:
-                bench.setup()
-                bench.run()
-            except KeyboardInterrupt:
-                interrupted = True
-                say("interrupted: cleaning up")
-            finally:
-                doc = bench.to_json(interrupted)
-                md = bench.markdown(interrupted)
-    except KeyboardInterrupt:  # a second signal while the lab was closing
-        interrupted = True
-    finally:
-        if bench is not None:
-            bench.cleanup()
-    if md is not None:
-        print(md)
-    if doc is not None and args.json_out:
+    mds: list[str] = []
+    docs: dict[str, dict[str, Any]] = {}
+    sides = ("send", "recv") if args.side == "both" else (args.side,)
+    for side in sides:
+        if interrupted:
+            break
+        bench: ClusterBench | None = None
+        try:
+            with Lab() as lab:
+                kind = ClusterBench if side == "send" else RecvClusterBench
+                bench = kind(side_args(args, side), lab)
+                try:
+                    bench.setup()
+                    bench.run()
+                except KeyboardInterrupt:
+                    interrupted = True
+                    say("interrupted: cleaning up")
+                finally:
+                    docs[side] = bench.to_json(interrupted)
+                    mds.append(bench.markdown(interrupted))
+        except KeyboardInterrupt:  # a second signal while the lab was closing
+            interrupted = True
+        finally:
+            if bench is not None:
+                bench.cleanup()
+    if mds:
+        print("\n\n".join(mds))
+    if docs and args.json_out:
+        doc = docs if args.side == "both" else docs[args.side]
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
         say(f"wrote {args.json_out}")
     return 130 if interrupted else 0
