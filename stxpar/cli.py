@@ -142,26 +142,25 @@ def _progress_for(args: argparse.Namespace, label: str) -> Progress | None:
     return Progress(sys.stderr, label, getattr(args, "limit_rate", 0) or 0)
 
 
-def _key(args: argparse.Namespace) -> bytes:
-    path = args.psk_file or os.environ.get("STX_PSK_FILE")
-    if not path:
-        raise UsageError(
-            "no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')"
-        )
-    return load_key_file(path)
-
-
-def _recv_keys(args: argparse.Namespace) -> list[bytes]:
-    """The receiver's keys: every --psk-file (a rotation accepts old and new), else
-    $STX_PSK_FILE."""
-    paths = args.psk_file or (
-        [os.environ["STX_PSK_FILE"]] if os.environ.get("STX_PSK_FILE") else []
-    )
+def _key_paths(given: str | list[str] | None) -> list[str]:
+    """The key files: ``--psk-file`` (one, or a receiver's several), else $STX_PSK_FILE."""
+    paths = [given] if isinstance(given, str) else list(given or ())
+    if not paths and os.environ.get("STX_PSK_FILE"):
+        paths = [os.environ["STX_PSK_FILE"]]
     if not paths:
         raise UsageError(
             "no key: pass --psk-file FILE or set STX_PSK_FILE (make a key with 'stx keygen')"
         )
-    return [load_key_file(p) for p in paths]
+    return paths
+
+
+def _key(args: argparse.Namespace) -> bytes:
+    return load_key_file(_key_paths(args.psk_file)[0])
+
+
+def _recv_keys(args: argparse.Namespace) -> list[bytes]:
+    """The receiver's keys: every --psk-file (a rotation accepts old and new)."""
+    return [load_key_file(p) for p in _key_paths(args.psk_file)]
 
 
 def _print_json(obj: dict[str, Any]) -> None:

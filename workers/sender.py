@@ -33,6 +33,7 @@ from stxpar.messages import (
     Acked,
     Alive,
     Blocks,
+    FileRef,
     Get,
     Hello,
     Message,
@@ -229,16 +230,20 @@ class Worker:
         """A pack's small files, each whole, back to back: each is opened, read and closed
         here (one read a file; they would only churn the descriptors kept open)."""
         for entry, at, length in self.space.members(where):
-            ref = self.refs[entry]
-            if ref is None:
-                raise ProtocolError(f"entry {entry} of the layout has no source file")
-            fd = open_source(ref)
+            fd = open_source(self.ref(entry))
             try:
                 got = os.preadv(fd, [plain[at : at + length]], 0)
             finally:
                 os.close(fd)
             if got != length:
                 raise SourceChangedError("a source file shrank during the transfer")
+
+    def ref(self, entry: int) -> FileRef:
+        """Where entry ``entry``'s data comes from, as the layout pins it."""
+        ref = self.refs[entry]
+        if ref is None:
+            raise ProtocolError(f"entry {entry} of the layout has no source file")
+        return ref
 
     def source(self, entry: int) -> int:
         """The descriptor of entry ``entry``'s source file, proved to be the pinned one."""
@@ -247,9 +252,7 @@ class Worker:
         if fd is not None:
             fds.move_to_end(entry)
             return fd
-        ref = self.refs[entry]
-        if ref is None:
-            raise ProtocolError(f"entry {entry} of the layout has no source file")
+        ref = self.ref(entry)
         if len(fds) >= OPEN_SOURCES:
             os.close(fds.popitem(last=False)[1])
         fd = fds[entry] = open_source(ref)
