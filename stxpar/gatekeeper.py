@@ -37,6 +37,7 @@ writer uses to keep a flood of them to a few lines a second plus a count.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -84,6 +85,19 @@ def error_frame(exc: StxError, *, generic: bool) -> bytes:
     return encode_frame(
         FrameType.ERROR, ErrorMsg(exc.wire_code, error_text(exc, generic=generic)).encode()
     )
+
+
+def hand_over(fs: FramedSocket, hand: Callable[[socket.socket], None]) -> None:
+    """Give an authenticated data stream's socket to a worker (``hand``); when none takes it
+    (ConnectError: busy), tell the sender why, so that it retries the stream, and re-raise."""
+    fs.sock.settimeout(None)
+    try:
+        hand(fs.sock)
+    except ConnectError as exc:
+        fs.sock.settimeout(1.0)
+        with contextlib.suppress(StxError):
+            fs.send(error_frame(exc, generic=False))
+        raise
 
 
 def first_cap(ftype: FrameType) -> int:

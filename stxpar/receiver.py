@@ -52,7 +52,7 @@ from .destination import STATE_SUFFIX as STATE_SUFFIX
 from .destination import check_dest
 from .destination import safe_name as safe_name
 from .errors import ConnectError, StxError, UsageError
-from .gatekeeper import Gatekeeper, GateLimits, error_frame
+from .gatekeeper import Gatekeeper, GateLimits, hand_over
 from .handshake import ReplayCache, keyring_for
 from .keyschedule import SessionKeys
 from .manifest import Limits
@@ -441,15 +441,9 @@ class Receiver:
             self.dropped_streams += 1
             raise
         release()
-        fs.sock.settimeout(None)
-        assert self._pool is not None
-        try:
-            self._pool.hand_over_stream(target, fs.sock)
-        except ConnectError as exc:
-            fs.sock.settimeout(1.0)
-            with contextlib.suppress(StxError):  # retryable: the sender replaces the stream
-                fs.send(error_frame(exc, generic=False))
-            raise
+        pool = self._pool
+        assert pool is not None
+        hand_over(fs, lambda sock: pool.hand_over_stream(target, sock))
 
 
 class _BothPools:

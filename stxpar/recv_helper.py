@@ -46,8 +46,8 @@ from . import ipc
 from . import layout as layout_file
 from .channel import report_pull
 from .config import DEFAULT_SYNC_BYTES
-from .errors import AuthError, ConnectError, ProtocolError, StxError
-from .gatekeeper import Gatekeeper, GateLimits, error_frame
+from .errors import AuthError, ProtocolError
+from .gatekeeper import Gatekeeper, GateLimits, hand_over
 from .handshake import ReplayCache
 from .messages import (
     MAX_CLUSTER,
@@ -231,15 +231,9 @@ class RecvSide:
             streams=o.nstreams,
             inode=offer.inode,
         )
-        fs.sock.settimeout(None)
-        assert self.pool is not None
-        try:
-            self.pool.hand_over(job, fs.sock)
-        except ConnectError as exc:
-            fs.sock.settimeout(1.0)
-            with contextlib.suppress(StxError):  # retryable: the sender replaces the stream
-                fs.send(error_frame(exc, generic=False))
-            raise
+        pool = self.pool
+        assert pool is not None
+        hand_over(fs, lambda sock: pool.hand_over(job, sock))
 
     # ------------------------------------------------------------ the coordinator (main thread)
 
