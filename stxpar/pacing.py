@@ -1,4 +1,4 @@
-"""A token bucket for ``stx recv --limit-rate``: how long to wait before taking in more bytes.
+"""Pacing for ``stx recv --limit-rate``: how long to wait before taking in more bytes.
 
 Pure: the clock is passed in, and ``charge`` says how long to wait instead of waiting. A
 receiver worker holds one bucket for all its streams (each stream thread charges the bytes it is
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 
+from .limits import TokenBucket
+
 #: Bytes read at a time under a limit: a smaller slice smooths the flow, a larger one costs
 #: fewer wake-ups.
 SLICE = 256 << 10
@@ -20,18 +22,25 @@ SLICE = 256 << 10
 BURST_S = 0.05
 
 
-class TokenBucket:
-    """``rate`` bytes a second (0: no limit), shared by threads."""
+class Pacer:
+    """``rate`` bytes a second (0: no limit), shared by threads: a ``limits.TokenBucket`` of
+    bytes whose credit may go negative (a read is never refused, only delayed), starting with
+    none."""
 
     def __init__(self, rate: int = 0) -> None:
         self._lock = threading.Lock()
-        self.rate = rate
-        self._tokens = 0.0
-        self._at: float | None = None
+        self._bucket: TokenBucket | None = None
+        self.rate = 0
+        self.set_rate(rate)
 
     def set_rate(self, rate: int) -> None:
         with self._lock:
             self.rate = max(0, rate)
+            if not self.rate:
+                self._bucket = None
+            elif self._bucket is not None:
+                self._bucket.rate = self.rate
+                self._bucket.burst = _burst(self.rate)
 
     def charge(self, n: int, now: float) -> float:
         """Take ``n`` bytes' worth now; the seconds to wait before reading them (0: at once).
@@ -39,12 +48,16 @@ class TokenBucket:
         with self._lock:
             rate = self.rate
             if not rate:
-                self._at = None
                 return 0.0
-            if self._at is None:
-                self._at, self._tokens = now, 0.0
-            cap = max(float(SLICE), rate * BURST_S)
-            self._tokens = min(cap, self._tokens + (now - self._at) * rate)
-            self._at = now
-            self._tokens -= n
-            return 0.0 if self._tokens >= 0 else -self._tokens / rate
+            bucket = self._bucket
+            if bucket is None:
+                bucket = self._bucket = TokenBucket(rate=rate, burst=_burst(rate), now=now)
+                bucket.tokens = 0.0
+            else:
+                bucket.full(now)  # (refills)
+            bucket.tokens -= n
+            return 0.0 if bucket.tokens >= 0 else -bucket.tokens / rate
+
+
+def _burst(rate: int) -> float:
+    return max(float(SLICE), rate * BURST_S)

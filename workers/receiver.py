@@ -35,7 +35,7 @@ from stxpar.digest import block_digest
 from stxpar.errors import ConnectError, IntegrityError, ProtocolError, RejectedError, StxError
 from stxpar.messages import Beat, Cancel, Landed, Ready, StreamClosed, StreamFailed
 from stxpar.netio import FramedSocket
-from stxpar.pacing import SLICE, TokenBucket
+from stxpar.pacing import SLICE, Pacer
 from stxpar.records import BLOCK_SUFFIX, AckChannel, BlockContext, BlockOpener, CrcMismatch
 from stxpar.wire import BLOCK_HEADER, Ack, ErrorMsg, FrameType, encode_frame
 
@@ -137,7 +137,7 @@ class StreamThread(threading.Thread):
             conn.close()
 
     @staticmethod
-    def _paced_read(conn: FramedSocket, view: memoryview, bucket: TokenBucket) -> None:
+    def _paced_read(conn: FramedSocket, view: memoryview, bucket: Pacer) -> None:
         """Fill ``view`` a slice at a time, each slice taken from the worker's bucket first."""
         for at in range(0, len(view), SLICE):
             part = view[at : at + SLICE]
@@ -400,7 +400,7 @@ class Worker:
         self._push_lock = threading.Lock()
         self.lock = threading.Lock()
         #: --limit-rate: this worker's share, over all its streams (set by its coordinator)
-        self.bucket = TokenBucket()
+        self.bucket = Pacer()
         self.streams: set[StreamThread] = set()
         self.stopping = threading.Event()
         self.thread_failures = 0

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from stxpar.blocks import BlockLedger, BlockSpace
 from stxpar.messages import Blocks
-from stxpar.pacing import SLICE, TokenBucket
+from stxpar.pacing import SLICE, Pacer
 from stxpar.recvpool import pace_shares
 from stxpar.scheduler import Scheduler
 
@@ -19,7 +19,7 @@ MiB = 1 << 20
 
 
 def test_no_rate_never_waits() -> None:
-    b = TokenBucket()
+    b = Pacer()
     assert [b.charge(10 * MiB, t) for t in (0.0, 0.0, 0.001)] == [0.0, 0.0, 0.0]
 
 
@@ -30,7 +30,7 @@ def test_no_rate_never_waits() -> None:
 def test_a_reader_that_sleeps_as_told_never_beats_the_rate(rate: int, reads: list[int]) -> None:
     """Reading back to back and sleeping exactly as told, the bytes taken in by any moment
     are at most rate x elapsed + the bucket's burst."""
-    b = TokenBucket(rate)
+    b = Pacer(rate)
     now, total = 100.0, 0
     burst = max(SLICE, rate * 0.05)
     for n in reads:
@@ -43,14 +43,14 @@ def test_a_reader_that_sleeps_as_told_never_beats_the_rate(rate: int, reads: lis
 
 
 def test_credit_after_idling_is_capped() -> None:
-    b = TokenBucket(10 * MiB)
+    b = Pacer(10 * MiB)
     assert b.charge(SLICE, 0.0) > 0  # a fresh bucket has no credit
     # after 10 s idle, only the burst is there: 5 MiB read at once must wait for most of it
     assert b.charge(5 * MiB, 10.0) == pytest.approx((5 * MiB - 0.5 * MiB) / (10 * MiB), rel=0.01)
 
 
 def test_rate_change_applies_to_the_next_charge() -> None:
-    b = TokenBucket(1 * MiB)
+    b = Pacer(1 * MiB)
     b.charge(1 * MiB, 0.0)
     b.set_rate(0)
     assert b.charge(100 * MiB, 0.0) == 0.0
