@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -308,6 +309,30 @@ class ClusterBench:
         self.seq += 1
         return f"{self.seq:03d}-{name}"
 
+    def verify(
+        self,
+        rec: dict[str, Any],
+        tag: str,
+        helpers: Iterable[str],
+        dst: Path,
+        serr: Path,
+        rerr: Path,
+    ) -> None:
+        """Failed unless every process exited 0 and the copy in ``dst`` is the source."""
+        bad = {k: v for k, v in rec["rc"].items() if v != 0}
+        if bad:
+            tails = [f"send: {self.err_tail(serr)}", f"recv: {self.err_tail(rerr)}"]
+            tails += [f"{h}: {self.err_tail(self.logs / f'{tag}-{h}.err')}" for h in helpers]
+            raise Failed(f"exit {bad}: {'; '.join(tails)}")
+        copy = dst / SRC_NAME
+        if not copy.is_file():
+            raise Failed(f"no {copy}: {sorted(p.name for p in dst.iterdir())}")
+        got = sha256(copy)
+        rec["sha256_ok"] = got == self.src_sha
+        if not rec["sha256_ok"]:
+            raise Failed(f"the copy differs: sha256 {got[:16]}... != {self.src_sha[:16]}...")
+        rec["ok"] = True
+
     def err_tail(self, path: Path) -> str:
         try:
             text = path.read_text(errors="replace").strip()
@@ -399,19 +424,7 @@ class ClusterBench:
                 rec["stx_json"] = json.loads(lines[-1]) if lines else None
             except ValueError:
                 rec["stx_json"] = None
-            bad = {k: v for k, v in rec["rc"].items() if v != 0}
-            if bad:
-                tails = [f"send: {self.err_tail(serr)}", f"recv: {self.err_tail(rerr)}"]
-                tails += [f"{h}: {self.err_tail(self.logs / f'{tag}-{h}.err')}" for h in helpers]
-                raise Failed(f"exit {bad}: {'; '.join(tails)}")
-            copy = dst / SRC_NAME
-            if not copy.is_file():
-                raise Failed(f"no {copy}: {sorted(p.name for p in dst.iterdir())}")
-            got = sha256(copy)
-            rec["sha256_ok"] = got == self.src_sha
-            if not rec["sha256_ok"]:
-                raise Failed(f"the copy differs: sha256 {got[:16]}... != {self.src_sha[:16]}...")
-            rec["ok"] = True
+            self.verify(rec, tag, helpers, dst, serr, rerr)
         except (Failed, OSError, subprocess.SubprocessError) as exc:
             rec["error"] = str(exc)
             say(f"{cfg}, {self.when(round_no)}: FAILED: {exc}")
@@ -737,19 +750,7 @@ class RecvClusterBench(ClusterBench):
                     rec[f"{who}_json"] = json.loads(lines[-1]) if lines else None
                 except ValueError:
                     rec[f"{who}_json"] = None
-            bad = {k: v for k, v in rec["rc"].items() if v != 0}
-            if bad:
-                tails = [f"send: {self.err_tail(serr)}", f"recv: {self.err_tail(rerr)}"]
-                tails += [f"{h}: {self.err_tail(self.logs / f'{tag}-{h}.err')}" for h in helpers]
-                raise Failed(f"exit {bad}: {'; '.join(tails)}")
-            copy = dst / SRC_NAME
-            if not copy.is_file():
-                raise Failed(f"no {copy}: {sorted(p.name for p in dst.iterdir())}")
-            got = sha256(copy)
-            rec["sha256_ok"] = got == self.src_sha
-            if not rec["sha256_ok"]:
-                raise Failed(f"the copy differs: sha256 {got[:16]}... != {self.src_sha[:16]}...")
-            rec["ok"] = True
+            self.verify(rec, tag, helpers, dst, serr, rerr)
         except (Failed, OSError, subprocess.SubprocessError) as exc:
             rec["error"] = str(exc)
             say(f"recv side, {cfg}, {self.when(round_no)}: FAILED: {exc}")
