@@ -322,7 +322,8 @@ def test_unreadable_file_and_directory(tmp_path: Path) -> None:
 
 
 def test_unreadable_as_root_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same refusals where root would read anything: open() made to say EACCES."""
+    """The same refusals where root would read anything: open() and access() made to say
+    EACCES."""
     d = tmp_path / "D"
     _write(d / "secret", b"s")
     (d / "closed").mkdir()
@@ -334,7 +335,16 @@ def test_unreadable_as_root_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
+    real_access = os.access
+
+    def fake_access(path: str, mode: int, **kw: object) -> bool:
+        # a file without holes is not opened by the walk: access() is asked instead
+        if os.path.basename(path) in denied:
+            return False
+        return real_access(path, mode, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "access", fake_access)
     with pytest.raises(UsageError, match="D/secret: cannot read: Permission denied"):
         scan([d])
     denied = {"closed"}
