@@ -105,6 +105,8 @@ POLL_MS = 100
 WORKER_EXIT_TIMEOUT = 10.0
 #: Seconds between two looks for silent workers in the data phase.
 SILENCE_CHECK = 0.5
+#: Streams a session's ROUTES may move at most (``_DataPhase._rerouted``).
+MAX_MOVES = 256
 
 
 def _control_cap(ftype: FrameType) -> int:
@@ -161,6 +163,17 @@ class _DataPhase:
         #: remote worker's route through its helper (``cluster.Route``)
         self.identities: dict[int, bytes | Route] = {}
         self.next_stream = 0
+        #: stream ids already given out (an id is opened once per session, never again)
+        self.used: set[int] = set()
+        #: slot -> (its stream id, where it was sent: a helper's ``host:port``, None for the
+        #: receiver) for the streams open now, to compare with a new ROUTES
+        self.opened: dict[int, tuple[int, str | None]] = {}
+        #: where the streams moved by ROUTES go next (the next new streams take them)
+        self.moves: deque[str | None] = deque()
+        self.moves_left = MAX_MOVES
+        #: slots whose stream was moved (what their workers say on the way out is no failure)
+        self.moved: set[int] = set()
+        self.routes_seen = session.routes
         local = (
             min(workers, len(needed)) if cluster is not None else max(1, min(workers, len(needed)))
         )
@@ -358,13 +371,80 @@ class _DataPhase:
             self._reply(identity, Done())
             return
         self.identities[slot] = identity
-        stream, self.next_stream = self.next_stream, self.next_stream + 1
+        stream = self._stream_id()
+        routes = self.session.routes
+        self.opened[slot] = (stream, routes.place(stream) if routes is not None else None)
         if type(identity) is bytes:
             self.tally.count(self.host)
         else:
             assert self.cluster is not None and isinstance(identity, tuple)
             self.tally.count(self.cluster.host_of(identity), helper=identity[0])
         self._reply(identity, self.setup(stream))
+
+    def _stream_id(self) -> int:
+        """A new stream's id: for a stream that replaces one moved by ROUTES, the lowest id not
+        used yet that the routes send where it moved; else the next id not used yet."""
+        routes = self.session.routes
+        stream = -1
+        if self.moves:
+            place = self.moves.popleft()
+            if routes is not None:
+                stream = next(
+                    (
+                        s
+                        for s in range(self.next_stream, len(routes.table))
+                        if s not in self.used and routes.place(s) == place
+                    ),
+                    -1,
+                )
+        if stream < 0:
+            while self.next_stream in self.used:
+                self.next_stream += 1
+            stream = self.next_stream
+        self.used.add(stream)
+        while self.next_stream in self.used:
+            self.next_stream += 1
+        return stream
+
+    def _rerouted(self) -> None:
+        """A new ROUTES: every open stream that it now sends elsewhere moves there. The stream
+        is ended (its unacknowledged blocks go back on the queue, as for a failed stream) and a
+        new one, with an id routed to the new place, takes its worker's place. Moves are not
+        failures (no replacement budget is spent), but a session makes at most ``MAX_MOVES``
+        of them: past that, ROUTES only steers new streams (a receiver cannot make the sender
+        churn processes without end)."""
+        routes = self.session.routes
+        if routes is None or self.winding_down or self.sched.complete:
+            return
+        for slot, (stream, was) in list(self.opened.items()):
+            now = routes.place(stream)
+            if now == was or not self.sched.is_live(slot) or self.moves_left <= 0:
+                continue
+            self.moves_left -= 1
+            self.moves.append(now)
+            self.run_state.streams_moved += 1
+            self.moved.add(slot)
+            self._end_stream(slot)
+            handle = self.sup.workers.get(slot)
+            if isinstance(handle, RemoteWorker):
+                if handle.helper.usable:
+                    self.adopt(handle.helper, 1)
+            else:
+                self.sched.add_worker(self.sup.spawn().slot)
+
+    def _end_stream(self, slot: int) -> None:
+        """No more work for ``slot``: its unfinished blocks are queued again, its worker
+        stopped."""
+        self.sched.retire(slot)
+        self.identities.pop(slot, None)
+        self.opened.pop(slot, None)
+        handle = self.sup.workers.get(slot)
+        if handle is not None:
+            if slot in self.sup.silent:
+                handle.kill()
+            else:
+                handle.terminate()
+        self.sup.last_heard.pop(slot, None)
 
     def _on_report(self, msg: Message, now: float) -> None:
         kind = type(msg)
@@ -383,7 +463,7 @@ class _DataPhase:
             self.run_state.retransmits += 1
         elif kind is WorkerError:
             assert isinstance(msg, WorkerError)
-            if msg.code != ConnectError.wire_code:
+            if msg.code != ConnectError.wire_code and slot not in self.moved:
                 self._feed(DataFailed(error_from_code(msg.code, msg.message)))
             if self.sched.is_live(slot):
                 self._replace(slot, msg.message)
@@ -395,6 +475,7 @@ class _DataPhase:
         remote one on the same helper while it is there; none for a helper that is gone)."""
         self.sched.retire(slot)
         self.identities.pop(slot, None)
+        self.opened.pop(slot, None)
         handle = self.sup.workers.get(slot)
         if isinstance(handle, RemoteWorker):
             handle.terminate()
@@ -426,6 +507,9 @@ class _DataPhase:
             self._feed(ConnectionLost(exc))
             raise
         self._feed(FrameIn(ftype, payload))
+        if self.session.routes is not self.routes_seen:
+            self.routes_seen = self.session.routes
+            self._rerouted()
 
     def _check_workers(self, now: float) -> None:
         if self.sup.exited(self._ignore):
@@ -855,7 +939,11 @@ def _send(
     finally:
         if cluster is not None:
             cluster.close()
-    extra: dict[str, Any] = {"streams_replaced": run.streams_replaced, **src.summary()}
+    extra: dict[str, Any] = {
+        "streams_replaced": run.streams_replaced,
+        "streams_moved": run.streams_moved,
+        **src.summary(),
+    }
     extra["limit_rate"] = opts.limit_rate  # bytes a second, 0: none
     if cluster is not None:
         extra["hosts"] = dict(tally.hosts)
