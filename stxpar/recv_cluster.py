@@ -143,6 +143,18 @@ class _Plan:
         """The streams ``helper`` reported on and not closed: open there, as far as known."""
         return self.seen.get(helper.identity, set()) - self.closed
 
+    def taken(self, but: Helper | None = None) -> set[int]:
+        """Stream ids that may have been used, or whose secret a helper holds (but ``but``):
+        JOINs the receiver took, ids a helper reported on or was given. A later offer gives
+        no other place these ids' secrets."""
+        out = self.session.streams_here()
+        for ids in self.seen.values():
+            out |= ids
+        for identity, ids in self.granted.items():
+            if but is None or identity != but.identity:
+                out |= ids
+        return out
+
 
 def usable_address(text: str) -> bool:
     """Whether a helper's data address can be given to a sender (a host, not a wildcard;
@@ -426,11 +438,12 @@ class RecvCluster:
             for i in range(parts):
                 chunk = data[i * LAYOUT_PART : (i + 1) * LAYOUT_PART]
                 self.port.send(helper, SessionLayout(sid, i, i == parts - 1, chunk))
-        self.port.send(helper, offer)
+        # (kept before it is sent: a helper that cannot be reached is dropped in ``send``)
         plan.granted.setdefault(helper.identity, set()).update(streams)
         plan.pending.setdefault(helper.identity, deque()).append(
             (delta, time.monotonic() + OFFER_WAIT_S)
         )
+        self.port.send(helper, offer)
 
     def _grow(self, plan: _Plan, helper: Helper) -> None:
         """A helper joined while ``plan``'s session runs: offer it its share (``grow``); the
@@ -447,15 +460,16 @@ class RecvCluster:
             new = len(plan.places)
             weights = self._weights(plan)
             weights[new] = helper.workers
-            open_at = {0: plan.session.streams_here()}
-            taken = set(open_at[0])
+            here = plan.session.streams_here()
+            open_at = {0: here}
             for k, h in enumerate(plan.places, start=1):
                 open_at[k] = plan.open_at(h)
-                taken |= plan.seen.get(h.identity, set())
-            # Ids just above the highest one taken may be on their way here (set up by the
+            used = here.union(*plan.seen.values())
+            # Ids just above the highest one used may be on their way here (set up by the
             # sender, JOIN not yet in): the new helper's start above them.
             assert plan.template is not None
-            floor = max(taken, default=-1) + plan.template.nstreams
+            floor = max(used, default=-1) + plan.template.nstreams
+            taken = plan.taken()
             delta, fresh = grow(bytes(plan.table), weights, new, open_at, taken, floor)
             if not fresh:
                 return  # nothing it could serve (no free stream id left here)
@@ -468,22 +482,31 @@ class RecvCluster:
     def _drop(self, plan: _Plan, helper: Helper, why: str) -> None:
         """``helper`` serves ``plan``'s session no more: its stream ids are dealt over the
         places left (``redeal``). Those going to the receiver change at once, those going
-        to a helper once it accepted their secrets (the ids it had reported on, the only
-        ones known used, are routed without them)."""
+        to a helper once it accepted their secrets (ids that may have been used, or that
+        another place holds, are routed there without them: ``_Plan.taken``)."""
         with self._cond:
             k = plan.index(helper)
             if not k or plan.keys is None or self._plans.get(plan.keys.session_id) is not plan:
                 return
             plan.answers[helper.identity] = (False, why)
-            plan.pending.pop(helper.identity, None)
-            delta = redeal(bytes(plan.table), k, self._weights(plan, but=helper))
-            used = plan.seen.get(helper.identity, set())
+            weights = self._weights(plan, but=helper)
+            # What it was offered and had not accepted: ids that were going to it from a
+            # place no longer served come here instead (a join's moves simply stay).
+            back: Delta = {}
+            for part, _ in plan.pending.pop(helper.identity, ()):
+                back.update({s: (was, 0) for s, (was, _) in part.items() if not weights[was]})
+            routes = self._apply(plan, back)
+            delta = redeal(bytes(plan.table), k, weights)
+            # Ids that may have been used, or that another place holds, go without their
+            # secrets (the sender only moves streams onto them); the others are the new
+            # place's own.
+            used = plan.taken(but=helper)
             here = {s: d for s, d in delta.items() if d[1] == 0}
             later: dict[int, Delta] = {}
             for s, d in delta.items():
                 if d[1]:
                     later.setdefault(d[1], {})[s] = d
-            routes = self._apply(plan, here)
+            routes = self._apply(plan, here) or routes
             for j, part in later.items():
                 fresh = {s for s in part if s not in used}
                 if fresh:
@@ -493,6 +516,8 @@ class RecvCluster:
         if delta:
             self._tell(plan, "helper left", helper.host, delta)
         if routes is not None:
+            with self._cond:  # (a helper dropped meanwhile, in ``send``, changed them too)
+                routes = plan.routes()
             plan.session.reroute(routes)
 
     def _expire(self, now: float) -> None:

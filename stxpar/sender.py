@@ -83,6 +83,7 @@ from .wire import (
     MAX_ROUTES_PAYLOAD,
     MAX_STREAMS,
     FrameType,
+    Routes,
 )
 
 __all__ = [
@@ -382,25 +383,9 @@ class _DataPhase:
         self._reply(identity, self.setup(stream))
 
     def _stream_id(self) -> int:
-        """A new stream's id: for a stream that replaces one moved by ROUTES, the lowest id not
-        used yet that the routes send where it moved; else the next id not used yet."""
-        routes = self.session.routes
-        stream = -1
-        if self.moves:
-            place = self.moves.popleft()
-            if routes is not None:
-                stream = next(
-                    (
-                        s
-                        for s in range(self.next_stream, len(routes.table))
-                        if s not in self.used and routes.place(s) == place
-                    ),
-                    -1,
-                )
-        if stream < 0:
-            while self.next_stream in self.used:
-                self.next_stream += 1
-            stream = self.next_stream
+        """A new stream's id (``pick_stream``): where a moved stream went, if one did."""
+        place: str | None | bool = self.moves.popleft() if self.moves else False
+        stream = pick_stream(self.session.routes, self.used, self.next_stream, place)
         self.used.add(stream)
         while self.next_stream in self.used:
             self.next_stream += 1
@@ -540,6 +525,21 @@ class _DataPhase:
                 except zmq.ZMQError:
                     pass
         sup.reap(time.monotonic())
+
+
+def pick_stream(routes: Routes | None, used: set[int], start: int, place: str | None | bool) -> int:
+    """The id of a new data stream: ids are used once per session, from ``start`` (the lowest
+    not used) up. A stream that replaces one moved by ROUTES (``place``: where it moved, a
+    helper's ``host:port`` or None for the receiver; False for any other new stream) takes
+    the lowest id not used that the routes send there (the receiver gave that place those
+    ids' secrets); any other stream, or when there is none, the lowest id not used."""
+    if place is not False and routes is not None:
+        for s in range(start, len(routes.table)):
+            if s not in used and routes.place(s) == place:
+                return s
+    while start in used:
+        start += 1
+    return start
 
 
 def _peer_address(sock: socket.socket, host: str) -> str:
