@@ -106,8 +106,10 @@ POLL_MS = 100
 WORKER_EXIT_TIMEOUT = 10.0
 #: Seconds between two looks for silent workers in the data phase.
 SILENCE_CHECK = 0.5
-#: Streams a session's ROUTES may move at most (``_DataPhase._rerouted``).
-MAX_MOVES = 256
+#: Streams a session's ROUTES may move: this many per worker (local or a helper's), and a
+#: few (``_DataPhase._rerouted``).
+MOVES_PER_WORKER = 2
+MOVES_EXTRA = 4
 
 
 def _control_cap(ftype: FrameType) -> int:
@@ -171,7 +173,7 @@ class _DataPhase:
         self.opened: dict[int, tuple[int, str | None]] = {}
         #: where the streams moved by ROUTES go next (the next new streams take them)
         self.moves: deque[str | None] = deque()
-        self.moves_left = MAX_MOVES
+        self.moves_left = 0
         #: slots whose stream was moved (what their workers say on the way out is no failure)
         self.moved: set[int] = set()
         self.routes_seen = session.routes
@@ -179,6 +181,7 @@ class _DataPhase:
             min(workers, len(needed)) if cluster is not None else max(1, min(workers, len(needed)))
         )
         self.width = local
+        self.moves_left = MOVES_PER_WORKER * local + MOVES_EXTRA
         for slot in list(self.sup.workers)[:local]:
             self.sched.add_worker(slot)  # the others (more than blocks left) are sent home
         self.sup.replacements_left = 2 * max(1, local) + 2
@@ -206,6 +209,7 @@ class _DataPhase:
             self.sched.add_worker(slot)
         self.width += len(slots)
         self.sup.replacements_left += 2 * len(slots) if count is None else 0
+        self.moves_left += MOVES_PER_WORKER * len(slots) if count is None else 0
         self.run_state.width = max(self.run_state.width, self.width)
         cluster.assign(helper, slots)
 
@@ -395,9 +399,9 @@ class _DataPhase:
         """A new ROUTES: every open stream that it now sends elsewhere moves there. The stream
         is ended (its unacknowledged blocks go back on the queue, as for a failed stream) and a
         new one, with an id routed to the new place, takes its worker's place. Moves are not
-        failures (no replacement budget is spent), but a session makes at most ``MAX_MOVES``
-        of them: past that, ROUTES only steers new streams (a receiver cannot make the sender
-        churn processes without end)."""
+        failures (no replacement budget is spent), but a session makes at most
+        ``MOVES_PER_WORKER`` a worker and ``MOVES_EXTRA`` of them: past that, ROUTES only
+        steers new streams (a receiver cannot make the sender churn processes without end)."""
         routes = self.session.routes
         if routes is None or self.winding_down or self.sched.complete:
             return

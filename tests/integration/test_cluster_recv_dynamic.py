@@ -6,14 +6,28 @@ seconds, so that the change happens in its data phase."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
-from itest_support import sha256_file, wait_for, write_random
+from itest_support import assert_no_secrets, register_key, sha256_file, wait_for, write_random
 from test_cluster_recv import DATA_PORT, _joined, _landed, rig  # noqa: F401  (the fixture)
+
+import stxpar
+from stxpar.errors import ConnectError, ProtocolError, StxError
+from stxpar.handshake import ServerHandshake, handshake_cap, keyring_for
+from stxpar.manifest import Builder, Header, Limits
+from stxpar.netio import FramedSocket
+from stxpar.records import ControlChannel
+from stxpar.transfer import Transfer
+from stxpar.wire import MAX_STREAMS, FrameType, MetadataAck, bitmap
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,3 +97,142 @@ def test_dead_helpers_streams_go_to_the_survivors_too(rig: dict[str, Any]) -> No
     assert left[0].get("receiver", 0) > 0, recv.stderr
     assert wait_for(lambda: bool(_landed(survivor)), timeout=10), survivor.stderr
     assert "Traceback" not in recv.stderr + send.stderr
+
+
+# ------------------------------------------------------------ a hostile receiver's ROUTES
+
+
+def _hostile_routes_receiver(
+    psk: bytes, routes: list[bytes] | None, *, after: float = 0.5, joins: list[int] | None = None
+) -> tuple[socket.socket, threading.Thread]:
+    """A receiver holding the key: it admits the transfer (nothing held), takes the data
+    streams (reads and drops them; ``joins`` counts them), and in the data phase sends each
+    of ``routes`` (raw ROUTES payloads, sealed; None: the ones ``flip`` makes) ``after``
+    seconds apart."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+    conns: list[socket.socket] = []
+    if routes is None:
+        routes = flip(f"127.0.0.1:{lsock.getsockname()[1]}")
+
+    def drain(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1 << 16):
+                pass
+
+    def control(fs: FramedSocket, first: tuple[FrameType, bytes]) -> None:
+        hs = ServerHandshake(keyring=keyring_for([psk]), now_ms=int(time.time() * 1000))
+        frames = hs.receive(*first, now_ms=int(time.time() * 1000))
+        while True:
+            for f in frames:
+                fs.send(f)
+            if hs.established:
+                break
+            ftype, payload = fs.recv_frame(cap=handshake_cap)
+            frames = hs.receive(ftype, payload, now_ms=int(time.time() * 1000))
+        assert hs.session is not None
+        channel = ControlChannel(session=hs.session, client=False)
+        ftype, payload = fs.recv_frame(cap=lambda t: 1 << 20)
+        header = Header.decode(channel.open(ftype, payload))
+        builder = Builder(header, Limits())
+        while not builder.done:
+            ftype, payload = fs.recv_frame(cap=lambda t: 1 << 20)
+            builder.feed(channel.open(ftype, payload))
+        empty = bitmap(bytes(Transfer(header, builder.manifest()).total_blocks))
+        fs.send(channel.seal(FrameType.METADATA_ACK, MetadataAck(have=empty).encode()))
+        for body in routes:
+            time.sleep(after)
+            fs.send(channel.seal(FrameType.ROUTES, body))
+        drain(fs.sock)
+
+    def serve(conn: socket.socket) -> None:
+        fs = FramedSocket(conn, peer="sender")
+        with contextlib.suppress(StxError, OSError):
+            ftype, payload = fs.recv_frame(cap=lambda t: 1 << 20)
+            if ftype is FrameType.INIT:
+                control(fs, (ftype, payload))
+            else:
+                if joins is not None:
+                    joins.append(1)
+                drain(conn)  # a data stream (JOIN): taken, never acknowledged
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(20)
+            conns.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return lsock, thread
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (msgpack.packb([["no-port-here"], b"\x01"]), "not host:port"),
+        (msgpack.packb([["a b:1"], b"\x01"]), "not host:port"),
+        (msgpack.packb([["h:1"], bytes(MAX_STREAMS + 1)]), "route table"),
+        (msgpack.packb([["h:1"], b"\x00\x02"]), "routed to no place"),
+        (b"\x93garbage", "Routes"),
+    ],
+    ids=["no-port", "space", "table-too-long", "no-such-place", "garbage"],
+)
+def test_hostile_routes_in_the_data_phase_are_refused(
+    scratch: Path, body: bytes, why: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A receiver holding the key sends a malformed ROUTES while the data streams run: the
+    sender checks it as before (no stream moves on it) and fails with a ProtocolError."""
+    key = register_key(os.urandom(32))
+    src = scratch / "f"
+    write_random(src, 4 * MIB)
+    lsock, thread = _hostile_routes_receiver(key, [body])
+    try:
+        opts = stxpar.SendOptions(workers=2, block_size=64 << 10, max_retries=0, stall_timeout=10.0)
+        with pytest.raises(ProtocolError, match=why) as info:
+            stxpar.send(src, "127.0.0.1", lsock.getsockname()[1], psk=key, options=opts)
+    finally:
+        lsock.close()
+        thread.join(timeout=5)
+    out, err = capfd.readouterr()
+    assert_no_secrets(out, err, str(info.value))
+    assert "Traceback" not in out + err
+
+
+def flip(place: str, times: int = 40) -> list[bytes]:
+    """ROUTES that send every stream to the receiver, then all of them to ``place`` (the
+    same listening port under another name), and so on: each one moves every open stream."""
+    table = [b"\x00" * 64, b"\x01" * 64]
+    return [msgpack.packb([[place], table[i % 2]]) for i in range(1, times + 1)]
+
+
+def test_routes_that_keep_changing_move_streams_a_bounded_number_of_times(
+    scratch: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A receiver holding the key sends ROUTES that move every stream, again and again: the
+    sender moves at most ``MOVES_PER_WORKER`` per worker and ``MOVES_EXTRA`` streams in the
+    session (each a new process and connection), then only new streams follow the routes."""
+    from stxpar.sender import MOVES_EXTRA, MOVES_PER_WORKER
+
+    key = register_key(os.urandom(32))
+    src = scratch / "f"
+    write_random(src, 4 * MIB)
+    joins: list[int] = []
+    lsock, thread = _hostile_routes_receiver(key, None, after=0.1, joins=joins)
+    try:
+        opts = stxpar.SendOptions(workers=2, block_size=64 << 10, max_retries=0, stall_timeout=6.0)
+        with pytest.raises(ConnectError, match="stalled"):
+            stxpar.send(src, "127.0.0.1", lsock.getsockname()[1], psk=key, options=opts)
+    finally:
+        lsock.close()
+        thread.join(timeout=5)
+    assert MOVES_PER_WORKER * 2 + MOVES_EXTRA == 8
+    assert 2 + 2 <= len(joins) <= 2 + 8, len(joins)  # some moves, never all 80
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
