@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -72,6 +72,7 @@ from .messages import (
 )
 from .netio import parse_hostport
 from .placement import FINISHED_GRACE_S
+from .routing import Delta, grow, redeal, round_robin
 from .transfer import Transfer
 from .wire import MAX_ROUTE_PLACES, MAX_STREAMS, Routes
 
@@ -94,10 +95,6 @@ class Session(Protocol):
 
     def streams_here(self) -> set[int]:
         """The stream ids whose JOIN the receiver's own port took."""
-
-
-#: A change of routes waiting for a helper's ``Offered``: stream -> (its place before, after).
-Delta = dict[int, tuple[int, int]]
 
 
 @dataclass
@@ -164,81 +161,6 @@ def usable_address(text: str) -> bool:
     except Exception:
         return False
     return 0 < port and host not in ("", "0.0.0.0", "::", "*")
-
-
-def spread(items: Sequence[int], k: int) -> list[int]:
-    """``k`` of ``items`` (in order), evenly spaced."""
-    n = len(items)
-    k = max(0, min(k, n))
-    return [items[(2 * j + 1) * n // (2 * k)] for j in range(k)]
-
-
-def share(count: int, weight: int, total: int) -> int:
-    """``count`` x ``weight`` / ``total``, rounded half up."""
-    return (2 * count * weight + total) // (2 * total) if total > 0 else 0
-
-
-def grow(
-    table: bytes,
-    weights: Sequence[int],
-    new: int,
-    open_at: dict[int, set[int]],
-    taken: set[int],
-    floor: int = -1,
-) -> tuple[Delta, set[int]]:
-    """Place ``new`` (a helper that joined during the session, ``weights[new]`` worker
-    processes; ``weights[k]`` 0 for a place no longer served) takes its weighted share.
-
-    From every other place ``k`` it takes that share of the streams open there
-    (``open_at[k]``; at place 0, the receiver, the streams its port took), evenly spaced:
-    the sender moves those. From the receiver it also takes that share of the ids above
-    ``floor`` that nobody took yet (not in ``taken``): the new helper's own, for new streams. Returns the changes,
-    and the ids among them nobody took (the only ones whose secrets the new helper is
-    given)."""
-    total = sum(weights)
-    delta: Delta = {}
-    fresh: set[int] = set()
-    if total <= 0 or weights[new] <= 0:
-        return delta, fresh
-    ids: dict[int, list[int]] = {}
-    for s, k in enumerate(table):
-        ids.setdefault(k, []).append(s)
-    for k, mine in sorted(ids.items()):
-        if k == new or weights[k] <= 0:
-            continue
-        open_k = [s for s in mine if s in open_at.get(k, set())]
-        for s in spread(open_k, share(len(open_k), weights[new], total)):
-            delta[s] = (k, new)
-        if k == 0:
-            free = [s for s in mine if s > floor and s not in taken]
-            for s in spread(free, share(len(free), weights[new], total)):
-                delta[s] = (0, new)
-                fresh.add(s)
-    return delta, fresh
-
-
-def redeal(table: bytes, gone: int, weights: Sequence[int]) -> Delta:
-    """The ids of place ``gone`` (a helper that died) dealt round-robin over the places that
-    are left, each weighted by ``weights[k]`` (0: not a place any more; the receiver,
-    place 0, always takes a share when it has workers), in id order: the streams the
-    sender has open there go to all of them, not only to the receiver."""
-    mine = [s for s, k in enumerate(table) if k == gone]
-    w = [0 if k == gone else max(0, x) for k, x in enumerate(weights)]
-    if not any(w):
-        w = [1] + [0] * (len(w) - 1)
-    cycle = round_robin(w, len(mine))
-    return {s: (gone, cycle[i]) for i, s in enumerate(mine)}
-
-
-def round_robin(weights: Sequence[int], n: int) -> bytearray:
-    """Stream ids ``0..n-1`` dealt over places ``0..len(weights)-1`` (place 0 is this host),
-    each ``weights[k]`` times per round, interleaved."""
-    cycle: list[int] = []
-    for r in range(max(weights, default=0)):
-        cycle.extend(k for k, w in enumerate(weights) if w > r)
-    if not cycle:
-        return bytearray(n)
-    return bytearray(cycle[s % len(cycle)] for s in range(n))
 
 
 class RecvCluster:

@@ -57,6 +57,7 @@ from .messages import (
 )
 from .netio import FramedSocket, connect, parse_hostport
 from .records import ControlChannel
+from .routing import pick_stream
 from .scheduler import Scheduler
 from .send_pool import SenderPool
 from .send_run import Retry, Run
@@ -83,7 +84,6 @@ from .wire import (
     MAX_ROUTES_PAYLOAD,
     MAX_STREAMS,
     FrameType,
-    Routes,
 )
 
 __all__ = [
@@ -529,21 +529,6 @@ class _DataPhase:
                 except zmq.ZMQError:
                     pass
         sup.reap(time.monotonic())
-
-
-def pick_stream(routes: Routes | None, used: set[int], start: int, place: str | None | bool) -> int:
-    """The id of a new data stream: ids are used once per session, from ``start`` (the lowest
-    not used) up. A stream that replaces one moved by ROUTES (``place``: where it moved, a
-    helper's ``host:port`` or None for the receiver; False for any other new stream) takes
-    the lowest id not used that the routes send there (the receiver gave that place those
-    ids' secrets); any other stream, or when there is none, the lowest id not used."""
-    if place is not False and routes is not None:
-        for s in range(start, len(routes.table)):
-            if s not in used and routes.place(s) == place:
-                return s
-    while start in used:
-        start += 1
-    return start
 
 
 def _peer_address(sock: socket.socket, host: str) -> str:

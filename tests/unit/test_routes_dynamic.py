@@ -1,14 +1,13 @@
 """Routes that change while a session runs (issue 14): a receiving helper that joins takes
-its weighted share (``recv_cluster.grow``), a dead one's stream ids are dealt over the places
-left (``recv_cluster.redeal``), and the sender picks the id of a moved stream where the
-routes send it (``sender.pick_stream``). Pure functions, no I/O."""
+its weighted share (``routing.grow``), a dead one's stream ids are dealt over the places
+left (``routing.redeal``), and the sender picks the id of a moved stream where the routes
+send it (``routing.pick_stream``). Pure functions, no I/O."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from stxpar.recv_cluster import grow, redeal, round_robin, share, spread
-from stxpar.sender import pick_stream
+from stxpar.routing import grow, pick_stream, redeal, round_robin, share, spread
 from stxpar.wire import Routes
 
 
