@@ -21,14 +21,32 @@ that refuses or does not answer within ``OFFER_WAIT_S`` gets no streams (they co
 here). The routes then go to the sender as a ROUTES frame, just before METADATA_ACK.
 
 A helper's workers report to the helper, which relays each report whole (``Report``); a
-report is taken only for a stream routed to that helper, and goes to the session as a local
-worker's would (``deliver``). A helper that dies (silent for ``cluster.HELPER_TIMEOUT``, or
-for ``DISCONNECT_SILENCE_S`` after a connection on the port dropped, or ``Bye``) is dropped:
-every session that routed streams to it gets new routes with those streams sent here
-(``ControlHandler.reroute`` -> a new ROUTES); the sender's replacement streams have new ids
-and follow them. A helper that joins during a
-session is used from the next session on. When a session ends (``cancel``/``cancel_later``)
-its helpers are told ``RecvCancel`` and forget its secrets.
+report is taken only for a stream whose secret that helper was given (also after the stream
+moved on: its worker may still land blocks), and goes to the session as a local worker's would
+(``deliver``).
+
+The routes change while a session runs (``routing``: ``grow``, ``redeal``), each change a
+new ROUTES (``ControlHandler.reroute``). On them the sender moves every open stream whose id
+is now routed elsewhere: it ends it (its unacknowledged blocks are queued again) and opens a
+new stream, with an id routed to the new place, in its stead. Two rules keep every id served
+in one place at most: the sender opens an id once per session, and a later offer gives a
+place the secrets only of ids not known to be used or held elsewhere (``_Plan.taken``: JOINs
+the receiver took, ids a helper reported on or holds; of a dropped helper's ids, the ones it
+never reported on count as unused); an entry for any other id only says where that stream
+moves.
+
+- A helper that joins during a session (``adopt`` -> ``_grow``) is sent the layout and an
+  offer of its share of this host's ids nobody used; once it answers ``Offered``, the routes
+  give it those ids and its share of the streams open at every place. A helper that refuses
+  or does not answer within ``OFFER_WAIT_S`` takes no part in the session.
+- A helper that dies (silent for ``cluster.HELPER_TIMEOUT``, or for ``DISCONNECT_SILENCE_S``
+  after a connection on the port dropped, or ``Bye``), or that refuses a later offer, is
+  dropped from every session (``_drop``): its ids are dealt over this host and the session's
+  other helpers, weighted by their workers. Those for this host change at once; those for a
+  helper once it accepted the secrets of the ones nobody used (if it does not, they come here).
+
+When a session ends (``cancel``/``cancel_later``) its helpers are told ``RecvCancel`` and
+forget its secrets.
 
 Acknowledgements: a helper's worker reports ``Landed`` to the helper before it ACKs a block
 to the sender, and the helper forwards it at once, but the worker does not wait for this

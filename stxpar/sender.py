@@ -135,7 +135,9 @@ class _DataPhase:
     A stream that fails with a connection error, or whose worker exits or falls silent, gets
     its unacknowledged blocks put back on the queue and a replacement worker with a fresh
     stream id; after too many replacements, or when nothing moves for ``stall_timeout``, the
-    session fails with ConnectError and ``send()`` reconnects.
+    session fails with ConnectError and ``send()`` reconnects. A stream that a new ROUTES
+    sends elsewhere (a receiving helper joined or died) is moved the same way, without
+    counting as a failure (``_rerouted``).
     """
 
     def __init__(
