@@ -50,12 +50,18 @@ def _data_port(helper: Any) -> str:
     return str(m.group(1))
 
 
-def test_helper_joining_mid_transfer_takes_streams(rig: dict[str, Any]) -> None:  # noqa: F811
+@pytest.mark.parametrize("before", [1, 0], ids=["one-helper-before", "none-before"])
+def test_helper_joining_mid_transfer_takes_streams(
+    rig: dict[str, Any],  # noqa: F811
+    before: int,
+) -> None:
+    """A transfer through the receiver (and ``before`` helpers); a helper joins while it
+    runs and lands blocks of it; the file arrives identical."""
     src = rig["root"] / "src" / "big"
-    digest = write_random(src, 48 * MIB)
-    recv = rig["receiver"]("--cluster-workers", "1")
-    first = rig["helper"]("--once")
-    assert wait_for(lambda: _joined(first), timeout=20)
+    digest = write_random(src, 64 * MIB)
+    recv = rig["receiver"](*(["--cluster-workers", str(before)] if before else []))
+    first = [rig["helper"]("--once") for _ in range(before)]
+    assert wait_for(lambda: all(_joined(h) for h in first), timeout=20)
     send = rig["sender"](src, recv.address, "--workers", "4", "--limit-rate", "6M")
     dest: Path = rig["root"] / "dest"
     assert wait_for(lambda: "receiving big" in recv.stderr, timeout=20), recv.stderr
