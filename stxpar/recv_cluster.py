@@ -316,14 +316,16 @@ class RecvCluster:
                 return
             if not queue:
                 return  # nothing was asked of it
-            delta, _ = queue.popleft()
             if msg.ok:
+                delta, _ = queue.popleft()
                 reroute = self._apply(plan, delta, helper)
         if msg.ok:
             if reroute is not None:
                 plan.session.reroute(reroute)
         else:  # it ended the session on its side: what it served goes elsewhere
-            self._drop(plan, helper, f"for this session: {msg.reason[:500]}")
+            why = f"for this session: {msg.reason[:500]}"
+            self.port._event("helper_left", host=helper.host, reason=why)
+            self._drop(plan, helper, why)
 
     # -- changes of routes while a session runs (the port's thread)
 
@@ -471,7 +473,9 @@ class RecvCluster:
                     if queue and queue[0][1] <= now:
                         late.append((plan, h))
         for plan, h in late:
-            self._drop(plan, h, "no answer in time")
+            why = "for this session: no answer in time"
+            self.port._event("helper_left", host=h.host, reason=why)
+            self._drop(plan, h, why)
             if plan.keys is not None:
                 self._tell_cancel(plan.keys.session_id, [h])
 

@@ -175,7 +175,6 @@ class _DataPhase:
         self.opened: dict[int, tuple[int, str | None]] = {}
         #: where the streams moved by ROUTES go next (the next new streams take them)
         self.moves: deque[str | None] = deque()
-        self.moves_left = 0
         #: slots whose stream was moved (what their workers say on the way out is no failure)
         self.moved: set[int] = set()
         self.routes_seen = session.routes
@@ -183,6 +182,7 @@ class _DataPhase:
             min(workers, len(needed)) if cluster is not None else max(1, min(workers, len(needed)))
         )
         self.width = local
+        #: moves this session may still make (``_rerouted``)
         self.moves_left = MOVES_PER_WORKER * local + MOVES_EXTRA
         for slot in list(self.sup.workers)[:local]:
             self.sched.add_worker(slot)  # the others (more than blocks left) are sent home
