@@ -9,7 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -242,3 +246,59 @@ def test_routes_that_keep_changing_move_streams_a_bounded_number_of_times(
     assert 2 + 2 <= len(joins) <= 2 + 8, len(joins)  # some moves, never all 80
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
+
+
+def test_late_helper_that_cannot_see_the_destination_takes_nothing(
+    rig: dict[str, Any],  # noqa: F811
+) -> None:
+    """A helper joins mid-transfer but its host does not see the destination (here: a mount
+    namespace with an empty tmpfs over it): it refuses the offer, the routes do not change
+    (no stream moves to it), and the transfer completes without it."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+    src = rig["root"] / "src" / "big"
+    digest = write_random(src, 48 * MIB)
+    recv = rig["receiver"]()
+    send = rig["sender"](src, recv.address, "--workers", "3", "--limit-rate", "6M")
+    dest: Path = rig["root"] / "dest"
+    assert wait_for(lambda: "receiving big" in recv.stderr, timeout=20), recv.stderr
+    err_path = rig["root"] / "logs" / "blind-helper.err"
+    argv = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs stx-hidden "$STX_HIDE" && exec "$@"',
+        "sh",
+        str(Path(sys.executable).with_name("stx")),
+        "worker",
+        "--join",
+        rig["cluster"],
+        "--psk-file",
+        str(rig["key"]),
+        "--workers",
+        "1",
+        "--data-listen",
+        "127.0.0.1:0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "STX_PSK_FILE"}
+    env["STX_HIDE"] = str(dest)
+    with open(err_path, "wb") as err:
+        blind = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, start_new_session=True
+        )
+    try:
+        assert wait_for(lambda: "refused a transfer" in err_path.read_text(), timeout=20), (
+            err_path.read_text() + recv.stderr
+        )
+        assert send.wait(timeout=80) == 0, send.stderr + recv.stderr
+        assert recv.wait(timeout=20) == 0, recv.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(blind.pid, signal.SIGKILL)
+        blind.wait(timeout=10)
+    assert sha256_file(dest / "big") == digest
+    assert "put aside: for this session: the destination is not visible" in recv.stderr, recv.stderr
+    assert send.json()["streams_moved"] == 0
