@@ -267,7 +267,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-_CLUSTER_EVENTS = ("cluster_listening", "helper_joined", "helper_left", "cluster_short")
+_CLUSTER_EVENTS = (
+    "cluster_listening",
+    "helper_joined",
+    "helper_left",
+    "cluster_short",
+    "rerouted",
+)
 
 
 def cluster_line(kind: str, fields: dict[str, Any]) -> str:
@@ -278,6 +284,9 @@ def cluster_line(kind: str, fields: dict[str, Any]) -> str:
         return f"helper {fields['host']} joined with {fields['workers']} workers"
     if kind == "helper_left":
         return f"helper {fields['host']} put aside: {fields['reason']}"
+    if kind == "rerouted":
+        where = ", ".join(f"{n} to {place}" for place, n in fields["streams"].items())
+        return f"streams rerouted ({fields['reason']}: {fields['host']}): {where}"
     return (
         f"only {fields['got']} of {fields['want']} remote workers joined within"
         f" {fields['wait']:g} s; going on with them"

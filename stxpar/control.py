@@ -14,9 +14,9 @@ While the core waits for END's last blocks it does not read the socket, as befor
 
 With helpers (``recv_cluster``), admission first waits for ``cluster_workers`` remote worker
 processes (at most ``cluster_wait`` s), then asks the cluster to route the session's streams
-(``Admitted.routes``: a ROUTES frame before METADATA_ACK); ``reroute`` (a helper died, from
-the cluster's thread) sends new ones, and the local port refuses a JOIN for a stream routed
-to a helper (``routed_away``).
+(``Admitted.routes``: a ROUTES frame before METADATA_ACK); ``reroute`` (a helper joined or
+died, from the cluster's thread) sends new ones, and the local port refuses a JOIN for a
+stream routed to a helper (``routed_away``).
 
 Another thread touches a handler only through ``deliver``, ``reroute``, ``supersede`` and ``stop``; the
 files of the session are guarded by ``lock`` (a superseding session closes them at once, so
@@ -195,10 +195,16 @@ class ControlHandler:
         self._poke()
 
     def reroute(self, routes: Routes) -> None:
-        """From the cluster's thread: streams go there from now on (a helper died)."""
+        """From the cluster's thread: streams go there from now on (a helper joined or
+        died)."""
         self.routes = routes
         self._reports.append(routes)
         self._poke()
+
+    def streams_here(self) -> set[int]:
+        """From the cluster's thread: the stream ids whose JOIN this receiver's port took."""
+        with self.lock:
+            return set(self.streams)
 
     def routed_away(self, stream: int) -> bool:
         """Whether ``stream`` is routed to a helper (its JOIN must not be taken here)."""

@@ -43,6 +43,8 @@ class Run:
     retransmits: int = 0
     reconnects: int = 0
     streams_replaced: int = 0
+    #: data streams moved elsewhere by the receiver's ROUTES (a receiving helper joined/left)
+    streams_moved: int = 0
     width: int = 0
     #: files with no data at all (empty, or only holes): done as soon as the run is
     empty_files: int = 0

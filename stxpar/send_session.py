@@ -29,7 +29,8 @@ whenever blocks complete and ``DataComplete()`` when the ledger is complete, or 
 
 A ROUTES frame (the receiver has helpers on other hosts, docs/cluster.md) replaces
 ``routes``: the driver's ``setup(stream)`` sends each new data stream where it names (a
-stream it does not name goes to the receiver's own address). Streams already open stay.
+stream it does not name goes to the receiver's own address); in the data phase the driver
+also moves every open stream that the new routes send elsewhere (``sender._DataPhase``).
 
 The receiver's bitmap is the truth: a block acknowledged in an earlier session but not held
 now (the receiver died before recording it) is sent again. A sealed ERROR frame is the error

@@ -57,6 +57,7 @@ from .messages import (
 )
 from .netio import FramedSocket, connect, parse_hostport
 from .records import ControlChannel
+from .routing import pick_stream
 from .scheduler import Scheduler
 from .send_pool import SenderPool
 from .send_run import Retry, Run
@@ -105,6 +106,10 @@ POLL_MS = 100
 WORKER_EXIT_TIMEOUT = 10.0
 #: Seconds between two looks for silent workers in the data phase.
 SILENCE_CHECK = 0.5
+#: Streams a session's ROUTES may move: this many per worker (local or a helper's), and a
+#: few (``_DataPhase._rerouted``).
+MOVES_PER_WORKER = 2
+MOVES_EXTRA = 4
 
 
 def _control_cap(ftype: FrameType) -> int:
@@ -130,7 +135,9 @@ class _DataPhase:
     A stream that fails with a connection error, or whose worker exits or falls silent, gets
     its unacknowledged blocks put back on the queue and a replacement worker with a fresh
     stream id; after too many replacements, or when nothing moves for ``stall_timeout``, the
-    session fails with ConnectError and ``send()`` reconnects.
+    session fails with ConnectError and ``send()`` reconnects. A stream that a new ROUTES
+    sends elsewhere (a receiving helper joined or died) is moved the same way, without
+    counting as a failure (``_rerouted``).
     """
 
     def __init__(
@@ -161,10 +168,22 @@ class _DataPhase:
         #: remote worker's route through its helper (``cluster.Route``)
         self.identities: dict[int, bytes | Route] = {}
         self.next_stream = 0
+        #: stream ids already given out (an id is opened once per session, never again)
+        self.used: set[int] = set()
+        #: slot -> (its stream id, where it was sent: a helper's ``host:port``, None for the
+        #: receiver) for the streams open now, to compare with a new ROUTES
+        self.opened: dict[int, tuple[int, str | None]] = {}
+        #: where the streams moved by ROUTES go next (the next new streams take them)
+        self.moves: deque[str | None] = deque()
+        #: slots whose stream was moved (what their workers say on the way out is no failure)
+        self.moved: set[int] = set()
+        self.routes_seen = session.routes
         local = (
             min(workers, len(needed)) if cluster is not None else max(1, min(workers, len(needed)))
         )
         self.width = local
+        #: moves this session may still make (``_rerouted``)
+        self.moves_left = MOVES_PER_WORKER * local + MOVES_EXTRA
         for slot in list(self.sup.workers)[:local]:
             self.sched.add_worker(slot)  # the others (more than blocks left) are sent home
         self.sup.replacements_left = 2 * max(1, local) + 2
@@ -192,6 +211,7 @@ class _DataPhase:
             self.sched.add_worker(slot)
         self.width += len(slots)
         self.sup.replacements_left += 2 * len(slots) if count is None else 0
+        self.moves_left += MOVES_PER_WORKER * len(slots) if count is None else 0
         self.run_state.width = max(self.run_state.width, self.width)
         cluster.assign(helper, slots)
 
@@ -358,13 +378,64 @@ class _DataPhase:
             self._reply(identity, Done())
             return
         self.identities[slot] = identity
-        stream, self.next_stream = self.next_stream, self.next_stream + 1
+        stream = self._stream_id()
+        routes = self.session.routes
+        self.opened[slot] = (stream, routes.place(stream) if routes is not None else None)
         if type(identity) is bytes:
             self.tally.count(self.host)
         else:
             assert self.cluster is not None and isinstance(identity, tuple)
             self.tally.count(self.cluster.host_of(identity), helper=identity[0])
         self._reply(identity, self.setup(stream))
+
+    def _stream_id(self) -> int:
+        """A new stream's id (``pick_stream``): where a moved stream went, if one did."""
+        place: str | None | bool = self.moves.popleft() if self.moves else False
+        stream = pick_stream(self.session.routes, self.used, self.next_stream, place)
+        self.used.add(stream)
+        while self.next_stream in self.used:
+            self.next_stream += 1
+        return stream
+
+    def _rerouted(self) -> None:
+        """A new ROUTES: every open stream that it now sends elsewhere moves there. The stream
+        is ended (its unacknowledged blocks go back on the queue, as for a failed stream) and a
+        new one, with an id routed to the new place, takes its worker's place. Moves are not
+        failures (no replacement budget is spent), but a session makes at most
+        ``MOVES_PER_WORKER`` a worker and ``MOVES_EXTRA`` of them: past that, ROUTES only
+        steers new streams (a receiver cannot make the sender churn processes without end)."""
+        routes = self.session.routes
+        if routes is None or self.winding_down or self.sched.complete:
+            return
+        for slot, (stream, was) in list(self.opened.items()):
+            now = routes.place(stream)
+            if now == was or not self.sched.is_live(slot) or self.moves_left <= 0:
+                continue
+            self.moves_left -= 1
+            self.moves.append(now)
+            self.run_state.streams_moved += 1
+            self.moved.add(slot)
+            self._end_stream(slot)
+            handle = self.sup.workers.get(slot)
+            if isinstance(handle, RemoteWorker):
+                if handle.helper.usable:
+                    self.adopt(handle.helper, 1)
+            else:
+                self.sched.add_worker(self.sup.spawn().slot)
+
+    def _end_stream(self, slot: int) -> None:
+        """No more work for ``slot``: its unfinished blocks are queued again, its worker
+        stopped."""
+        self.sched.retire(slot)
+        self.identities.pop(slot, None)
+        self.opened.pop(slot, None)
+        handle = self.sup.workers.get(slot)
+        if handle is not None:
+            if slot in self.sup.silent:
+                handle.kill()
+            else:
+                handle.terminate()
+        self.sup.last_heard.pop(slot, None)
 
     def _on_report(self, msg: Message, now: float) -> None:
         kind = type(msg)
@@ -383,7 +454,7 @@ class _DataPhase:
             self.run_state.retransmits += 1
         elif kind is WorkerError:
             assert isinstance(msg, WorkerError)
-            if msg.code != ConnectError.wire_code:
+            if msg.code != ConnectError.wire_code and slot not in self.moved:
                 self._feed(DataFailed(error_from_code(msg.code, msg.message)))
             if self.sched.is_live(slot):
                 self._replace(slot, msg.message)
@@ -395,6 +466,7 @@ class _DataPhase:
         remote one on the same helper while it is there; none for a helper that is gone)."""
         self.sched.retire(slot)
         self.identities.pop(slot, None)
+        self.opened.pop(slot, None)
         handle = self.sup.workers.get(slot)
         if isinstance(handle, RemoteWorker):
             handle.terminate()
@@ -426,6 +498,9 @@ class _DataPhase:
             self._feed(ConnectionLost(exc))
             raise
         self._feed(FrameIn(ftype, payload))
+        if self.session.routes is not self.routes_seen:
+            self.routes_seen = self.session.routes
+            self._rerouted()
 
     def _check_workers(self, now: float) -> None:
         if self.sup.exited(self._ignore):
@@ -855,7 +930,11 @@ def _send(
     finally:
         if cluster is not None:
             cluster.close()
-    extra: dict[str, Any] = {"streams_replaced": run.streams_replaced, **src.summary()}
+    extra: dict[str, Any] = {
+        "streams_replaced": run.streams_replaced,
+        "streams_moved": run.streams_moved,
+        **src.summary(),
+    }
     extra["limit_rate"] = opts.limit_rate  # bytes a second, 0: none
     if cluster is not None:
         extra["hosts"] = dict(tally.hosts)
