@@ -285,16 +285,24 @@ def cluster_line(kind: str, fields: dict[str, Any]) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .helper import serve_helper
+    from .helper import prestart_spares, serve_helper
 
     host, port = args.join
-    key = _key(args)
+    # The worker processes first, forked while this process holds no key.
+    spares = prestart_spares(args.workers, data_listen=args.data_listen or "")
+    try:
+        key = _key(args)
+    except BaseException:
+        if spares is not None:
+            spares.close()
+        raise
     serve_helper(
         join=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         psk=key,
         workers=args.workers,
         data_listen=args.data_listen or "",
         once=args.once,
+        spares=spares,
     )
     return 0
 
