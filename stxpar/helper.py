@@ -92,6 +92,9 @@ from .recv_helper import RecvSide
 ATTEMPT_S = 2.0
 #: Waits between attempts: 0.1-0.2 s, 0.2-0.4 s, ... up to 1.5-3 s.
 JOIN_BACKOFF = Backoff(initial=0.2, factor=2.0, cap=3.0)
+#: While it tries to reach the coordinator, ZeroMQ tries again this often (ms; its default,
+#: 100, was on average 50 ms of a helper started with its coordinator waiting for nothing).
+RECONNECT_IVL_MS = 25
 #: Seconds to wait for ``Welcome`` after the handshake.
 WELCOME_S = 10.0
 #: Seconds a stopped worker has to exit before it is killed.
@@ -358,6 +361,7 @@ def _serve(
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             try:
@@ -423,6 +427,11 @@ class _Relay:
         self.endpoints = Endpoints.private("stx-send-")
         self.link = CoordinatorLink(ctx, self.endpoints)
         self.procs: dict[int, Proc] = {}
+        #: slot -> a pidfd of its worker, in ``poller``: an exit is passed on at once (the
+        #: coordinator's last step waits for every worker's)
+        self.pidfds: dict[int, int] = {}
+        self.poller: zmq.Poller | None = None
+        self.said_last: set[int] = set()  # slots whose worker's last report (Sent) came
         self.parts: list[bytes] = []
         self.layouts = 0
         self.layout_path = ""
@@ -474,7 +483,7 @@ class _Relay:
         self.log(f"joined {self.join} as sender helper, {self.n} workers")
         self.spares.want = self.n
         self.spares.fill()
-        poller = zmq.Poller()
+        poller = self.poller = zmq.Poller()
         for s in (self.sock, self.link.router, self.link.pull, self.monitor):
             poller.register(s, zmq.POLLIN)
         while True:
@@ -552,6 +561,7 @@ class _Relay:
             elif type(msg) is Sent:
                 assert isinstance(msg, Sent)
                 self.sent[msg.slot] = max(self.sent.get(msg.slot, 0), msg.count)
+                self.said_last.add(msg.slot)
             for part in split_report(body):
                 self.up(Report(part))
         except ProtocolError:
@@ -653,12 +663,39 @@ class _Relay:
             if proc is None:  # more slots than spares (a replacement): a new interpreter
                 proc = ipc.spawn_worker("stxpar.workers.sender", *args)
             self.procs[slot] = proc
+            self._watch(slot, proc)
+
+    def _watch(self, slot: int, proc: Proc) -> None:
+        if self.poller is None:
+            return
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            return  # (not Linux 5.3+): noticed within the loop's 100 ms
+        self.pidfds[slot] = fd
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, slot: int) -> None:
+        fd = self.pidfds.pop(slot, None)
+        if fd is not None:
+            if self.poller is not None:
+                self.poller.unregister(fd)
+            os.close(fd)
 
     def reap(self) -> None:
         for slot, proc in list(self.procs.items()):
             rc = proc.poll()
             if rc is not None:
                 del self.procs[slot]
+                self._unwatch(slot)
+                # Its last report first (it sent it before exiting; the coordinator counts
+                # the blocks it sent from it): a few ms at most.
+                end = time.monotonic() + 0.02
+                while slot not in self.said_last and self.link.pull.poll(
+                    max(0, int((end - time.monotonic()) * 1000))
+                ):
+                    while self.link.pull.poll(0):
+                        self.report(self.link.pull.recv())
                 try:
                     self.up(Exited(slot, rc))
                 except zmq.ZMQError:
@@ -690,6 +727,8 @@ class _Relay:
         try:
             self.stop_workers()
         finally:
+            for slot in list(self.pidfds):
+                self._unwatch(slot)
             self.monitor.close(linger=0)
             self.link.router.close(linger=0)
             self.link.pull.close(linger=0)
