@@ -348,4 +348,4 @@ def test_wrong_key_helper_refused_transfer_unaffected(rig: dict[str, Any]) -> No
     assert sha256_file(rig["root"] / "dest" / "f") == digest
     result = send.json()
     assert result["hosts"] == {"s0": 1, "h2": 2} and result["helpers"] == 1, result
-    assert "h1" not in send.stderr, send.stderr  # never heard of: refused before it spoke
+    assert "helper h1" not in send.stderr, send.stderr  # refused before it could say a word
