@@ -200,10 +200,45 @@ def test_helper_workers_wait_ready_and_serve(rig: dict[str, Any]) -> None:
     assert recv.wait() == 0, recv.stderr
     assert sha256_file(rig["root"] / "dest" / "f") == digest
     assert send.json()["hosts"] == {"h1": 2}
-    # Warm again for the next transfer: two new spares.
+    # Warm again for the next transfer: two new spares (new interpreters, this time), and the
+    # next transfer runs in them.
     assert wait_for(lambda: (_spares(helper, 2) or spares).isdisjoint(spares), timeout=20)
+    again = _spares(helper, 2)
+    assert again is not None
     assert helper.blocks() == [8], helper.stderr
+    recv = _receiver(rig, recv_host)
+    src = rig["root"] / "src" / "g"
+    digest = write_random(src, 8 * MIB)
+    send = _sender(
+        rig, s0, src, recv_host, "--workers", "0", *_cluster(s0), "--cluster-workers", "2"
+    )
+    assert wait_for(lambda: len(working()) == 2, timeout=20), helper.stderr
+    assert working() == again
+    assert send.wait() == 0, send.stderr
+    assert recv.wait() == 0, recv.stderr
+    assert sha256_file(rig["root"] / "dest" / "g") == digest
+    assert wait_for(lambda: helper.blocks() == [8, 8], timeout=10), helper.stderr
     assert helper.proc.poll() is None
+
+
+def test_spares_leave_with_their_helper(rig: dict[str, Any]) -> None:
+    """A helper killed outright (SIGKILL, its spares spared) leaves no spare behind: each one
+    reads the end of its pipe and exits."""
+    lab = rig["lab"]
+    s0, h1 = lab.add_host("s0"), lab.add_host("h1")
+    helper = _helper(rig, h1, s0)
+    assert wait_for(lambda: _spares(helper, 2) is not None, timeout=20), helper.stderr
+    spares = [psutil.Process(pid) for pid in _spares(helper, 2) or ()]
+    helper.proc.kill()
+    helper.proc.wait(timeout=10)
+
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    assert wait_for(lambda: all(gone(p) for p in spares), timeout=10), spares
 
 
 def test_sender_helper_crashes_mid_transfer(rig: dict[str, Any]) -> None:
