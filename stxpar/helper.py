@@ -19,9 +19,10 @@ cores are busy with the transfer, made the helpers' streams start up to a second
 coordinator's. A spare has imported the worker and waits, on a pipe, for its arguments (the
 endpoints and its slot; no secret: those come as ``Setup``), and runs the worker when they come.
 ``stx worker`` forks its first spares before it reads the key (``prestart_spares``: a fork is
-ready at once and costs no CPU; a worker must never hold the key); later ones, and those of the
-API, are new interpreters (never forked from this process, which holds the key), started before
-the first join and again whenever a transfer is over, so that they are warm for the next one. The helper relays: a worker's request goes up as
+ready at once and costs next to no CPU; a worker must never hold the key); later ones, and
+those of the API, are new interpreters (never forked from this process, which holds the key),
+started before the first join and again whenever a transfer is over, so that they are warm for
+the next one. The helper relays: a worker's request goes up as
 ``Up`` and the coordinator's answer comes back as ``Down``; reports go up as ``Report``
 (an ``Acked`` too large for the cluster channel's 1 MiB cap is split). A ``Setup`` coming down
 names the coordinator's layout file; the helper rewrites it to its own copy, which it received
@@ -109,14 +110,14 @@ _ARGS_MAX = 4096
 #: What a spare started as a new interpreter runs (``python -P -c``): ignore the terminal's
 #: signals (the coordinator says when to stop, with SIGTERM), import the worker, and wait for its
 #: arguments on stdin; end quietly when this process is gone (end of file) before they came.
-SPARE_CODE = """\
+SPARE_CODE = f"""\
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 from stxpar import ipc
 from stxpar.workers import sender
 ipc.name_process(ipc.SENDER_WORKER_NAME)
-args = os.read(0, 4096).decode(errors="replace").split()
+args = os.read(0, {_ARGS_MAX}).decode(errors="replace").split()
 null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(null, 0)
 os.close(null)
