@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from .config import (
     SendOptions,
     TransferResult,
     default_workers,
+    is_loopback,
     parse_size,
 )
 from .errors import EXIT_OTHER, StxError, UsageError
@@ -93,9 +95,18 @@ def _human(n: float) -> str:
 
 
 class Progress:
-    """One self-rewriting line on a terminal: done / total, percent, rate, ETA."""
+    """One self-rewriting line on a terminal: done / total, percent, rate, ETA; with helpers
+    (``stx send --cluster``), the worker processes per host. The line is kept within the
+    terminal's width (the label is shortened): a line that wraps cannot be rewritten with
+    ``\r``, and every update would scroll the terminal."""
 
-    def __init__(self, stream: TextIO, label: str, limit: int = 0) -> None:
+    #: Hosts named on the line (the others are counted: ``+2``), and the longest name shown.
+    HOSTS_SHOWN = 3
+    HOST_NAME_MAX = 10
+
+    def __init__(
+        self, stream: TextIO, label: str, limit: int = 0, *, columns: int | None = None
+    ) -> None:
         self.stream = stream
         self.label = label
         #: --limit-rate in force (bytes a second), shown beside the rate
@@ -104,11 +115,47 @@ class Progress:
         self.base: int | None = None
         self.shown = False
         self.files: tuple[int, int] | None = None
+        #: the terminal's width (None: asked at each line, as it may change)
+        self.columns = columns
+        #: worker processes on this host, and (host name -> worker processes) the helpers'
+        self.local = 0
+        self.local_name = ""
+        self.helpers: dict[str, int] = {}
 
     def file_count(self, done: int, total: int) -> None:
         """Files in place so far, shown on the next line drawn (a tree of several files)."""
         if total > 1:
             self.files = (done, total)
+
+    def cluster_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """A helper joined (``helper_joined``: its host and worker processes) or was put aside
+        (``helper_left``): the next line shows it."""
+        host = str(fields.get("host", "?"))
+        if kind == "helper_joined":
+            self.helpers[host] = self.helpers.get(host, 0) + int(fields.get("workers", 0))
+        elif kind == "helper_left":
+            left = self.helpers.get(host, 0) - int(fields.get("workers", 0))
+            if left > 0:
+                self.helpers[host] = left
+            else:
+                self.helpers.pop(host, None)
+
+    def hosts(self, names: int = HOSTS_SHOWN) -> str:
+        """``  hosts local:4 dtn2:4 dtn3:4`` (worker processes per host, the first ``names``
+        hosts named, ``+2`` for the others; ``  hosts 3`` with none) while helpers take part;
+        else nothing."""
+        if not self.helpers:
+            return ""
+        counts = dict(self.helpers)
+        local = self.local + counts.pop(self.local_name, 0)  # a helper on this very host
+        parts = [("local", local)] if local else []
+        parts += sorted(counts.items())
+        if names <= 0:
+            return f"  hosts {len(parts)}"
+        cap = self.HOST_NAME_MAX
+        shown = " ".join(f"{_short_host(h, cap)}:{n}" for h, n in parts[:names])
+        more = len(parts) - names
+        return f"  hosts {shown}" + (f" +{more}" if more > 0 else "")
 
     def __call__(self, done: int, total: int) -> None:
         if self.base is None:  # what a resume found already there does not count as speed
@@ -119,11 +166,21 @@ class Progress:
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
         files = f"  {self.files[0]}/{self.files[1]} files" if self.files else ""
-        line = (
-            f"\r{self.label}: {_human(done)} / {_human(total)}  {pct:5.1f}%{files}  "
-            f"{rate / 1e6:7.1f} MB/s{self._limit()}  ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
+        rest = (
+            f": {_human(done)} / {_human(total)}  {pct:5.1f}%{files}  "
+            f"{rate / 1e6:7.1f} MB/s{self._limit()}  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
         )
-        self.stream.write(line)
+        room = (self.columns or shutil.get_terminal_size((100, 24)).columns) - 1  # no auto-wrap
+        keep = min(len(self.label), _LABEL_KEEP)
+        hosts = ""
+        for names in range(self.HOSTS_SHOWN, -1, -1):  # fewer names on a narrower terminal
+            hosts = self.hosts(names)
+            if len(rest) + len(hosts) + keep <= room:
+                break
+        else:
+            hosts = ""  # too narrow even for that: the line without helpers
+        label = _fit(self.label, room - len(rest) - len(hosts))
+        self.stream.write(f"\r{label}{rest}{hosts}\x1b[K")
         self.stream.flush()
         self.shown = True
 
@@ -134,6 +191,24 @@ class Progress:
         if self.shown:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _short_host(name: str, limit: int) -> str:
+    """A host name for the progress line: its first label (``dtn2`` of ``dtn2.example.org``;
+    an address stays whole), at most ``limit`` characters."""
+    short = name if name.replace(".", "").isdigit() or ":" in name else name.split(".", 1)[0]
+    return short if len(short) <= limit else short[: limit - 1] + "~"
+
+
+#: The progress line's label is not cut shorter than this, nor, to name more hosts, than that.
+_LABEL_MIN = 12
+_LABEL_KEEP = 15
+
+
+def _fit(label: str, room: int) -> str:
+    """``label`` in ``room`` characters (``...`` for what was cut; ``_LABEL_MIN`` at least)."""
+    room = max(_LABEL_MIN, room)
+    return label if len(label) <= room else label[: room - 3] + "..."
 
 
 def _progress_for(args: argparse.Namespace, label: str) -> Progress | None:
@@ -186,6 +261,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from .cluster import local_host
     from .sender import prestart_workers, send
 
     host, port = args.address
@@ -217,8 +293,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         label = os.path.basename(os.path.normpath(paths[0]))
         progress = _progress_for(args, label if len(paths) == 1 else f"{label} (+{len(paths) - 1})")
 
+        if progress is not None and args.cluster is not None:
+            progress.local = _local_workers(args, host, pool)
+            progress.local_name = local_host()
+
         def on_event(kind: str, fields: dict[str, Any]) -> None:
             if kind in _CLUSTER_EVENTS:
+                if progress is not None:
+                    progress.cluster_event(kind, fields)
                 if not args.quiet:
                     if progress is not None and progress.shown:
                         sys.stderr.write("\n")
@@ -267,6 +349,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_workers(args: argparse.Namespace, host: str, pool: Any) -> int:
+    """The sender's worker processes on this host, for the progress line."""
+    if pool is not None:
+        return len(pool.workers)
+    if args.workers is not None:
+        return int(args.workers)
+    return default_workers(peer_on_this_machine=is_loopback(host))
+
+
 _CLUSTER_EVENTS = (
     "cluster_listening",
     "helper_joined",
@@ -294,16 +385,24 @@ def cluster_line(kind: str, fields: dict[str, Any]) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .helper import serve_helper
+    from .helper import prestart_spares, serve_helper
 
     host, port = args.join
-    key = _key(args)
+    # The worker processes first, forked while this process holds no key.
+    spares = prestart_spares(args.workers, data_listen=args.data_listen or "")
+    try:
+        key = _key(args)
+    except BaseException:
+        if spares is not None:
+            spares.close()
+        raise
     serve_helper(
         join=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         psk=key,
         workers=args.workers,
         data_listen=args.data_listen or "",
         once=args.once,
+        spares=spares,
     )
     return 0
 

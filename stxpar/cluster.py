@@ -239,7 +239,7 @@ class ClusterPort:
         if not helper.usable:
             return
         helper.state = state
-        self._event("helper_left", host=helper.host, reason=why)
+        self._event("helper_left", host=helper.host, workers=helper.workers, reason=why)
         if self.recv_phase is not None:
             self.recv_phase.helper_left(helper)
 

@@ -112,8 +112,9 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 #: Connections the coordinator closed mid-handshake, in a row, that a helper takes for a
 #: refusal of its key (see the table above; ZeroMQ reconnects about every 0.1 s).
 DROPS_FOR_AUTH = 3
-#: How often the ZAP thread looks whether it is asked to stop (s).
-_POLL_S = 0.1
+#: How often the ZAP thread looks whether it is asked to stop (s): a coordinator's last step
+#: (``stop``) waits for it.
+_POLL_S = 0.02
 
 _CRYPTO_ERRORS = frozenset(
     {zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC, zmq.PROTOCOL_ERROR_ZMTP_KEY_EXCHANGE}

@@ -11,10 +11,18 @@ receiver's: it then takes data streams on its ``--data-listen`` port (``recv_hel
 once before the first ``Join``, which gives its address) and relays its receiver workers'
 reports.
 
-Its workers are the ordinary sender workers (``stxpar.workers.sender``), started as new
-interpreters (``ipc.spawn_worker``: never forked from this process, which holds the key) and
-connected to this process's own private ipc endpoints (``channel.CoordinatorLink``), exactly
-as they would be to a local coordinator. The helper relays: a worker's request goes up as
+Its workers are the ordinary sender workers (``stxpar.workers.sender``), connected to this
+process's own private ipc endpoints (``channel.CoordinatorLink``), exactly as they would be to a
+local coordinator. They are started ahead of their work (``Spares``): a new interpreter and its
+imports take ~0.1 s of CPU, and eight of them started when the work arrives, on hosts whose
+cores are busy with the transfer, made the helpers' streams start up to a second after the
+coordinator's. A spare has imported the worker and waits, on a pipe, for its arguments (the
+endpoints and its slot; no secret: those come as ``Setup``), and runs the worker when they come.
+``stx worker`` forks its first spares before it reads the key (``prestart_spares``: a fork is
+ready at once and costs next to no CPU; a worker must never hold the key); later ones, and
+those of the API, are new interpreters (never forked from this process, which holds the key),
+started before the first join and again whenever a transfer is over, so that they are warm for
+the next one. The helper relays: a worker's request goes up as
 ``Up`` and the coordinator's answer comes back as ``Down``; reports go up as ``Report``
 (an ``Acked`` too large for the cluster channel's 1 MiB cap is split). A ``Setup`` coming down
 names the coordinator's layout file; the helper rewrites it to its own copy, which it received
@@ -85,6 +93,9 @@ from .recv_helper import RecvSide
 ATTEMPT_S = 2.0
 #: Waits between attempts: 0.1-0.2 s, 0.2-0.4 s, ... up to 1.5-3 s.
 JOIN_BACKOFF = Backoff(initial=0.2, factor=2.0, cap=3.0)
+#: While it tries to reach the coordinator, ZeroMQ tries again this often (ms; its default,
+#: 100, was on average 50 ms of a helper started with its coordinator waiting for nothing).
+RECONNECT_IVL_MS = 25
 #: Seconds to wait for ``Welcome`` after the handshake.
 WELCOME_S = 10.0
 #: Seconds a stopped worker has to exit before it is killed.
@@ -93,6 +104,149 @@ STOP_GRACE = 2.0
 _OVERHEAD = 1024
 
 LogFn = Callable[[str], None]
+Proc = subprocess.Popen[bytes] | ipc.ForkedWorker
+#: A spare's arguments: the line it waits for is at most this long (PIPE_BUF: written at once).
+_ARGS_MAX = 4096
+#: What a spare started as a new interpreter runs (``python -P -c``): ignore the terminal's
+#: signals (the coordinator says when to stop, with SIGTERM), import the worker, and wait for its
+#: arguments on stdin; end quietly when this process is gone (end of file) before they came.
+SPARE_CODE = f"""\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+from stxpar import ipc
+from stxpar.workers import sender
+ipc.name_process(ipc.SENDER_WORKER_NAME)
+args = os.read(0, {_ARGS_MAX}).decode(errors="replace").split()
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+os.close(null)
+sys.exit(sender.main(args) if len(args) == 4 else 0)
+"""
+
+
+class Spares:
+    """Sender worker processes started ahead of their work, each waiting on a pipe for its
+    arguments (see the module's docstring). ``want``: how many to keep; ``fill`` starts the
+    missing ones as new interpreters, ``take`` hands one its arguments."""
+
+    def __init__(self, want: int = 0) -> None:
+        self.want = want
+        self.waiting: list[tuple[Proc, int]] = []  # (the process, its pipe's write end)
+
+    @classmethod
+    def forked(cls, n: int) -> Spares:
+        """``n`` spares forked from this process, which must hold nothing a worker may not
+        see (``stx worker`` calls it before reading the key) and may fork (``ipc.can_fork``)."""
+        from .workers.sender import main as worker_main
+
+        spares = cls(n)
+
+        def spare(argv: list[str]) -> int:
+            fd, *others = (int(x) for x in argv)
+            for other in others:  # the other spares' write ends: end of file must reach them
+                os.close(other)
+            ipc.name_process(ipc.SENDER_WORKER_NAME)
+            args = _read_args(fd)
+            return worker_main(args) if args is not None else 0
+
+        try:
+            for _ in range(n):
+                r, w = os.pipe()
+                ends = [str(r), *(str(fd) for _, fd in spares.waiting), str(w)]
+                try:
+                    proc = ipc.fork_worker(spare, *ends)
+                finally:
+                    os.close(r)
+                spares.waiting.append((proc, w))
+        except BaseException:
+            spares.close()
+            raise
+        return spares
+
+    def fill(self) -> None:
+        """Start new-interpreter spares until ``want`` wait (the dead ones are dropped)."""
+        self._drop_dead()
+        while len(self.waiting) < self.want:
+            r, w = os.pipe()
+            env = dict(os.environ)
+            env.pop("STX_PSK_FILE", None)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-P", "-c", SPARE_CODE],
+                    stdin=r,
+                    env=env,
+                    close_fds=True,
+                )
+            except BaseException:
+                os.close(w)
+                raise
+            finally:
+                os.close(r)
+            self.waiting.append((proc, w))
+
+    def take(self, args: tuple[str, ...]) -> Proc | None:
+        """A spare running the worker with ``args``; None when none is left."""
+        line = (" ".join(args) + "\n").encode()
+        if len(line) > _ARGS_MAX or any(not a or a.split() != [a] for a in args):
+            return None
+        while self.waiting:
+            proc, w = self.waiting.pop(0)
+            try:
+                if proc.poll() is None:
+                    os.write(w, line)
+                    return proc
+            except OSError:  # it died meanwhile (EPIPE)
+                _stop(proc)
+            finally:
+                os.close(w)
+        return None
+
+    def _drop_dead(self) -> None:
+        for item in list(self.waiting):
+            if item[0].poll() is not None:
+                self.waiting.remove(item)
+                os.close(item[1])
+
+    def close(self) -> None:
+        """Stop the spares that still wait."""
+        waiting, self.waiting = self.waiting, []
+        for _, w in waiting:
+            os.close(w)  # end of file: each one exits on its own
+        for proc, _ in waiting:
+            _stop(proc)
+
+
+def _read_args(fd: int) -> list[str] | None:
+    """A spare's arguments, one line on ``fd``; None at end of file (its helper is gone) or
+    for anything but four words."""
+    try:
+        data = os.read(fd, _ARGS_MAX)
+    finally:
+        os.close(fd)
+    args = data.decode(errors="replace").split()
+    return args if len(args) == 4 else None
+
+
+def _stop(proc: Proc) -> None:
+    """Stop ``proc`` (SIGTERM, SIGKILL after ``STOP_GRACE``) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def prestart_spares(workers: int | None, *, data_listen: str = "") -> Spares | None:
+    """Fork the spares that ``serve_helper`` with the same arguments will want, where this
+    process may fork (else None, and ``serve_helper`` starts new interpreters). Call it before
+    the key is read. None too with ``data_listen``: such a helper serves receivers (whose
+    workers are not these), and starts spares only once a sender welcomes it."""
+    if data_listen or not ipc.can_fork():
+        return None
+    return Spares.forked(workers or default_workers())
 
 
 class NotVisible(Exception):
@@ -155,6 +309,7 @@ def serve_helper(
     data_listen: str = "",
     once: bool = False,
     log: LogFn | None = None,
+    spares: Spares | None = None,
 ) -> int:
     """Join the coordinator at ``join`` (``HOST:PORT``) and serve as ``workers`` worker
     processes (default: one per CPU) of its side, transfer after transfer; with ``once``,
@@ -163,18 +318,25 @@ def serve_helper(
     ``AuthError`` (exit 3) when the coordinator refuses this helper's key; a coordinator that
     is not reachable yet is retried with backoff, forever. ``data_listen``: where a receiver's
     helper takes its data streams (bound here, once; its address goes in ``Join``; a sender
-    ignores it)."""
-    host, port = parse_hostport(join)
+    ignores it). ``spares``: sender workers started ahead (``prestart_spares``), which this
+    takes over; without, they are started here, before the first join (with ``data_listen``,
+    once a sender welcomed this helper)."""
     say = log or _stderr_log
-    keys = ca.derive_cluster_keys(psk=psk)
     n = workers or default_workers()
-    endpoint = _endpoint(host, port)
-    recv_side = RecvSide(data_listen, workers=n, log=say) if data_listen else None
+    if spares is None:
+        spares = Spares(0 if data_listen else n)
     try:
-        return _serve(endpoint, join, keys, n, recv_side, once, say)
+        host, port = parse_hostport(join)
+        keys = ca.derive_cluster_keys(psk=psk)
+        endpoint = _endpoint(host, port)
+        recv_side = RecvSide(data_listen, workers=n, log=say) if data_listen else None
+        try:
+            return _serve(endpoint, join, keys, n, recv_side, once, say, spares)
+        finally:
+            if recv_side is not None:
+                recv_side.close()
     finally:
-        if recv_side is not None:
-            recv_side.close()
+        spares.close()
 
 
 def _serve(
@@ -185,12 +347,14 @@ def _serve(
     recv_side: RecvSide | None,
     once: bool,
     say: LogFn,
+    spares: Spares,
 ) -> int:
     host = parse_hostport(join)[0]
     data_listen = recv_side.address if recv_side is not None else ""
     attempt = 0
     served = 0
     while True:
+        spares.fill()  # warm for the next transfer (a no-op while they wait)
         ctx = zmq.Context()
         try:
             sock = ca.secure_client(ctx.socket(zmq.DEALER), keys=keys)
@@ -198,6 +362,7 @@ def _serve(
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             try:
@@ -219,6 +384,7 @@ def _serve(
                 log=say,
                 recv=recv_side,
                 once=once,
+                spares=spares,
             )
             try:
                 relay.run()
@@ -251,15 +417,22 @@ class _Relay:
         log: LogFn,
         recv: RecvSide | None = None,
         once: bool = False,
+        spares: Spares | None = None,
     ) -> None:
         self.once = once
+        self.spares = spares if spares is not None else Spares()
         self.ctx, self.sock, self.n, self.join, self.log = ctx, sock, workers, join, log
         self.recv = recv
         self.data_listen = data_listen
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.endpoints = Endpoints.private("stx-send-")
         self.link = CoordinatorLink(ctx, self.endpoints)
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, Proc] = {}
+        #: slot -> a pidfd of its worker, in ``poller``: an exit is passed on at once (the
+        #: coordinator's last step waits for every worker's)
+        self.pidfds: dict[int, int] = {}
+        self.poller: zmq.Poller | None = None
+        self.said_last: set[int] = set()  # slots whose worker's last report (Sent) came
         self.parts: list[bytes] = []
         self.layouts = 0
         self.layout_path = ""
@@ -309,7 +482,9 @@ class _Relay:
             time.sleep(JOIN_BACKOFF.cap)
             return
         self.log(f"joined {self.join} as sender helper, {self.n} workers")
-        poller = zmq.Poller()
+        self.spares.want = self.n
+        self.spares.fill()
+        poller = self.poller = zmq.Poller()
         for s in (self.sock, self.link.router, self.link.pull, self.monitor):
             poller.register(s, zmq.POLLIN)
         while True:
@@ -387,6 +562,7 @@ class _Relay:
             elif type(msg) is Sent:
                 assert isinstance(msg, Sent)
                 self.sent[msg.slot] = max(self.sent.get(msg.slot, 0), msg.count)
+                self.said_last.add(msg.slot)
             for part in split_report(body):
                 self.up(Report(part))
         except ProtocolError:
@@ -483,15 +659,44 @@ class _Relay:
         for slot in slots:
             if slot in self.procs or not 0 <= slot < 1 << 30:
                 continue
-            self.procs[slot] = ipc.spawn_worker(
-                "stxpar.workers.sender", ep.requests, ep.reports, str(slot), str(os.getpid())
-            )
+            args = (ep.requests, ep.reports, str(slot), str(os.getpid()))
+            proc = self.spares.take(args)
+            if proc is None:  # more slots than spares (a replacement): a new interpreter
+                proc = ipc.spawn_worker("stxpar.workers.sender", *args)
+            self.procs[slot] = proc
+            self._watch(slot, proc)
+
+    def _watch(self, slot: int, proc: Proc) -> None:
+        if self.poller is None:
+            return
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            return  # (not Linux 5.3+): noticed within the loop's 100 ms
+        self.pidfds[slot] = fd
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, slot: int) -> None:
+        fd = self.pidfds.pop(slot, None)
+        if fd is not None:
+            if self.poller is not None:
+                self.poller.unregister(fd)
+            os.close(fd)
 
     def reap(self) -> None:
         for slot, proc in list(self.procs.items()):
             rc = proc.poll()
             if rc is not None:
                 del self.procs[slot]
+                self._unwatch(slot)
+                # Its last report first (it sent it before exiting; the coordinator counts
+                # the blocks it sent from it): a few ms at most.
+                end = time.monotonic() + 0.02
+                while slot not in self.said_last and self.link.pull.poll(
+                    max(0, int((end - time.monotonic()) * 1000))
+                ):
+                    while self.link.pull.poll(0):
+                        self.report(self.link.pull.recv())
                 try:
                     self.up(Exited(slot, rc))
                 except zmq.ZMQError:
@@ -523,6 +728,8 @@ class _Relay:
         try:
             self.stop_workers()
         finally:
+            for slot in list(self.pidfds):
+                self._unwatch(slot)
             self.monitor.close(linger=0)
             self.link.router.close(linger=0)
             self.link.pull.close(linger=0)

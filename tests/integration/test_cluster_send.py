@@ -374,7 +374,9 @@ def test_helper_that_cannot_see_the_files_refuses(rig: dict[str, Any]) -> None:
         assert "not visible here" in left["reason"] and str(real) in left["reason"]
         assert [h.state for h in port.helpers.values()] == ["refused"]
         assert "refused the transfer" in helper.stderr
-        assert not [p for p in psutil.Process(helper.proc.pid).children() if p.is_running()]
+        # Only its spare, still waiting for work (one thread: no worker runs in it).
+        children = psutil.Process(helper.proc.pid).children()
+        assert len(children) == 1 and children[0].num_threads() == 1, children
     finally:
         port.end()
         port.close()
