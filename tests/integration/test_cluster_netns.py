@@ -303,9 +303,10 @@ def test_receiving_helper_crashes_mid_transfer(rig: dict[str, Any]) -> None:
     """The receiving side: two receiving helpers, each downlink shaped; one "host" crashes
     while it lands blocks: the transfer completes, identical.
 
-    (With a stall timeout of 12 s on both sides and a short --cluster-wait: today the
-    sender's streams to the dead helper hang -- no RST comes -- until the stall timeout makes
-    it reconnect and resume; ``test_receiving_helper_crash_moves_its_streams`` wants more.)"""
+    (With a stall timeout of 12 s on both sides and a short --cluster-wait: whichever comes
+    first, the receiver putting r1 aside and the sender moving its streams, or a stall and a
+    resumed session, the copy must come out whole; ``test_receiving_helper_crash_moves_its_
+    streams`` asks for the first, with the default timeouts.)"""
     recv, _, snd = _receiving_side(rig, "--stall-timeout", "12", "--cluster-wait", "3")
     send, digest = _crash_while_landing(rig, snd, "--stall-timeout", "12")
     assert send.wait(timeout=45) == 0, send.stderr + recv.stderr
@@ -313,20 +314,16 @@ def test_receiving_helper_crashes_mid_transfer(rig: dict[str, Any]) -> None:
     assert sha256_file(rig["root"] / "dest" / "big") == digest
     assert "helper r1 put aside" in recv.stderr, recv.stderr
     result = send.json()
-    # r1's streams were replaced (routed to the living), or the sender reconnected.
-    assert result["streams_replaced"] + result["reconnects"] > 0, result
+    # r1's streams were moved or replaced (routed to the living), or the sender reconnected.
+    moved = result["streams_moved"] + result["streams_replaced"] + result["reconnects"]
+    assert moved > 0, result
 
 
-@pytest.mark.xfail(
-    reason="receiving side (c14r): when a receiving helper's host dies without a word (link"
-    " down), the receiver puts it aside after 5 s and sends new ROUTES, but the sender's"
-    " streams to it hang (no RST) until the stall timeout (60 s), and the resumed session"
-    " waits --cluster-wait (30 s) for the dead helper's workers: ~92 s for 40 MiB",
-    strict=False,
-)
 def test_receiving_helper_crash_moves_its_streams(rig: dict[str, Any]) -> None:
-    """The same with the default timeouts: the dead helper's streams go elsewhere within
-    seconds of its being put aside, without a stall or a reconnect."""
+    """The same with the default timeouts: the receiver puts the silent helper aside (5 s)
+    and deals its stream ids over the receiver and the other helper in a new ROUTES; the
+    sender moves the streams it had open there at once (no RST ever comes from a host whose
+    link is down), without waiting for its 60 s stall timeout or reconnecting."""
     recv, _, snd = _receiving_side(rig)
     send, digest = _crash_while_landing(rig, snd)
     try:
@@ -336,7 +333,7 @@ def test_receiving_helper_crash_moves_its_streams(rig: dict[str, Any]) -> None:
     assert rc == 0, send.stderr
     assert sha256_file(rig["root"] / "dest" / "big") == digest
     result = send.json()
-    assert result["reconnects"] == 0 and result["streams_replaced"] > 0, result
+    assert result["reconnects"] == 0 and result["streams_moved"] > 0, result
 
 
 def test_helper_joining_mid_transfer_takes_work(rig: dict[str, Any]) -> None:
