@@ -10,8 +10,8 @@ import sys
 import tempfile
 import time
 
-from .cli import Progress, _human
 from .errors import IntegrityError, UsageError
+from .progress import Progress, _human
 from .psk import generate
 from .receiver import Receiver
 from .sender import send
