@@ -155,12 +155,15 @@ def test_tree_through_helpers(rig: dict[str, Any]) -> None:
     recv = rig["receiver"]("--cluster-workers", "2")
     helpers = [rig["helper"]() for _ in range(2)]
     assert wait_for(lambda: all(_joined(h) for h in helpers), timeout=20)
-    send = rig["sender"](tree, recv.address, "--workers", "4")
+    # Paced (about 0.6 s in all) so that every stream has blocks to carry: unpaced, the tree
+    # went in 0.08 s, and on a loaded machine the receiver's own streams could take every
+    # block before a helper's stream started.
+    send = rig["sender"](tree, recv.address, "--workers", "4", "--limit-rate", "30M")
     assert send.wait(timeout=60) == 0, send.stderr + recv.stderr
     assert recv.wait(timeout=20) == 0, recv.stderr
     assert compare_trees(tree, rig["root"] / "dest" / "tree") == []
-    # Helpers landed part of the tree (each gets streams; on a loaded machine a stream whose
-    # worker started late may find no block left, so not necessarily both of them).
+    # Helpers landed part of the tree (each gets streams; a stream whose worker started late
+    # may still find no block left, so not necessarily both of them).
     assert wait_for(lambda: any(sum(_landed(h)) > 0 for h in helpers), timeout=10), [
         h.stderr for h in helpers
     ]
