@@ -74,6 +74,16 @@ def assert_no_secrets(*texts: str | Sequence[str]) -> None:
 # ---------------------------------------------------------------- CLI runs
 
 
+def last_json(stdout: str, stderr: str) -> dict[str, Any]:
+    """The JSON object on the last non-empty line of ``stdout`` (``stderr`` goes into the
+    failure message when there is none)."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert lines, f"no JSON on stdout; stderr: {stderr!r}"
+    obj = json.loads(lines[-1])
+    assert isinstance(obj, dict)
+    return obj
+
+
 @dataclass
 class CliRun:
     args: list[str]
@@ -84,11 +94,7 @@ class CliRun:
 
     def json(self) -> dict[str, Any]:
         """The JSON object on the last non-empty line of stdout."""
-        lines = [ln for ln in self.stdout.splitlines() if ln.strip()]
-        assert lines, f"no JSON on stdout; stderr: {self.stderr!r}"
-        obj = json.loads(lines[-1])
-        assert isinstance(obj, dict)
-        return obj
+        return last_json(self.stdout, self.stderr)
 
     def stderr_lines(self) -> list[str]:
         return [ln for ln in self.stderr.splitlines() if ln.strip()]

@@ -10,7 +10,6 @@ The lab, and every process in it, is removed whatever happens (the ``netlab`` fi
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import re
@@ -23,7 +22,15 @@ from typing import Any
 
 import psutil
 import pytest
-from itest_support import STX, assert_no_secrets, make_keyfile, sha256_file, wait_for, write_random
+from itest_support import (
+    STX,
+    assert_no_secrets,
+    last_json,
+    make_keyfile,
+    sha256_file,
+    wait_for,
+    write_random,
+)
 from netlab import Host, Lab, netlab_fixture  # noqa: F401
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
@@ -85,11 +92,7 @@ class NsProc:
         )
 
     def json(self) -> dict[str, Any]:
-        lines = [ln for ln in self.out_path.read_text().splitlines() if ln.strip()]
-        assert lines, f"no JSON; stderr: {self.stderr!r}"
-        obj = json.loads(lines[-1])
-        assert isinstance(obj, dict)
-        return obj
+        return last_json(self.out_path.read_text(), self.stderr)
 
     def blocks(self) -> list[int]:
         return [int(n) for n in DONE.findall(self.stderr)]

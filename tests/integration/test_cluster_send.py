@@ -22,6 +22,7 @@ from itest_support import (
     WriteMeter,
     assert_no_secrets,
     free_port,
+    last_json,
     make_keyfile,
     sha256_file,
     wait_for,
@@ -73,13 +74,7 @@ class Proc:
         return self.out_path.read_text(errors="replace")
 
     def json(self) -> dict[str, Any]:
-        import json
-
-        lines = [ln for ln in self.stdout.splitlines() if ln.strip()]
-        assert lines, f"no JSON; stderr: {self.stderr!r}"
-        obj = json.loads(lines[-1])
-        assert isinstance(obj, dict)
-        return obj
+        return last_json(self.stdout, self.stderr)
 
     def blocks(self) -> list[int]:
         return [int(n) for n in DONE.findall(self.stderr)]
