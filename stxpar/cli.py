@@ -515,6 +515,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_send_args(p: argparse.ArgumentParser) -> None:
+    if isinstance(p, _Parser):
+        p.intermixed = True  # PATH... HOST:PORT with options anywhere among them
     p.add_argument(
         "paths",
         nargs="+",
@@ -838,10 +840,30 @@ def _add_recv_args(p: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (exit 2), like every other error."""
+    """argparse, but a usage error is one line (exit 2), like every other error; and with
+    ``intermixed`` (``stx send``), options and positionals in any order, as ``scp`` and
+    ``rsync`` take them: ``stx send A B --psk-file K HOST:PORT``. Plain argparse takes the
+    positionals in runs between options, so there B became HOST:PORT."""
+
+    intermixed = False
+    _mixing = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        args = sys.argv[1:] if args is None else list(args)
+        # After "--" (a PATH that starts with "-") the positionals are one run anyway, and
+        # Python 3.11's intermixed parse loses them there.
+        if not self.intermixed or self._mixing or "--" in args:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True  # (the intermixed parse calls this twice itself)
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
 
 
 def build_parser(prog: str = "stx") -> argparse.ArgumentParser:
