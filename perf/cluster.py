@@ -58,7 +58,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -215,6 +216,18 @@ class TimedLog:
         return [(round(t - t0, 3), line) for t, line in self.lines]
 
 
+@dataclass
+class Run:
+    """One timed run's processes, the helpers' timed logs, its shaped links' sampler and its
+    destination: what ``ClusterBench.finish`` reaps and ``ClusterBench.end`` tears down."""
+
+    dst: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[str, TimedLog] = field(default_factory=dict)
+    helpers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    links: Uplinks | None = None
+
+
 class ClusterBench:
     def __init__(self, args: argparse.Namespace, lab: Lab) -> None:
         self.args = args
@@ -347,6 +360,85 @@ class ClusterBench:
 
     # ------------------------------------------------------------ one run
 
+    def start_helpers(
+        self, run: Run, tag: str, coordinator: str, names: Iterable[str], *extra: str
+    ) -> None:
+        """``stx worker --join`` the coordinator on host ``coordinator`` on each host of
+        ``names``, with ``extra`` options ("{addr}" in one is that host's address)."""
+        join = self.hosts[coordinator].addr
+        for h in names:
+            hargv = [self.stx, "worker", "--join", f"{join}:{CLUSTER_PORT}"]
+            hargv += ["--psk-file", str(self.key), "--workers", str(self.args.helper_workers)]
+            hargv += [x.format(addr=self.hosts[h].addr) for x in extra] + ["--once"]
+            p = self.start(h, hargv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            assert p.stderr is not None
+            run.logs[h] = TimedLog(p.stderr, self.logs / f"{tag}-{h}.err")
+            run.helpers[h] = p
+            run.procs.append(p)
+
+    def finish(
+        self,
+        rec: dict[str, Any],
+        run: Run,
+        send: subprocess.Popen[bytes],
+        recv: subprocess.Popen[bytes],
+        *,
+        t0: float,
+        before: tuple[tuple[float, float], float, dict[str, float], dict[str, int]],
+        count: Callable[[str], int],
+        links_key: str,
+    ) -> None:
+        """Everything measured once the timed sender is started at ``t0``: its wall time,
+        the links' timelines (``rec[links_key]``), each process reaped with its CPU time,
+        the machine's busy share, the bytes through each shaped link (``count``), the
+        helpers' timed logs. ``before``: the machine's, the receiver's and the helpers' CPU
+        and the links' counts at ``t0``."""
+        busy0, recv_cpu0, helper_cpu0, counts0 = before
+        assert run.links is not None
+        send_cpu = self.reap(send, t0 + self.args.timeout)
+        rec["wall"] = time.monotonic() - t0
+        busy1 = cpu_busy()
+        rec[links_key] = run.links.stop()
+        counts1 = {h: count(h) for h in counts0}
+        end = time.monotonic() + (30 if send.returncode == 0 else 3)
+        recv_cpu = self.reap(recv, end) - recv_cpu0
+        helper_cpu = {}
+        for h, p in run.helpers.items():
+            helper_cpu[h] = self.reap(p, end) - helper_cpu0.get(h, 0.0)
+            run.logs[h].join()
+        busy = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
+        rec.update(
+            rc={"send": send.returncode, "recv": recv.returncode}
+            | {h: p.returncode for h, p in run.helpers.items()},
+            cpu_s={"send": send_cpu, "recv": recv_cpu} | helper_cpu,
+            machine_busy=busy,
+            recv_cores=recv_cpu / rec["wall"],
+            tbf_bytes={h: counts1[h] - counts0[h] for h in counts0},
+            helper_log={h: log.relative(t0) for h, log in run.logs.items()},
+        )
+        rec["maybe_cpu_bound"] = busy >= BUSY_FLAG
+
+    def stx_json(self, tag: str, who: str) -> dict[str, Any] | None:
+        """The ``--json`` line ``stx send`` or ``stx recv`` (``who``) printed, if any."""
+        try:
+            lines = (self.logs / f"{tag}-{who}.out").read_text().strip().splitlines()
+            got = json.loads(lines[-1]) if lines else None
+        except (ValueError, OSError):
+            return None
+        return got if isinstance(got, dict) else None
+
+    def end(self, run: Run) -> None:
+        """A run's links sampler stopped, its processes killed, its logs closed."""
+        if run.links is not None:
+            run.links.stop()
+        for p in run.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in run.logs.values():
+            log.join(1.0)
+        self.stale.append(run.dst)
+
     def run_once(self, cfg: str, round_no: int) -> dict[str, Any]:
         a = self.args
         tag = self.tag(cfg)
@@ -354,9 +446,7 @@ class ClusterBench:
         recv_addr = self.hosts["recv"].addr
         s0 = self.hosts["s0"].addr
         rec: dict[str, Any] = {"round": round_no, "ok": False, "loadavg": os.getloadavg()[0]}
-        procs: list[subprocess.Popen[bytes]] = []
-        logs: dict[str, TimedLog] = {}
-        uplinks: Uplinks | None = None
+        run = Run(dst)
         try:
             rargv = [self.stx, "recv", "--listen", f"{recv_addr}:{RECV_PORT}"]
             rargv += ["--psk-file", str(self.key), "--dest", str(dst), "--once", "--json"]
@@ -365,7 +455,7 @@ class ClusterBench:
             rerr = self.logs / f"{tag}-recv.err"
             with open(rerr, "wb") as err, open(self.logs / f"{tag}-recv.out", "wb") as out:
                 recv = self.start("recv", rargv, stdout=out, stderr=err)
-            procs.append(recv)
+            run.procs.append(recv)
             try:
                 peers.wait_for_text(rerr, "listening on", recv, 60)
             except RuntimeError as exc:
@@ -375,69 +465,36 @@ class ClusterBench:
             if cfg == "three":
                 sargv += ["--cluster", f"{s0}:{CLUSTER_PORT}"]
                 sargv += ["--cluster-workers", str(a.cluster_workers)]
-            helpers: dict[str, subprocess.Popen[bytes]] = {}
             self.release()
-            sent0 = {h: tbf_sent(self.hosts[h]) for h in ("s0", *HELPERS)}
-            recv_cpu0 = tree_cpu(recv.pid)
-            busy0 = cpu_busy()
+            uplinks = ("s0", *HELPERS)
+            sent0 = {h: tbf_sent(self.hosts[h]) for h in uplinks}
+            no_cpu_yet: dict[str, float] = {}  # (the helpers start with the clock)
+            before = (cpu_busy(), tree_cpu(recv.pid), no_cpu_yet, sent0)
             t0 = time.monotonic()
-            uplinks = Uplinks([self.hosts[h] for h in ("s0", *HELPERS)], t0)
+            run.links = Uplinks([self.hosts[h] for h in uplinks], t0)
             if cfg == "three":
-                for h in HELPERS:
-                    hargv = [self.stx, "worker", "--join", f"{s0}:{CLUSTER_PORT}"]
-                    hargv += ["--psk-file", str(self.key), "--workers", str(a.helper_workers)]
-                    hargv += ["--once"]
-                    p = self.start(h, hargv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                    assert p.stderr is not None
-                    logs[h] = TimedLog(p.stderr, self.logs / f"{tag}-{h}.err")
-                    helpers[h] = p
-                    procs.append(p)
+                self.start_helpers(run, tag, "s0", HELPERS)
             serr = self.logs / f"{tag}-send.err"
             with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
                 send = self.start("s0", sargv, stdout=out, stderr=err)
-            procs.append(send)
-            deadline = t0 + a.timeout
-            send_cpu = self.reap(send, deadline)
-            rec["wall"] = time.monotonic() - t0
-            busy1 = cpu_busy()
-            rec["uplinks"] = uplinks.stop()
-            sent1 = {h: tbf_sent(self.hosts[h]) for h in ("s0", *HELPERS)}
-            end = time.monotonic() + (30 if send.returncode == 0 else 3)
-            recv_cpu = self.reap(recv, end) - recv_cpu0
-            helper_cpu = {}
-            for h, p in helpers.items():
-                helper_cpu[h] = self.reap(p, end)
-                logs[h].join()
-            busy = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
-            rec.update(
-                rc={"send": send.returncode, "recv": recv.returncode}
-                | {h: p.returncode for h, p in helpers.items()},
-                cpu_s={"send": send_cpu, "recv": recv_cpu} | helper_cpu,
-                machine_busy=busy,
-                recv_cores=recv_cpu / rec["wall"],
-                tbf_bytes={h: sent1[h] - sent0[h] for h in sent0},
-                helper_log={h: log.relative(t0) for h, log in logs.items()},
+            run.procs.append(send)
+            self.finish(
+                rec,
+                run,
+                send,
+                recv,
+                t0=t0,
+                before=before,
+                count=lambda h: tbf_sent(self.hosts[h]),
+                links_key="uplinks",
             )
-            rec["maybe_cpu_bound"] = busy >= BUSY_FLAG
-            try:
-                lines = (self.logs / f"{tag}-send.out").read_text().strip().splitlines()
-                rec["stx_json"] = json.loads(lines[-1]) if lines else None
-            except ValueError:
-                rec["stx_json"] = None
-            self.verify(rec, tag, helpers, dst, serr, rerr)
+            rec["stx_json"] = self.stx_json(tag, "send")
+            self.verify(rec, tag, run.helpers, dst, serr, rerr)
         except (Failed, OSError, subprocess.SubprocessError) as exc:
             rec["error"] = str(exc)
             say(f"{cfg}, {self.when(round_no)}: FAILED: {exc}")
         finally:
-            if uplinks is not None:
-                uplinks.stop()
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            for log in logs.values():
-                log.join(1.0)
-            self.stale.append(dst)
+            self.end(run)
         if rec["ok"]:
             hosts = (rec.get("stx_json") or {}).get("hosts")
             say(
@@ -681,23 +738,12 @@ class RecvClusterBench(ClusterBench):
         dst = Path(tempfile.mkdtemp(prefix=f"dst-{cfg}-", dir=self.root))
         r0 = self.hosts["r0"].addr
         rec: dict[str, Any] = {"round": round_no, "ok": False, "loadavg": os.getloadavg()[0]}
-        procs: list[subprocess.Popen[bytes]] = []
-        logs: dict[str, TimedLog] = {}
-        helpers: dict[str, subprocess.Popen[bytes]] = {}
-        downlinks: Uplinks | None = None
+        run = Run(dst)
         try:
             self.release()
             t_start = time.monotonic()
             if cfg == "three":  # the helpers first: they wait for their coordinator
-                for h in RECV_HELPERS:
-                    hargv = [self.stx, "worker", "--join", f"{r0}:{CLUSTER_PORT}"]
-                    hargv += ["--psk-file", str(self.key), "--workers", str(a.helper_workers)]
-                    hargv += ["--data-listen", f"{self.hosts[h].addr}:0", "--once"]
-                    p = self.start(h, hargv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                    assert p.stderr is not None
-                    logs[h] = TimedLog(p.stderr, self.logs / f"{tag}-{h}.err")
-                    helpers[h] = p
-                    procs.append(p)
+                self.start_helpers(run, tag, "r0", RECV_HELPERS, "--data-listen", "{addr}:0")
             rargv = [self.stx, "recv", "--listen", f"{r0}:{RECV_PORT}"]
             rargv += ["--psk-file", str(self.key), "--dest", str(dst), "--once", "--json"]
             rargv += ["--workers", str(a.recv_workers)]
@@ -707,63 +753,38 @@ class RecvClusterBench(ClusterBench):
             rerr = self.logs / f"{tag}-recv.err"
             with open(rerr, "wb") as err, open(self.logs / f"{tag}-recv.out", "wb") as out:
                 recv = self.start("r0", rargv, stdout=out, stderr=err)
-            procs.append(recv)
-            self.wait_ready(recv, rerr, helpers, logs)
+            run.procs.append(recv)
+            self.wait_ready(recv, rerr, run.helpers, run.logs)
             rec["ready_s"] = time.monotonic() - t_start
             sargv = [self.stx, "send", str(self.src), f"{r0}:{RECV_PORT}"]
             sargv += ["--psk-file", str(self.key), "--json", "--quiet", "--workers", str(a.workers)]
             got0 = {h: tbf_sent(self.hosts[h], ingress=True) for h in RECV_HOSTS}
-            recv_cpu0 = tree_cpu(recv.pid)
-            helper_cpu0 = {h: tree_cpu(p.pid) for h, p in helpers.items()}
-            busy0 = cpu_busy()
+            helper_cpu0 = {h: tree_cpu(p.pid) for h, p in run.helpers.items()}
+            before = (cpu_busy(), tree_cpu(recv.pid), helper_cpu0, got0)
             t0 = time.monotonic()
-            downlinks = Uplinks([self.hosts[h] for h in RECV_HOSTS], t0, counter="tx_bytes")
+            run.links = Uplinks([self.hosts[h] for h in RECV_HOSTS], t0, counter="tx_bytes")
             serr = self.logs / f"{tag}-send.err"
             with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
                 send = self.start("snd", sargv, stdout=out, stderr=err)
-            procs.append(send)
-            send_cpu = self.reap(send, t0 + a.timeout)
-            rec["wall"] = time.monotonic() - t0
-            busy1 = cpu_busy()
-            rec["downlinks"] = downlinks.stop()
-            got1 = {h: tbf_sent(self.hosts[h], ingress=True) for h in RECV_HOSTS}
-            end = time.monotonic() + (30 if send.returncode == 0 else 3)
-            recv_cpu = self.reap(recv, end) - recv_cpu0
-            helper_cpu = {}
-            for h, p in helpers.items():
-                helper_cpu[h] = self.reap(p, end) - helper_cpu0[h]
-                logs[h].join()
-            busy = (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1])
-            rec.update(
-                rc={"send": send.returncode, "recv": recv.returncode}
-                | {h: p.returncode for h, p in helpers.items()},
-                cpu_s={"send": send_cpu, "recv": recv_cpu} | helper_cpu,
-                machine_busy=busy,
-                recv_cores=recv_cpu / rec["wall"],
-                tbf_bytes={h: got1[h] - got0[h] for h in got0},
-                helper_log={h: log.relative(t0) for h, log in logs.items()},
+            run.procs.append(send)
+            self.finish(
+                rec,
+                run,
+                send,
+                recv,
+                t0=t0,
+                before=before,
+                count=lambda h: tbf_sent(self.hosts[h], ingress=True),
+                links_key="downlinks",
             )
-            rec["maybe_cpu_bound"] = busy >= BUSY_FLAG
             for who in ("send", "recv"):
-                try:
-                    lines = (self.logs / f"{tag}-{who}.out").read_text().strip().splitlines()
-                    rec[f"{who}_json"] = json.loads(lines[-1]) if lines else None
-                except ValueError:
-                    rec[f"{who}_json"] = None
-            self.verify(rec, tag, helpers, dst, serr, rerr)
+                rec[f"{who}_json"] = self.stx_json(tag, who)
+            self.verify(rec, tag, run.helpers, dst, serr, rerr)
         except (Failed, OSError, subprocess.SubprocessError) as exc:
             rec["error"] = str(exc)
             say(f"recv side, {cfg}, {self.when(round_no)}: FAILED: {exc}")
         finally:
-            if downlinks is not None:
-                downlinks.stop()
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            for log in logs.values():
-                log.join(1.0)
-            self.stale.append(dst)
+            self.end(run)
         if rec["ok"]:
             say(
                 f"recv side, {cfg}, {self.when(round_no)}: {rec['wall']:.2f} s,"
