@@ -45,7 +45,6 @@ from .wire import (
     MAX_BLOCKS,
     MAX_STREAMS,
     MIN_BLOCK_SIZE,
-    blocks_for,
     printable,
 )
 
@@ -84,7 +83,8 @@ class Kind(enum.IntEnum):
     SYMLINK = 2
 
 
-_KINDS = frozenset(int(k) for k in Kind)
+#: A kind's number -> the Kind (a dict lookup is the check and the conversion at once).
+_KIND_OF = {int(k): k for k in Kind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,17 +184,25 @@ def _entry(raw: Any) -> Entry:
     kind, path, size, mode, mtime, link, extents, file_id = raw
     if not isinstance(path, str):
         raise ProtocolError("bad manifest: a path is not a string")
-    if not _is_int(kind) or kind not in _KINDS:
+    k = _KIND_OF.get(kind) if type(kind) is int else None  # (a bool is not an int here)
+    if k is None:
         raise ProtocolError(f"bad manifest: unknown entry kind ({shown(path)})")
     if not (type(size) is int and type(mode) is int and type(mtime) is int):
         raise ProtocolError(f"bad manifest: size, mode or mtime is not an integer ({shown(path)})")
     if not isinstance(link, str):
         raise ProtocolError(f"bad manifest: link text is not a string ({shown(path)})")
-    if type(extents) is not list or not set(map(type, extents)) <= {int}:
+    if type(extents) is not list or not _all_ints(extents):
         raise ProtocolError(f"bad manifest: extents are not a list of integers ({shown(path)})")
     if not isinstance(file_id, bytes):
         raise ProtocolError(f"bad manifest: file id is not bytes ({shown(path)})")
-    return Entry(Kind(kind), path, size, mode, mtime, link, tuple(extents), file_id)
+    return Entry(k, path, size, mode, mtime, link, tuple(extents), file_id)
+
+
+def _all_ints(items: list[Any]) -> bool:
+    """Every item exactly an ``int`` (no bool); a file's usual one extent without a set."""
+    if len(items) == 2:
+        return type(items[0]) is int and type(items[1]) is int
+    return set(map(type, items)) <= {int}
 
 
 def _array_header(n: int) -> bytes:
@@ -377,7 +385,7 @@ class _Rules:
         self._path(path)
         if path in self.seen:
             _bad("duplicate path", path)
-        parent = e.parent
+        parent = path.rpartition("/")[0]
         if parent and parent not in self.dirs:
             what = (
                 "below a file or a symlink" if parent in self.seen else "parent directory missing"
@@ -390,14 +398,15 @@ class _Rules:
                 f"the manifest has more than {self.limits.max_files} entries, the receiver's --max-files"
             )
         if e.kind == Kind.FILE:
-            self.data_bytes += e.data_bytes
+            lengths = e.extents[1::2]
+            self.data_bytes += sum(lengths)
             if self.data_bytes > self.limits.max_bytes:
                 raise RejectedError(
                     f"the transfer's data ({self.data_bytes} bytes so far) exceeds the "
                     f"receiver's --max-bytes ({self.limits.max_bytes})"
                 )
             bs = self.block_size
-            self.blocks += sum(blocks_for(n, bs) for n in e.extents[1::2])
+            self.blocks += sum([-(-n // bs) for n in lengths])  # blocks_for, each extent
             if self.blocks > MAX_BLOCKS:
                 raise RejectedError(
                     f"the transfer has more than {MAX_BLOCKS} blocks of {bs} bytes "
