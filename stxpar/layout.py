@@ -10,9 +10,12 @@ whose partial the stream job names). A manifest of a million entries does not fi
 message, so the coordinator writes this description once per session into its private 0700
 directory and names the file in the worker's job; every worker of the session reads it once.
 
-The file is msgpack ``[MAGIC, block_size, entries, files]`` where ``files`` lists, for each entry
-with data, ``[index, extents, name, dev, ino, size, mtime_ns, ctime_ns]`` (receiver layouts put
-zeros in the identity fields). It is read with hard limits; anything else is a ProtocolError.
+The file is msgpack ``[MAGIC, block_size, entries, index, counts, extents, names, devs, inodes,
+sizes, mtimes_ns, ctimes_ns]``: columns, one item per entry with data (``index``: the entry's
+number; ``counts``: how many numbers of the flat ``extents`` list are its (offset, length)
+pairs; receiver layouts put zeros in the identity columns), so that a worker decodes ten thousand
+entries in milliseconds rather than a row object at a time. It is read with hard limits and
+checked for consistent columns; anything else is a ProtocolError.
 
 Pure apart from ``write``/``read`` (a file in a directory only this user can enter).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
@@ -30,7 +34,7 @@ from .errors import ProtocolError
 from .fsutil import read_at_most
 from .messages import FileRef
 
-MAGIC = "stx3 layout"
+MAGIC = "stx3 layout 2"
 #: The largest layout file read (a million entries with a path and a few extents each).
 MAX_LAYOUT = 1 << 30
 
@@ -82,34 +86,56 @@ class Layout:
     def encode(self) -> bytes:
         files = self.files
         if isinstance(files, _Rows):
-            rows = [[i, list(self.extents[i]), *row] for i, row in files.rows.items()]
+            index = list(files.rows)
+            cols: list[Sequence[Any]] = list(zip(*files.rows.values(), strict=True)) or [()] * 6
         else:
-            rows = [
-                [i, list(self.extents[i]), f.path, f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns]
-                for i, f in enumerate(files)
-                if f is not None
+            index = []
+            refs: list[FileRef] = []
+            for i, f in enumerate(files):
+                if f is not None:
+                    index.append(i)
+                    refs.append(f)
+            cols = [
+                [f.path for f in refs],
+                [f.dev for f in refs],
+                [f.ino for f in refs],
+                [f.size for f in refs],
+                [f.mtime_ns for f in refs],
+                [f.ctime_ns for f in refs],
             ]
-        return msgpack.packb([MAGIC, self.block_size, len(self.extents), rows], use_bin_type=True)
+        extents = self.extents
+        counts = [len(extents[i]) for i in index]
+        flat = [x for i in index for x in extents[i]]
+        body = [MAGIC, self.block_size, len(extents), index, counts, flat, *map(list, cols)]
+        return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> Layout:
         try:
-            magic, block_size, n, rows = msgpack.unpackb(
+            magic, block_size, n, index, counts, flat, *cols = msgpack.unpackb(
                 data,
                 raw=False,
                 max_str_len=1 << 16,
                 max_bin_len=0,
-                max_array_len=1 << 24,
+                max_array_len=1 << 26,
                 max_map_len=0,
                 max_ext_len=0,
             )
-            if magic != MAGIC or not 0 < n <= 1 << 24:
+            if magic != MAGIC or not 0 < n <= 1 << 24 or len(cols) != 6:
                 raise ValueError("not a layout")
+            k = len(index)
+            if len(counts) != k or sum(counts) != len(flat) or any(len(c) != k for c in cols):
+                raise ValueError("columns of different lengths")
+            if k and (min(index) < 0 or max(index) >= n or min(counts) < 0):
+                raise ValueError("an entry out of range")
             extents: list[tuple[int, ...]] = [()] * n
-            files: dict[int, tuple[str, int, int, int, int, int]] = {}
-            for i, ext, path, dev, ino, size, mtime, ctime in rows:
-                extents[i] = tuple(ext)
-                files[i] = (path, dev, ino, size, mtime, ctime)
+            at = 0
+            for i, c in zip(index, counts, strict=True):
+                extents[i] = tuple(flat[at : at + c])
+                at += c
+            files = dict(zip(index, zip(*cols, strict=True), strict=True))
+            if len(files) != k:
+                raise ValueError("an entry twice")
             return cls(int(block_size), tuple(extents), _Rows(n, files))
         except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
             raise ProtocolError("malformed layout file") from exc
