@@ -136,6 +136,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from .cluster import local_host
+    from .ipc import freeze_heap
     from .sender import prestart_workers, send
 
     host, port = args.address
@@ -162,6 +163,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"warning: {text}", file=sys.stderr)
 
     pool = prestart_workers(paths, host, options=opts, warn=warn)
+    freeze_heap()  # the walk's entries live until the end too
     try:
         key = _key(args)
         label = os.path.basename(os.path.normpath(paths[0]))
@@ -973,9 +975,10 @@ def _on_stop_signal(signum: int, frame: object) -> None:
 
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
-    from .ipc import harden_process
+    from .ipc import freeze_heap, harden_process
 
     harden_process()
+    freeze_heap()
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
     try:

@@ -15,6 +15,7 @@ at once. Either way the worker names itself (``stx-send-worker``, ``stx-recv-wor
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import shutil
@@ -49,6 +50,16 @@ def harden_process() -> None:
     except (ImportError, ValueError, OSError):
         pass
     _prctl(4, 0)  # PR_SET_DUMPABLE
+
+
+def freeze_heap() -> None:
+    """Put every object alive now out of the cyclic garbage collector's way (``gc.freeze``):
+    the imports' modules, classes and functions (and, for ``stx send``, the walked tree) live
+    as long as the process, and every full collection would walk them all again; a
+    10,000-file tree's transfer spent about 40 ms of its 0.9 s in such collections. Later
+    objects are collected as usual. Called by the CLI and every worker, not by the library
+    API (an embedding program's heap is its own)."""
+    gc.freeze()
 
 
 def name_process(name: str) -> None:

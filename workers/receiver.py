@@ -514,6 +514,7 @@ class Worker:
 def main(argv: list[str]) -> int:
     channel_fd, report_endpoint = argv
     ipc.harden_process()
+    ipc.freeze_heap()
     ipc.name_process(ipc.RECEIVER_WORKER_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal reaches us too)

@@ -348,6 +348,7 @@ def install_signal_handlers() -> None:
 def main(argv: list[str]) -> int:
     ctl_endpoint, report_endpoint, slot, parent = argv
     ipc.harden_process()
+    ipc.freeze_heap()
     ipc.name_process(ipc.SENDER_WORKER_NAME)
     install_signal_handlers()
     worker = Worker(ctl_endpoint, report_endpoint, int(slot), int(parent))
