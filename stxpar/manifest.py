@@ -554,7 +554,7 @@ class Builder:
         """The checked manifest; ProtocolError before every chunk has arrived."""
         if not self.done:
             raise ProtocolError("bad manifest: incomplete")
-        return Manifest(self._entries, block_size=self.header.block_size)
+        return Manifest(self._entries, block_size=self.header.block_size, keys=True)
 
 
 # ---------------------------------------------------------------- the manifest
@@ -566,17 +566,23 @@ class Manifest:
     Built by the sender from its walk, by the receiver from a ``Builder``: the constructor
     trusts its entries (``check`` and the Builder apply the rules)."""
 
-    def __init__(self, entries: Sequence[Entry], *, block_size: int) -> None:
+    def __init__(self, entries: Sequence[Entry], *, block_size: int, keys: bool = False) -> None:
+        """``keys``: work out every entry's ``key`` now, from the encoding the digest hashes
+        anyway (a receiver names every file's partial by it at admission)."""
         self.entries: tuple[Entry, ...] = tuple(entries)
         self.block_size = block_size
-        self._keys: list[bytes] | None = None
+        self._keys: list[bytes] | None = [] if keys else None
         h = hashlib.sha256(_MANIFEST_LABEL)
         h.update(_U32.pack(block_size))
         pack = msgpack.Packer(use_bin_type=True).pack
         files = dirs = symlinks = data = apparent = 0
         roots: list[str] = []
+        sha256, label, out = hashlib.sha256, _ENTRY_LABEL, self._keys
         for e in self.entries:
-            h.update(pack(e.wire()))
+            encoded = pack(e.wire())  # its canonical encoding
+            h.update(encoded)
+            if out is not None:
+                out.append(sha256(label + encoded).digest()[:KEY_LEN])
             if e.kind == Kind.FILE:
                 files += 1
                 data += e.data_bytes

@@ -118,6 +118,18 @@ def test_a_tree_round_trips() -> None:
     assert all(type(e.kind) is Kind for e in entries)
 
 
+def test_keys_worked_out_up_front_are_each_entrys_own() -> None:
+    """A receiver's manifest (``keys=True``, from the Builder) names each entry by the same
+    key as the one worked out on demand, the hash of its canonical encoding."""
+    eager = build(TREE)
+    lazy = Manifest(TREE, block_size=BS)
+    assert eager._keys is not None and len(eager._keys) == len(TREE)
+    for i, e in enumerate(TREE):
+        want = hashlib.sha256(b"stx3 entry" + e.canonical()).digest()[:16]
+        assert eager.key(i) == lazy.key(i) == want
+    assert len(set(eager._keys)) == len(TREE)
+
+
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 4095, 4096])
 def test_encode_chunk_is_msgpack_of_the_wire_arrays(n: int) -> None:
     entries = [F(f"f{i}", i) for i in range(n)]
