@@ -146,6 +146,17 @@ class SourceFile:
             raise SourceChangedError(_changed(self.path))
 
 
+def check_read(fd: int, ref: FileRef) -> None:
+    """After a read through ``fd`` (a descriptor ``open_source`` gave): SourceChangedError
+    (exit 5) unless the file's size, mtime and ctime are still the ones pinned when it was
+    scanned. Any write since then changes its ctime, so a block is never sent from a file
+    that changed before it was read, and a file's blocks, whichever worker read which, all
+    come from the one version the manifest describes."""
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ref.size, ref.mtime_ns, ref.ctime_ns):
+        raise SourceChangedError(_changed(ref.path))
+
+
 def open_source(ref: FileRef) -> int:
     """Open the source the coordinator resolved and pinned (in a worker), and prove it is that
     file: a descriptor, or SourceChangedError (exit 5) before a byte of it is read.

@@ -6,8 +6,9 @@ One PATH naming a regular file is sent as before: the file is resolved and pinne
 descriptor (``source.SourceFile``) and travels as a manifest of one entry. Anything else (a
 directory, several PATHs) is walked once (``scan.scan``: nothing below a PATH is followed) into
 a manifest of files, directories and symlinks; each file is pinned by its identity (device,
-inode, size, mtime, ctime), which every worker proves again when it opens the file and the
-coordinator checks again before END (``check_unchanged``). The block size is chosen here, once,
+inode, size, mtime, ctime), which every worker proves again when it opens the file and checks
+after every read of it (``source.check_read``); before a reconnect's session the coordinator
+checks them all by name (``check_unchanged``). The block size is chosen here, once,
 from the data to move, so a resumed run computes the same blocks again.
 """
 

@@ -44,7 +44,7 @@ from stxpar.messages import (
 )
 from stxpar.netio import FramedSocket, connect
 from stxpar.records import AckChannel, BlockContext, BlockSealer, join_mac
-from stxpar.source import open_source
+from stxpar.source import check_read, open_source
 from stxpar.wire import (
     MAX_ACK_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
@@ -219,9 +219,11 @@ class Worker:
         if where.count > 1:
             self.read_pack(where, plain)
         else:
-            got = os.preadv(self.source(where.entry), [plain], where.offset)
+            fd = self.source(where.entry)
+            got = os.preadv(fd, [plain], where.offset)
             if got != where.length:
                 raise SourceChangedError("the source file shrank during the transfer")
+            check_read(fd, self.ref(where.entry))
         self.digests[seq] = block_digest(plain)
         self.sent += 1  # counted as it starts: a block cut short on the wire still went out
         self.conn.send(self.sealer.seal(seq, plain, entry=where.entry, offset=where.offset))
@@ -230,13 +232,15 @@ class Worker:
         """A pack's small files, each whole, back to back: each is opened, read and closed
         here (one read a file; they would only churn the descriptors kept open)."""
         for entry, at, length in self.space.members(where):
-            fd = open_source(self.ref(entry))
+            ref = self.ref(entry)
+            fd = open_source(ref)
             try:
                 got = os.preadv(fd, [plain[at : at + length]], 0)
+                if got != length:
+                    raise SourceChangedError("a source file shrank during the transfer")
+                check_read(fd, ref)
             finally:
                 os.close(fd)
-            if got != length:
-                raise SourceChangedError("a source file shrank during the transfer")
 
     def ref(self, entry: int) -> FileRef:
         """Where entry ``entry``'s data comes from, as the layout pins it."""

@@ -254,3 +254,49 @@ def test_a_swap_between_prestart_and_send_is_caught(
     assert run.returncode == 5, (run.returncode, run.stderr)
     assert "replaced" in run.stderr, run.stderr
     assert not _files_with(dest, secret_sha), "the swapped-in file reached the destination"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "change", [_grow, _rewrite_keeping_mtime], ids=["grown", "rewritten-old-mtime"]
+)
+def test_a_tree_file_that_changes_while_it_is_read_fails_the_transfer(
+    scratch: Path,
+    dest: Path,
+    stx_key: tuple[Path, bytes],
+    receiver: stxpar.Receiver,
+    gate: GateRelay,
+    group: ProcGroup,
+    change: Callable[[Path], None],
+) -> None:
+    """A tree: its largest file's first blocks pass, the file changes, the rest pass. The
+    worker reading it finds the change after its next read (no second walk of the tree before
+    END does it): exit 5, and the file is not in place. Sending again delivers the tree as it
+    is now."""
+    tree = scratch / "D"
+    (tree / "sub").mkdir(parents=True)
+    big = tree / "payload.bin"
+    write_random(big, 6 * SIZE)  # more than the socket buffers hold: read after the change
+    for i in range(20):
+        write_random(tree / "sub" / f"s{i:02d}", 1000)
+    proc = group.start(
+        *send_args(tree, f"127.0.0.1:{gate.port}", stx_key[0], workers=1, block_size=BLOCK)
+    )
+    assert wait_for(lambda: gate.closed_at is not None, timeout=30), "no block reached the gate"
+    change(big)
+    gate.open()
+    rc = proc.wait(timeout=60)
+    out, err = group.output(proc)
+    assert rc == 5, (rc, err)
+    assert "changed during the transfer" in err, err
+    assert "Traceback" not in err, err
+    assert not (dest / "D" / "payload.bin").exists(), "a torn copy was renamed into place"
+
+    host, port = receiver.address
+    again = run_stx(*send_args(tree, f"{host}:{port}", stx_key[0], workers=2, block_size=BLOCK))
+    assert again.rc == 0, again.stderr
+    assert wait_for(lambda: (dest / "D" / "payload.bin").exists(), timeout=10)
+    assert sha256_file(dest / "D" / "payload.bin") == sha256_file(big)
+    assert sorted(p.name for p in (dest / "D" / "sub").iterdir()) == [
+        f"s{i:02d}" for i in range(20)
+    ]
