@@ -158,6 +158,23 @@ def _replace_by_rename(path: Path) -> None:
     os.replace(new, path)
 
 
+def _changed_while_sent(
+    group: ProcGroup, gate: GateRelay, key: Path, src: Path, change: Callable[[], None]
+) -> str:
+    """``stx send src`` (one worker) through the gate; ``change()`` once the gate has held the
+    first blocks, then the rest let through: the run must end with exit 5 and one clear error.
+    Its stderr."""
+    proc = group.start(*send_args(src, f"127.0.0.1:{gate.port}", key, workers=1, block_size=BLOCK))
+    assert wait_for(lambda: gate.closed_at is not None, timeout=30), "no block reached the gate"
+    change()
+    gate.open()
+    rc = proc.wait(timeout=60)
+    _, err = group.output(proc)
+    assert rc == 5, (rc, err)
+    assert "Traceback" not in err, err
+    return str(err)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "change",
@@ -178,17 +195,8 @@ def test_a_source_that_changes_during_the_connection_fails_before_end(
     then starts over and delivers the file as it is now."""
     src = scratch / "payload.bin"
     write_random(src, SIZE)
-    proc = group.start(
-        *send_args(src, f"127.0.0.1:{gate.port}", stx_key[0], workers=1, block_size=BLOCK)
-    )
-    assert wait_for(lambda: gate.closed_at is not None, timeout=30), "no block reached the gate"
-    change(src)
-    gate.open()
-    rc = proc.wait(timeout=60)
-    out, err = group.output(proc)
-    assert rc == 5, (rc, err)
+    err = _changed_while_sent(group, gate, stx_key[0], src, lambda: change(src))
     assert "changed during the transfer" in err or "replaced" in err, err
-    assert "Traceback" not in err, err
     assert not (dest / src.name).exists(), "a torn copy was renamed into place"
 
     host, port = receiver.address
@@ -279,17 +287,8 @@ def test_a_tree_file_that_changes_while_it_is_read_fails_the_transfer(
     write_random(big, 6 * SIZE)  # more than the socket buffers hold: read after the change
     for i in range(20):
         write_random(tree / "sub" / f"s{i:02d}", 1000)
-    proc = group.start(
-        *send_args(tree, f"127.0.0.1:{gate.port}", stx_key[0], workers=1, block_size=BLOCK)
-    )
-    assert wait_for(lambda: gate.closed_at is not None, timeout=30), "no block reached the gate"
-    change(big)
-    gate.open()
-    rc = proc.wait(timeout=60)
-    out, err = group.output(proc)
-    assert rc == 5, (rc, err)
+    err = _changed_while_sent(group, gate, stx_key[0], tree, lambda: change(big))
     assert "changed during the transfer" in err, err
-    assert "Traceback" not in err, err
     assert not (dest / "D" / "payload.bin").exists(), "a torn copy was renamed into place"
 
     host, port = receiver.address
