@@ -138,12 +138,18 @@ class SourceFile:
             raise SourceChangedError(
                 f"{self.path}: cannot check the source: {exc.strerror}"
             ) from None
-        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-            self.size,
-            self.mtime_ns,
-            self.ctime_ns,
-        ):
-            raise SourceChangedError(_changed(self.path))
+        _check_state(st, self, self.path)
+
+
+def _check_state(st: os.stat_result, pinned: FileRef | SourceFile, name: object) -> None:
+    """SourceChangedError (exit 5, naming ``name``) unless ``st`` has the size, mtime and
+    ctime ``pinned`` recorded."""
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+        pinned.size,
+        pinned.mtime_ns,
+        pinned.ctime_ns,
+    ):
+        raise SourceChangedError(_changed(name))
 
 
 def check_read(fd: int, ref: FileRef) -> None:
@@ -152,9 +158,7 @@ def check_read(fd: int, ref: FileRef) -> None:
     scanned. Any write since then changes its ctime, so a block is never sent from a file
     that changed before it was read, and a file's blocks, whichever worker read which, all
     come from the one version the manifest describes."""
-    st = os.fstat(fd)
-    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ref.size, ref.mtime_ns, ref.ctime_ns):
-        raise SourceChangedError(_changed(ref.path))
+    _check_state(os.fstat(fd), ref, ref.path)
 
 
 def open_source(ref: FileRef) -> int:
@@ -174,8 +178,7 @@ def open_source(ref: FileRef) -> int:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or not stat.S_ISREG(st.st_mode):
             raise SourceChangedError(f"{REPLACED} ({path} names another file now)")
-        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (ref.size, ref.mtime_ns, ref.ctime_ns):
-            raise SourceChangedError(_changed(path))
+        _check_state(st, ref, path)
     except BaseException:
         os.close(fd)
         raise
