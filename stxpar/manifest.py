@@ -45,6 +45,7 @@ from .wire import (
     MAX_BLOCKS,
     MAX_STREAMS,
     MIN_BLOCK_SIZE,
+    blocks_for,
     printable,
 )
 
@@ -406,7 +407,7 @@ class _Rules:
                     f"receiver's --max-bytes ({self.limits.max_bytes})"
                 )
             bs = self.block_size
-            self.blocks += sum([-(-n // bs) for n in lengths])  # blocks_for, each extent
+            self.blocks += sum([blocks_for(n, bs) for n in lengths])
             if self.blocks > MAX_BLOCKS:
                 raise RejectedError(
                     f"the transfer has more than {MAX_BLOCKS} blocks of {bs} bytes "
