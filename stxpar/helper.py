@@ -88,6 +88,7 @@ from .messages import (
 )
 from .netio import Backoff, parse_hostport
 from .recv_helper import RecvSide
+from .workers.sender import SPARE_ARGS_MAX, spare_main
 
 #: Seconds one attempt to reach the coordinator may take before the next one is planned.
 ATTEMPT_S = 2.0
@@ -105,23 +106,19 @@ _OVERHEAD = 1024
 
 LogFn = Callable[[str], None]
 Proc = subprocess.Popen[bytes] | ipc.ForkedWorker
-#: A spare's arguments: the line it waits for is at most this long (PIPE_BUF: written at once).
-_ARGS_MAX = 4096
 #: What a spare started as a new interpreter runs (``python -P -c``): ignore the terminal's
-#: signals (the coordinator says when to stop, with SIGTERM), import the worker, and wait for its
-#: arguments on stdin; end quietly when this process is gone (end of file) before they came.
-SPARE_CODE = f"""\
+#: signals (the coordinator says when to stop, with SIGTERM), import the worker, keep its stdin
+#: (the pipe its arguments come on) aside, and wait (``spare_main``).
+SPARE_CODE = """\
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-from stxpar import ipc
 from stxpar.workers import sender
-ipc.name_process(ipc.SENDER_WORKER_NAME)
-args = os.read(0, {_ARGS_MAX}).decode(errors="replace").split()
+fd = os.dup(0)
 null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(null, 0)
 os.close(null)
-sys.exit(sender.main(args) if len(args) == 4 else 0)
+sys.exit(sender.spare_main(fd))
 """
 
 
@@ -138,17 +135,13 @@ class Spares:
     def forked(cls, n: int) -> Spares:
         """``n`` spares forked from this process, which must hold nothing a worker may not
         see (``stx worker`` calls it before reading the key) and may fork (``ipc.can_fork``)."""
-        from .workers.sender import main as worker_main
-
         spares = cls(n)
 
         def spare(argv: list[str]) -> int:
             fd, *others = (int(x) for x in argv)
             for other in others:  # the other spares' write ends: end of file must reach them
                 os.close(other)
-            ipc.name_process(ipc.SENDER_WORKER_NAME)
-            args = _read_args(fd)
-            return worker_main(args) if args is not None else 0
+            return spare_main(fd)
 
         try:
             for _ in range(n):
@@ -188,7 +181,7 @@ class Spares:
     def take(self, args: tuple[str, ...]) -> Proc | None:
         """A spare running the worker with ``args``; None when none is left."""
         line = (" ".join(args) + "\n").encode()
-        if len(line) > _ARGS_MAX or any(not a or a.split() != [a] for a in args):
+        if len(line) > SPARE_ARGS_MAX or any(not a or a.split() != [a] for a in args):
             return None
         while self.waiting:
             proc, w = self.waiting.pop(0)
@@ -215,17 +208,6 @@ class Spares:
             os.close(w)  # end of file: each one exits on its own
         for proc, _ in waiting:
             _stop(proc)
-
-
-def _read_args(fd: int) -> list[str] | None:
-    """A spare's arguments, one line on ``fd``; None at end of file (its helper is gone) or
-    for anything but four words."""
-    try:
-        data = os.read(fd, _ARGS_MAX)
-    finally:
-        os.close(fd)
-    args = data.decode(errors="replace").split()
-    return args if len(args) == 4 else None
 
 
 def _stop(proc: Proc) -> None:

@@ -381,5 +381,24 @@ def main(argv: list[str]) -> int:
         worker.ctx.destroy(linger=200)
 
 
+#: A spare's arguments: the one line it waits for is at most this long (PIPE_BUF: a helper
+#: writes it at once).
+SPARE_ARGS_MAX = 4096
+
+
+def spare_main(fd: int) -> int:
+    """A worker started ahead of its work (``stxpar.helper.Spares``), forked or a new
+    interpreter: named already, it waits for its four arguments, one line on ``fd``, and then
+    runs as ``main``; it ends at once, quietly, at end of file (its helper went away first) or
+    for anything but four words."""
+    ipc.name_process(ipc.SENDER_WORKER_NAME)
+    try:
+        data = os.read(fd, SPARE_ARGS_MAX)
+    finally:
+        os.close(fd)
+    args = data.decode(errors="replace").split()
+    return main(args) if len(args) == 4 else 0
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
