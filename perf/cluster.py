@@ -376,6 +376,29 @@ class ClusterBench:
             run.helpers[h] = p
             run.procs.append(p)
 
+    def timed_send(
+        self,
+        rec: dict[str, Any],
+        run: Run,
+        recv: subprocess.Popen[bytes],
+        tag: str,
+        host: str,
+        argv: list[str],
+        *,
+        t0: float,
+        before: tuple[tuple[float, float], float, dict[str, float], dict[str, int]],
+        count: Callable[[str], int],
+        links_key: str,
+    ) -> Path:
+        """Start the timed ``stx send`` (``argv``) in ``host``, its output in the logs, then
+        ``finish``; the path of its stderr."""
+        serr = self.logs / f"{tag}-send.err"
+        with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
+            send = self.start(host, argv, stdout=out, stderr=err)
+        run.procs.append(send)
+        self.finish(rec, run, send, recv, t0=t0, before=before, count=count, links_key=links_key)
+        return serr
+
     def finish(
         self,
         rec: dict[str, Any],
@@ -474,15 +497,13 @@ class ClusterBench:
             run.links = Uplinks([self.hosts[h] for h in uplinks], t0)
             if cfg == "three":
                 self.start_helpers(run, tag, "s0", HELPERS)
-            serr = self.logs / f"{tag}-send.err"
-            with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
-                send = self.start("s0", sargv, stdout=out, stderr=err)
-            run.procs.append(send)
-            self.finish(
+            serr = self.timed_send(
                 rec,
                 run,
-                send,
                 recv,
+                tag,
+                "s0",
+                sargv,
                 t0=t0,
                 before=before,
                 count=lambda h: tbf_sent(self.hosts[h]),
@@ -763,15 +784,13 @@ class RecvClusterBench(ClusterBench):
             before = (cpu_busy(), tree_cpu(recv.pid), helper_cpu0, got0)
             t0 = time.monotonic()
             run.links = Uplinks([self.hosts[h] for h in RECV_HOSTS], t0, counter="tx_bytes")
-            serr = self.logs / f"{tag}-send.err"
-            with open(serr, "wb") as err, open(self.logs / f"{tag}-send.out", "wb") as out:
-                send = self.start("snd", sargv, stdout=out, stderr=err)
-            run.procs.append(send)
-            self.finish(
+            serr = self.timed_send(
                 rec,
                 run,
-                send,
                 recv,
+                tag,
+                "snd",
+                sargv,
                 t0=t0,
                 before=before,
                 count=lambda h: tbf_sent(self.hosts[h], ingress=True),
