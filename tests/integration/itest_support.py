@@ -57,6 +57,15 @@ PART_SUFFIX = ".stxpart"
 KNOWN_KEYS: set[str] = set()
 
 
+def stx_env() -> dict[str, str]:
+    """This process's environment for an ``stx`` child, without a key file of the user's
+    (``STX_PSK_FILE``) or ``STX_DEBUG``: only the test's own ``--psk-file`` counts."""
+    env = dict(os.environ)
+    env.pop("STX_PSK_FILE", None)
+    env.pop("STX_DEBUG", None)
+    return env
+
+
 def register_key(key: bytes) -> bytes:
     KNOWN_KEYS.add(key.hex())
     return key

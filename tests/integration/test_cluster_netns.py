@@ -28,6 +28,7 @@ from itest_support import (
     last_json,
     make_keyfile,
     sha256_file,
+    stx_env,
     wait_for,
     write_random,
 )
@@ -41,13 +42,6 @@ RECV_PORT = 9000
 DONE = re.compile(r"transfer done: (\d+) blocks")
 #: Each shaped link: 25 MB/s, so that a file of tens of MiB takes seconds.
 RATE = "200mbit"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("STX_PSK_FILE", None)
-    env.pop("STX_DEBUG", None)
-    return env
 
 
 class NsProc:
@@ -68,13 +62,13 @@ class NsProc:
             if tty:
                 master, slave = pty.openpty()
                 try:
-                    self.proc = host.popen(wrapped, stdout=out, stderr=slave, env=_env())
+                    self.proc = host.popen(wrapped, stdout=out, stderr=slave, env=stx_env())
                 finally:
                     os.close(slave)
                 self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
                 self._reader.start()
             else:
-                self.proc = host.popen(wrapped, stdout=out, stderr=err, env=_env())
+                self.proc = host.popen(wrapped, stdout=out, stderr=err, env=stx_env())
 
     def _read(self, fd: int) -> None:
         try:

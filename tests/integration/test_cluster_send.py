@@ -25,6 +25,7 @@ from itest_support import (
     last_json,
     make_keyfile,
     sha256_file,
+    stx_env,
     wait_for,
     write_random,
 )
@@ -34,13 +35,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MIB = 1 << 20
 DONE = re.compile(r"transfer done: (\d+) blocks")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("STX_PSK_FILE", None)
-    env.pop("STX_DEBUG", None)
-    return env
 
 
 class Proc:
@@ -61,7 +55,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 stdout=o,
                 stderr=e,
-                env=_env(),
+                env=stx_env(),
                 start_new_session=True,
             )
 
