@@ -161,6 +161,11 @@ class BlockSpace:
     def entries(self) -> int:
         return len(self._starts) - 1
 
+    def packed(self, entry: int) -> bool:
+        """Whether entry ``entry`` is a small whole file that may share a block (a pack
+        member, written whole by one write)."""
+        return bool(self._packed[entry])
+
     def entry_blocks(self, entry: int) -> range:
         if self._packed[entry]:
             start = self._seg_block[bisect.bisect_right(self._seg_entry, entry) - 1]

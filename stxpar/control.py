@@ -425,7 +425,11 @@ class ControlHandler:
         manifest = md.manifest
         extents = [e.extents for e in manifest.entries]
         key, name = manifest.key, treefiles.partial_name
-        names = {i: name(key(i)) for i, ext in enumerate(extents) if ext}
+        names = {
+            i: (name(key(i)), e.size, e.mtime_ns, e.mode)
+            for i, e in enumerate(manifest.entries)
+            if e.extents
+        }
         return layout_file.Layout.named(md.block_size, extents, names)
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:

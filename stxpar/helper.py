@@ -241,7 +241,7 @@ def localize(data: bytes) -> bytes:
     (inode, size, mtime, ctime). ``NotVisible`` (naming the path) otherwise; ProtocolError
     for a malformed layout."""
     plan = layout_file.Layout.decode(data)
-    rows: dict[int, tuple[str, int, int, int, int, int]] = {}
+    rows: dict[int, layout_file.Row] = {}
     files = plan.files
     for i in range(len(files)):
         ref = files[i]
@@ -258,7 +258,7 @@ def localize(data: bytes) -> bytes:
             st.st_ctime_ns,
         ) != (ref.ino, ref.size, ref.mtime_ns, ref.ctime_ns):
             raise NotVisible(ref.path)
-        rows[i] = (ref.path, st.st_dev, ref.ino, ref.size, ref.mtime_ns, ref.ctime_ns)
+        rows[i] = (ref.path, st.st_dev, ref.ino, ref.size, ref.mtime_ns, ref.ctime_ns, 0)
     local = layout_file.Layout(
         plan.block_size, plan.extents, layout_file._Rows(len(plan.extents), rows)
     )

@@ -11,10 +11,13 @@ message, so the coordinator writes this description once per session into its pr
 directory and names the file in the worker's job; every worker of the session reads it once.
 
 The file is msgpack ``[MAGIC, block_size, entries, index, counts, extents, names, devs, inodes,
-sizes, mtimes_ns, ctimes_ns]``: columns, one item per entry with data (``index``: the entry's
-number; ``counts``: how many numbers of the flat ``extents`` list are its (offset, length)
-pairs; receiver layouts put zeros in the identity columns), so that a worker decodes ten thousand
-entries in milliseconds rather than a row object at a time. It is read with hard limits and
+sizes, mtimes_ns, ctimes_ns, modes]``: columns, one item per entry with data (``index``: the
+entry's number; ``counts``: how many numbers of the flat ``extents`` list are its (offset,
+length) pairs), so that a worker decodes ten thousand entries in milliseconds rather than a row
+object at a time. A sender's layout puts zeros in ``modes``; a receiver's puts zeros in the
+identity columns and, in ``sizes``, ``mtimes_ns`` and ``modes``, what the finished file must
+have (its worker gives a pack's files their size, mode and mtime as it writes them, so the
+coordinator only renames them). It is read with hard limits and
 checked for consistent columns; anything else is a ProtocolError.
 
 Pure apart from ``write``/``read`` (a file in a directory only this user can enter).
@@ -34,7 +37,10 @@ from .errors import ProtocolError
 from .fsutil import read_at_most
 from .messages import FileRef
 
-MAGIC = "stx3 layout 2"
+MAGIC = "stx3 layout 3"
+#: A row: path or name, dev, ino, size, mtime_ns, ctime_ns, mode.
+Row = tuple[str, int, int, int, int, int, int]
+_COLUMNS = 7
 #: The largest layout file read (a million entries with a path and a few extents each).
 MAX_LAYOUT = 1 << 30
 
@@ -43,7 +49,7 @@ class _Rows(Sequence["FileRef | None"]):
     """Per entry, its file (a ``FileRef``, made when asked for: a million entries must not
     cost a million objects up front) or None."""
 
-    def __init__(self, n: int, rows: dict[int, tuple[str, int, int, int, int, int]]) -> None:
+    def __init__(self, n: int, rows: dict[int, Row]) -> None:
         self.n = n
         self.rows = rows
 
@@ -52,7 +58,7 @@ class _Rows(Sequence["FileRef | None"]):
 
     def __getitem__(self, i: int) -> FileRef | None:  # type: ignore[override]
         row = self.rows.get(i)
-        return None if row is None else FileRef(*row)
+        return None if row is None else FileRef(*row[:6])
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,25 @@ class Layout:
 
     @classmethod
     def named(
-        cls, block_size: int, extents: Sequence[tuple[int, ...]], names: dict[int, str]
+        cls,
+        block_size: int,
+        extents: Sequence[tuple[int, ...]],
+        names: dict[int, tuple[str, int, int, int]],
     ) -> Layout:
-        """A receiver's layout: the partial file's name of each entry with data."""
-        rows = {i: (name, 0, 0, 0, 0, 0) for i, name in names.items()}
+        """A receiver's layout: per entry with data, its partial file's name and the size,
+        mtime and mode the finished file must have."""
+        rows = {
+            i: (name, 0, 0, size, mtime, 0, mode) for i, (name, size, mtime, mode) in names.items()
+        }
         return cls(block_size, tuple(extents), _Rows(len(extents), rows))
+
+    def finished(self, i: int) -> tuple[str, int, int, int]:
+        """A receiver's layout: entry ``i``'s partial name, and the size, mtime and mode of the
+        finished file; ProtocolError if the entry holds no data."""
+        row = self.files.rows.get(i) if isinstance(self.files, _Rows) else None
+        if row is None:
+            raise ProtocolError(f"block for entry {i}, which holds no data")
+        return row[0], row[3], row[4], row[6]
 
     def name(self, i: int) -> str | None:
         """Entry ``i``'s file name or path (None: the entry holds no data)."""
@@ -87,7 +107,8 @@ class Layout:
         files = self.files
         if isinstance(files, _Rows):
             index = list(files.rows)
-            cols: list[Sequence[Any]] = list(zip(*files.rows.values(), strict=True)) or [()] * 6
+            cols: list[Sequence[Any]] = list(zip(*files.rows.values(), strict=True))
+            cols = cols or [()] * _COLUMNS
         else:
             index = []
             refs: list[FileRef] = []
@@ -102,6 +123,7 @@ class Layout:
                 [f.size for f in refs],
                 [f.mtime_ns for f in refs],
                 [f.ctime_ns for f in refs],
+                [0] * len(refs),
             ]
         extents = self.extents
         counts = [len(extents[i]) for i in index]
@@ -121,7 +143,7 @@ class Layout:
                 max_map_len=0,
                 max_ext_len=0,
             )
-            if magic != MAGIC or not 0 < n <= 1 << 24 or len(cols) != 6:
+            if magic != MAGIC or not 0 < n <= 1 << 24 or len(cols) != _COLUMNS:
                 raise ValueError("not a layout")
             k = len(index)
             if len(counts) != k or sum(counts) != len(flat) or any(len(c) != k for c in cols):

@@ -141,6 +141,9 @@ class SourceFile:
         _check_state(st, self, self.path)
 
 
+_SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _check_state(st: os.stat_result, pinned: FileRef | SourceFile, name: object) -> None:
     """SourceChangedError (exit 5, naming ``name``) unless ``st`` has the size, mtime and
     ctime ``pinned`` recorded."""
@@ -161,6 +164,36 @@ def check_read(fd: int, ref: FileRef) -> None:
     _check_state(os.fstat(fd), ref, ref.path)
 
 
+def read_whole(ref: FileRef, into: memoryview) -> None:
+    """Read the whole small file ``ref`` (``len(into)`` bytes, its size) into ``into``: opened
+    as ``open_source`` does, read, and only then proved to be the pinned file in its pinned
+    state (one ``fstat`` for both checks; what was read is dropped with the exception):
+    SourceChangedError (exit 5) if it is not, or shrank."""
+    path = ref.path
+    try:
+        fd = os.open(path, _SOURCE_FLAGS)
+    except OSError as exc:
+        raise SourceChangedError(f"{REPLACED} ({path}: {exc.strerror})") from None
+    try:
+        try:
+            got = os.preadv(fd, [into], 0)
+        except OSError:
+            _check_identity(os.fstat(fd), ref, path)  # a directory, a FIFO... swapped in
+            raise
+        st = os.fstat(fd)
+        _check_identity(st, ref, path)
+        _check_state(st, ref, path)
+        if got != len(into):
+            raise SourceChangedError("a source file shrank during the transfer")
+    finally:
+        os.close(fd)
+
+
+def _check_identity(st: os.stat_result, ref: FileRef, path: str) -> None:
+    if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or not stat.S_ISREG(st.st_mode):
+        raise SourceChangedError(f"{REPLACED} ({path} names another file now)")
+
+
 def open_source(ref: FileRef) -> int:
     """Open the source the coordinator resolved and pinned (in a worker), and prove it is that
     file: a descriptor, or SourceChangedError (exit 5) before a byte of it is read.
@@ -171,13 +204,12 @@ def open_source(ref: FileRef) -> int:
     opened must be the coordinator's."""
     path = ref.path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, _SOURCE_FLAGS)
     except OSError as exc:
         raise SourceChangedError(f"{REPLACED} ({path}: {exc.strerror})") from None
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or not stat.S_ISREG(st.st_mode):
-            raise SourceChangedError(f"{REPLACED} ({path} names another file now)")
+        _check_identity(st, ref, path)
         _check_state(st, ref, path)
     except BaseException:
         os.close(fd)

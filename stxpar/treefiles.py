@@ -142,6 +142,7 @@ class TreeOpened:
         dest_fd: int = -1,
         staging_fd: int = -1,
         dirs: _Dirs | None = None,
+        present: frozenset[str] = frozenset(),
     ) -> None:
         self.manifest = manifest
         self.identity: bytes = manifest.digest
@@ -157,6 +158,9 @@ class TreeOpened:
         self._dest_fd = dest_fd
         self._staging_fd = staging_fd
         self._dirs = dirs
+        #: the FILE and SYMLINK paths that something had at admission (checked again before
+        #: a rename replaces it)
+        self._present = present
         self._state: TreeStateLog | None = None
         self._inode: tuple[int, int] | None = None
         if staging_fd >= 0:
@@ -258,9 +262,19 @@ class TreeOpened:
             os.fsync(dirs.get(path))
 
     def _finish_partial(self, i: int) -> str:
-        """The complete partial of FILE ``i``: cut, mode, mtime, fsync, renamed into place."""
+        """The complete partial of FILE ``i``: cut, mode, mtime, fsync, renamed into place. A
+        pack member's worker has usually done all but the rename (``workers/receiver``): its
+        partial is then only checked (ours, with the entry's size, mtime and mode) and
+        renamed."""
         e = self.manifest.entries[i]
         name = partial_name(self.manifest.key(i))
+        if self.manifest.space.packed(i):
+            try:
+                st = os.stat(name, dir_fd=self._staging_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and _finished(st, e):
+                return self._rename_in(name, e, (st.st_dev, st.st_ino))
         try:
             fd = os.open(name, os.O_RDWR | _SAFE_OPEN, dir_fd=self._staging_fd)
         except FileNotFoundError:
@@ -304,8 +318,15 @@ class TreeOpened:
     def _rename_in(self, name: str, e: Entry, inode: tuple[int, int]) -> str:
         parent, base = _split(e.path)
         pfd = self._dirs_open().get(parent)
-        _check_replaceable(pfd, base, e.path)
-        os.rename(name, base, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
+        if e.path in self._present:
+            _check_replaceable(pfd, base, e.path)
+        try:
+            os.rename(name, base, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
+        except OSError:
+            # Nothing had the name at admission, and a rename never replaces a directory: say
+            # what is in the way now.
+            _check_replaceable(pfd, base, e.path)
+            raise
         landed = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         if (landed.st_dev, landed.st_ino) != inode:
             raise OSError(errno.ESTALE, f"{_show(e.path)} was replaced while it was renamed")
@@ -362,6 +383,17 @@ class TreeOpened:
         os.fsync(self._dest_fd)
 
 
+def _finished(st: os.stat_result, e: Entry) -> bool:
+    """Whether the partial that ``st`` describes is ours and has FILE ``e``'s size, mtime and
+    mode (a worker finished it before its fsync)."""
+    return (
+        is_ours(st)
+        and st.st_size == e.size
+        and st.st_mtime_ns == e.mtime_ns
+        and stat.S_IMODE(st.st_mode) == e.mode
+    )
+
+
 def _check_replaceable(pfd: int, base: str, path: str) -> None:
     """OSError unless ``base`` in ``pfd`` is free or may be replaced by a rename (a regular
     file or a symlink, never what it points to)."""
@@ -413,7 +445,7 @@ def open_tree(
     opened: TreeOpened | None = None
     try:
         try:
-            _precheck(dirs, manifest)
+            present = _precheck(dirs, manifest)
             staging_fd = _open_staging(dest_fd, name)
         except OSError as exc:
             raise disk_error(exc, "cannot check the destination") from None
@@ -457,6 +489,7 @@ def open_tree(
                 dest_fd=dest_fd,
                 staging_fd=staging_fd,
                 dirs=dirs,
+                present=present,
             )
             for pairs in held.values():
                 opened._hold(pairs)
@@ -495,11 +528,13 @@ def open_tree(
         raise
 
 
-def _precheck(dirs: _Dirs, manifest: Manifest) -> None:
+def _precheck(dirs: _Dirs, manifest: Manifest) -> frozenset[str]:
     """RejectedError if any entry cannot be written as it is: a non-directory (a symlink
     included) where a directory goes, a directory (or device, FIFO...) where a file or a
-    symlink goes. Nothing is created; OSError for other failures."""
+    symlink goes. Nothing is created; OSError for other failures. The paths of the FILE and
+    SYMLINK entries that something has now (a file or a symlink, to be replaced)."""
     missing: set[str] = set()
+    present: set[str] = set()
     for e in manifest.entries:
         parent, base = _split(e.path)
         if parent in missing:
@@ -537,6 +572,9 @@ def _precheck(dirs: _Dirs, manifest: Manifest) -> None:
                 f"{_show(e.path)} exists in the destination and is not a regular file"
                 " or symlink; refusing to replace it"
             )
+        else:
+            present.add(e.path)
+    return frozenset(present)
 
 
 def _open_staging(dest_fd: int, name: str) -> int:

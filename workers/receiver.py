@@ -294,6 +294,9 @@ class _FileTarget(_Target):
         os.close(self.fd)
 
 
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 class _TreeTarget(_Target):
     """A tree's staging directory (proved to be the session's inode): each entry's blocks go
     to its partial there, created on first use; a few partials stay open."""
@@ -329,15 +332,27 @@ class _TreeTarget(_Target):
         name = self.plan.name(entry)
         if name is None:
             raise ProtocolError(f"block for entry {entry}, which holds no data")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        return self._open(name)
+
+    def _open(self, name: str) -> int:
         try:
-            fd = os.open(name, flags, 0o600, dir_fd=self.dir)
+            fd = os.open(name, _PARTIAL_FLAGS, 0o600, dir_fd=self.dir)
         except OSError as exc:
             raise _open_error(exc, "a partial file") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise RejectedError("a partial file in the staging directory is not a regular file")
         return fd
+
+    def _open_new(self, name: str) -> int:
+        """A partial made now (-1 if the name is taken: a file that starts over, a block that
+        came twice)."""
+        try:
+            return os.open(name, _PARTIAL_FLAGS | os.O_EXCL, 0o600, dir_fd=self.dir)
+        except FileExistsError:
+            return -1
+        except OSError as exc:
+            raise _open_error(exc, "a partial file") from None
 
     def write(self, plain: memoryview, entry: int, offset: int) -> None:
         fd = self._fd(entry)
@@ -350,17 +365,35 @@ class _TreeTarget(_Target):
         self.dirty.add(entry)
 
     def write_pack(self, plain: memoryview, members: list[tuple[int, int, int]]) -> None:
-        """A pack's small files, each whole: written, made durable and closed at once."""
+        """A pack's small files, each whole: written, made durable and closed at once.
+
+        A partial made new here is finished here too, before its fsync: its size (a trailing
+        hole), its mode and its mtime, so that the coordinator only renames it (it checks all
+        three; ``treefiles``). The mode is left 0600 when it would take the owner's read or
+        write away (a block that comes again must still open it), and a partial that was
+        already there is written as any other: the coordinator finishes both."""
         for entry, at, length in members:
-            fd = self._create(entry)
+            name, size, mtime_ns, mode = self.plan.finished(entry)
+            fd = self._open_new(name)
+            new = fd >= 0
+            if not new:
+                fd = self._open(name)
             try:
                 try:
                     written = os.pwrite(fd, plain[at : at + length], 0)
+                    if written == length and new:
+                        if size != length:
+                            os.ftruncate(fd, size)
+                        if mode & 0o600 == 0o600:
+                            os.fchmod(fd, mode)
+                        os.utime(fd, ns=(mtime_ns, mtime_ns))
+                        os.fsync(fd)
                 except OSError as exc:
                     raise write_error(exc) from None
                 if written != length:
                     raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-                self._sync(entry, fd)
+                if not new:
+                    self._sync(entry, fd)
             finally:
                 os.close(fd)
 

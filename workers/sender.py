@@ -44,7 +44,7 @@ from stxpar.messages import (
 )
 from stxpar.netio import FramedSocket, connect
 from stxpar.records import AckChannel, BlockContext, BlockSealer, join_mac
-from stxpar.source import check_read, open_source
+from stxpar.source import check_read, open_source, read_whole
 from stxpar.wire import (
     MAX_ACK_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
@@ -232,15 +232,7 @@ class Worker:
         """A pack's small files, each whole, back to back: each is opened, read and closed
         here (one read a file; they would only churn the descriptors kept open)."""
         for entry, at, length in self.space.members(where):
-            ref = self.ref(entry)
-            fd = open_source(ref)
-            try:
-                got = os.preadv(fd, [plain[at : at + length]], 0)
-                if got != length:
-                    raise SourceChangedError("a source file shrank during the transfer")
-                check_read(fd, ref)
-            finally:
-                os.close(fd)
+            read_whole(self.ref(entry), plain[at : at + length])
 
     def ref(self, entry: int) -> FileRef:
         """Where entry ``entry``'s data comes from, as the layout pins it."""

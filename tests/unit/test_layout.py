@@ -41,7 +41,11 @@ def test_a_sender_layout_round_trips() -> None:
 
 
 def test_a_receiver_layout_round_trips() -> None:
-    names = {0: "p0.stxpart", 2: "p2.stxpart", 4: "p4.stxpart"}
+    names = {
+        0: ("p0.stxpart", 10, 1_000_000_007, 0o644),
+        2: ("p2.stxpart", 1 << 20, 5, 0o600),
+        4: ("p4.stxpart", 7, 0, 0o755),
+    }
     plan = Layout.named(1 << 16, EXTENTS, names)
     back = Layout.decode(plan.encode())
     assert back.extents == EXTENTS
@@ -52,6 +56,9 @@ def test_a_receiver_layout_round_trips() -> None:
         3: None,
         4: "p4.stxpart",
     }
+    assert {i: back.finished(i) for i in names} == names
+    with pytest.raises(ProtocolError):  # an entry with no data has no finished file
+        back.finished(1)
 
 
 def test_a_layout_without_files_round_trips() -> None:
