@@ -88,9 +88,10 @@ class Kind(enum.IntEnum):
 _KIND_OF = {int(k): k for k in Kind}
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One entry of a manifest, as its sender describes it."""
+class Entry(NamedTuple):
+    """One entry of a manifest, as its sender describes it. (A named tuple: a sender's walk
+    and a receiver's decoding each make one per entry, and a frozen dataclass costs three
+    times as much to make.)"""
 
     kind: Kind
     #: Relative, "/"-separated ("D/sub/x.bin"); a top-level entry has no "/".
@@ -234,17 +235,18 @@ def decode_chunk(payload: bytes) -> tuple[int, tuple[Entry, ...]]:
     return index, tuple(_entry(raw) for raw in obj[1])
 
 
-def chunks(entries: Sequence[Entry]) -> list[bytes]:
+def chunks(entries: Sequence[Entry], encoded: Sequence[bytes] | None = None) -> list[bytes]:
     """The MANIFEST payloads for ``entries`` (index 0, 1, ...), each within MAX_CHUNK_ENTRIES
-    entries and MAX_CHUNK_BYTES bytes. UsageError for an entry too big for a chunk of its own
-    (a file with so many extents that their encoding passes MAX_CHUNK_BYTES)."""
+    entries and MAX_CHUNK_BYTES bytes; ``encoded``: their canonical encodings, if made already
+    (``Manifest.encodings``). UsageError for an entry too big for a chunk of its own (a file
+    with so many extents that their encoding passes MAX_CHUNK_BYTES)."""
     out: list[bytes] = []
     batch: list[bytes] = []
     room = MAX_CHUNK_BYTES - _CHUNK_OVERHEAD
     used = 0
-    for entry in entries:
+    for i, entry in enumerate(entries):
         try:
-            data = entry.canonical()
+            data = entry.canonical() if encoded is None else encoded[i]
         except UnicodeEncodeError:
             raise UsageError(f"not a UTF-8 name: {shown(entry.path)}") from None
         if len(data) > room:
@@ -567,12 +569,23 @@ class Manifest:
     Built by the sender from its walk, by the receiver from a ``Builder``: the constructor
     trusts its entries (``check`` and the Builder apply the rules)."""
 
-    def __init__(self, entries: Sequence[Entry], *, block_size: int, keys: bool = False) -> None:
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        *,
+        block_size: int,
+        keys: bool = False,
+        encodings: bool = False,
+    ) -> None:
         """``keys``: work out every entry's ``key`` now, from the encoding the digest hashes
-        anyway (a receiver names every file's partial by it at admission)."""
+        anyway (a receiver names every file's partial by it at admission). ``encodings``:
+        keep those encodings in ``self.encodings`` (a sender's MANIFEST chunks are made of
+        them: ``chunks``)."""
         self.entries: tuple[Entry, ...] = tuple(entries)
         self.block_size = block_size
         self._keys: list[bytes] | None = [] if keys else None
+        self.encodings: list[bytes] | None = [] if encodings else None
+        kept = self.encodings
         h = hashlib.sha256(_MANIFEST_LABEL)
         h.update(_U32.pack(block_size))
         pack = msgpack.Packer(use_bin_type=True).pack
@@ -582,6 +595,8 @@ class Manifest:
         for e in self.entries:
             encoded = pack(e.wire())  # its canonical encoding
             h.update(encoded)
+            if kept is not None:
+                kept.append(encoded)
             if out is not None:
                 out.append(sha256(label + encoded).digest()[:KEY_LEN])
             if e.kind == Kind.FILE:

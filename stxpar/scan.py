@@ -6,7 +6,7 @@ Each PATH the user names is resolved once (a symlink the user named is followed,
 ``source.SourceFile.open`` does for one file); below it nothing is followed. Each directory is
 opened with O_NOFOLLOW|O_DIRECTORY and listed through that descriptor, and every child is
 looked at through it too (``dir_fd``): a regular file's lstat gives the entry and the
-``SourceRef`` a worker re-checks when it opens the file (O_NOFOLLOW, same identity and state),
+``FileRef`` a worker re-checks when it opens the file (O_NOFOLLOW, same identity and state),
 and only a file that may have holes is opened here to find them; a symlink is read, never
 followed. One directory descriptor is open at a time and no file stays open: the walk keeps no
 descriptors.
@@ -39,6 +39,7 @@ from .manifest import (
     Entry,
     Kind,
 )
+from .messages import FileRef
 from .source import REPLACED
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -50,26 +51,13 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 Warn = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class SourceRef:
-    """Where a FILE entry's bytes are read from, and what the file was when it was scanned
-    (a worker opens ``path`` with O_NOFOLLOW and must find the same identity and state)."""
-
-    path: str  # absolute real path of the file (no symlink in it after the root)
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-
 @dataclass
 class Scan:
     """What a scan found: the entries in manifest order and where each FILE's bytes come from."""
 
     entries: list[Entry] = field(default_factory=list)
     #: Entry index -> source, for every FILE entry.
-    sources: dict[int, SourceRef] = field(default_factory=dict)
+    sources: dict[int, FileRef] = field(default_factory=dict)
     #: (printable path, why) for everything skipped with a warning.
     skipped: list[tuple[str, str]] = field(default_factory=list)
     files: int = 0
@@ -237,7 +225,7 @@ class _Walker:
         if self.warn is not None:
             self.warn(f"skipping {shown}: {why}")
 
-    def add(self, entry: Entry, source: SourceRef | None = None) -> None:
+    def add(self, entry: Entry, source: FileRef | None = None) -> None:
         s = self.scan
         if source is not None:
             s.sources[len(s.entries)] = source
@@ -252,18 +240,12 @@ class _Walker:
 
     def file(
         self, rel: str, real: str, st: os.stat_result, extents: tuple[int, ...]
-    ) -> tuple[Entry, SourceRef]:
+    ) -> tuple[Entry, FileRef]:
+        size, mtime = st.st_size, st.st_mtime_ns
         entry = Entry(
-            kind=Kind.FILE,
-            path=rel,
-            size=st.st_size,
-            mode=st.st_mode & 0o777,
-            mtime_ns=st.st_mtime_ns,
-            extents=extents,
-            file_id=_file_id(real, st),
+            Kind.FILE, rel, size, st.st_mode & 0o777, mtime, "", extents, _file_id(real, st)
         )
-        ref = SourceRef(real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        return entry, ref
+        return entry, FileRef(real, st.st_dev, st.st_ino, size, mtime, st.st_ctime_ns)
 
     def root(self, root: _Root) -> None:
         try:
@@ -338,10 +320,9 @@ class _Walker:
             )
             with os.scandir(dfd) as it:
                 children = sorted(((os.fsencode(e.name), e) for e in it), key=lambda c: c[0])
-            room = (
-                MAX_PATH_BYTES - len(rel.encode()) - 1,
-                _PATH_MAX - 1 - len(os.fsencode(real)) - 1,
-            )
+            rel_room = MAX_PATH_BYTES - len(rel.encode()) - 1
+            real_room = _PATH_MAX - 1 - len(os.fsencode(real)) - 1
+            room = (rel_room, real_room, min(rel_room, real_room, MAX_COMPONENT_BYTES))
             prefix = os.path.join(display, "")  # (a display path may end with "/" already)
             items = [self.child(dfd, real, rel, prefix, room, enc, e) for enc, e in children]
         except OSError as exc:
@@ -352,7 +333,7 @@ class _Walker:
 
     def regular(
         self, dfd: int, name: str, rel: str, real: str, display: str, st: os.stat_result
-    ) -> tuple[Entry, SourceRef] | None:
+    ) -> tuple[Entry, FileRef] | None:
         """A regular file of the directory ``dfd`` that its lstat ``st`` describes. Opened
         only when it may have holes (fewer blocks allocated than its size), to find them:
         ten thousand small files cost one ``fstatat`` each, not an open, an fstat and a close.
@@ -392,23 +373,26 @@ class _Walker:
         dreal: str,
         drel: str,
         dprefix: str,
-        room: tuple[int, int],
+        room: tuple[int, int, int],
         encoded: bytes,
         e: os.DirEntry[str],
     ) -> _Item | None:
         """One child of the directory open as ``dfd`` (shown as ``dprefix``, "/" included):
         its entry (and source), a _Dir to list later, or None (skipped); ``room`` is how many
-        bytes its name may take in the relative path and in the absolute one."""
+        bytes its name may take in the relative path, in the absolute one, and in both and as
+        a name."""
         name = e.name
         display = dprefix + name
-        why = bad_name(encoded)
-        if why is None and len(encoded) > room[0]:
-            why = f"its path is longer than {MAX_PATH_BYTES} bytes"
-        elif why is None and len(encoded) > room[1]:
-            why = f"its absolute path is longer than {_PATH_MAX - 1} bytes (PATH_MAX)"
-        if why is not None:
-            self.skip(display, why)
-            return None
+        # Printable ASCII within every limit, the usual name, needs no closer look.
+        if not (encoded.isascii() and name.isprintable() and len(encoded) <= room[2]):
+            why = bad_name(encoded)
+            if why is None and len(encoded) > room[0]:
+                why = f"its path is longer than {MAX_PATH_BYTES} bytes"
+            elif why is None and len(encoded) > room[1]:
+                why = f"its absolute path is longer than {_PATH_MAX - 1} bytes (PATH_MAX)"
+            if why is not None:
+                self.skip(display, why)
+                return None
         rel = f"{drel}/{name}"
         real = f"{dreal}/{name}"
         try:
@@ -452,7 +436,7 @@ class _Dir:
     ident: tuple[int, int]  # (dev, ino) it had when its parent was listed
 
 
-_Item = Entry | tuple[Entry, SourceRef] | _Dir
+_Item = Entry | tuple[Entry, FileRef] | _Dir
 
 
 def _unreadable(display: str, exc: OSError) -> UsageError:

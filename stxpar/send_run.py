@@ -63,7 +63,7 @@ class Run:
     @functools.cached_property
     def chunks(self) -> list[bytes]:
         """The manifest's MANIFEST chunks, encoded once for every session of the run."""
-        return chunks(self.manifest.entries)
+        return chunks(self.manifest.entries, self.manifest.encodings)
 
     def files_done(self) -> int:
         """Files whose every block the receiver holds durably (files without data count)."""

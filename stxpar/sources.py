@@ -14,7 +14,6 @@ from the data to move, so a resumed run computes the same blocks again.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -58,7 +57,7 @@ class Sources:
         )
 
     def manifest(self, block_size: int) -> Manifest:
-        return Manifest(self.entries, block_size=block_size)
+        return Manifest(self.entries, block_size=block_size, encodings=True)
 
     def layout(self, block_size: int) -> Layout:
         return Layout(block_size, tuple(e.extents for e in self.entries), tuple(self.refs))
@@ -72,7 +71,7 @@ class Sources:
         old = roots[0].path
         prefix = old + "/"
         self.entries = [
-            dataclasses.replace(e, path=name + e.path[len(old) :])
+            e._replace(path=name + e.path[len(old) :])
             if e.path == old or e.path.startswith(prefix)
             else e
             for e in self.entries
@@ -116,7 +115,7 @@ def open_sources(
     found = scan(paths, warn=warn)
     refs: list[FileRef | None] = [None] * len(found.entries)
     for i, ref in found.sources.items():
-        refs[i] = FileRef(ref.path, ref.dev, ref.ino, ref.size, ref.mtime_ns, ref.ctime_ns)
+        refs[i] = ref
     label = ", ".join(os.fspath(p) for p in paths)
     return Sources(found.entries, refs, tree=found, skipped=list(found.skipped), label=label)
 

@@ -6,7 +6,6 @@ import hashlib
 import struct
 import time
 import tracemalloc
-from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -562,7 +561,7 @@ def test_digest_and_key_are_stable() -> None:
 def test_every_field_changes_digest_and_key(change: dict[str, Any]) -> None:
     m = Manifest(TREE, block_size=BS)
     other = list(TREE)
-    other[2] = replace(TREE[2], **change)
+    other[2] = TREE[2]._replace(**change)
     m2 = Manifest(other, block_size=BS)
     assert m2.digest != m.digest and m2.key(2) != m.key(2)
     assert m2.key(0) == m.key(0)
@@ -644,7 +643,7 @@ def test_tree_digest_depends_on_every_block_and_on_the_manifest() -> None:
     assert len(seen) == m.space.total + 1
     # the same blocks under a manifest that differs only in a directory's mtime
     changed = list(TREE)
-    changed[1] = replace(TREE[1], mtime_ns=0)
+    changed[1] = TREE[1]._replace(mtime_ns=0)
     m2 = Manifest(changed, block_size=BS)
     assert m2.tree_digest(_ledger(m2)) != base
     # an empty file still counts: adding one changes the digest

@@ -3,7 +3,6 @@ never another exception; every manifest a sender can make round-trips."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -178,7 +177,7 @@ def test_every_sender_manifest_round_trips(entries: list[Entry]) -> None:
 def test_a_manifest_in_many_chunks_round_trips(entries: list[Entry], copies: int) -> None:
     # spread the same tree over several top-level directories: more entries than one chunk
     # (small files, so that thousands of copies stay within --max-bytes and the block count)
-    entries = [replace(e, size=10, extents=(0, 10)) if e.kind == Kind.FILE else e for e in entries]
+    entries = [e._replace(size=10, extents=(0, 10)) if e.kind == Kind.FILE else e for e in entries]
     many: list[Entry] = []
     for c in range(copies):
         top = f"copy{c}"

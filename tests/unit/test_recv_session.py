@@ -327,7 +327,7 @@ def test_frame_caps_while_the_manifest_arrives() -> None:
 def test_hostile_manifest_is_refused_before_admission() -> None:
     p = Pair()
     bad = tree(
-        [Entry(Kind.DIR, "D", 0, 0o755, 1), dataclasses.replace(BAD_ENTRY, path="D/../x")],
+        [Entry(Kind.DIR, "D", 0, 0o755, 1), BAD_ENTRY._replace(path="D/../x")],
         block_size=BS,
     )
     p.header(bad)

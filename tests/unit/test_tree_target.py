@@ -10,10 +10,11 @@ import os
 import stat
 from pathlib import Path
 
+from stxpar.workers.receiver import _TreeTarget
+
 from stxpar import layout, treefiles
 from stxpar.digest import block_digest
 from stxpar.manifest import Entry, Kind, Manifest
-from stxpar.workers.receiver import _TreeTarget
 
 BS = 1 << 16
 T0 = 1_234_567_890_123_456_789
