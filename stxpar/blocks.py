@@ -167,10 +167,10 @@ class BlockSpace:
         return bool(self._packed[entry])
 
     def entry_blocks(self, entry: int) -> range:
-        if self._packed[entry]:
-            start = self._seg_block[bisect.bisect_right(self._seg_entry, entry) - 1]
-            return range(start, start + 1)
-        return range(self._starts[entry], self._starts[entry + 1])
+        stop = self._starts[entry + 1]
+        if self._packed[entry]:  # its pack's block, the last one begun before it ended
+            return range(stop - 1, stop)
+        return range(self._starts[entry], stop)
 
     def locate(self, block: int) -> BlockRef:
         """Where block ``block`` lies; ``offset`` is the offset in the entry's file."""

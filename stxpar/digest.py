@@ -37,6 +37,15 @@ def file_digest(
     *, block_digests: bytes | bytearray | memoryview, block_size: int, size: int
 ) -> bytes:
     h = hashlib.sha256(_LABEL)
-    h.update(struct.pack(">IQ", block_size, size))
+    h.update(_SIZES.pack(block_size, size))
     h.update(block_digests)
     return h.digest()
+
+
+def file_digest_prefix(block_size: int, size: int) -> bytes:
+    """What ``file_digest`` hashes before the block digests (a tree hashes ten thousand small
+    files' digests in one call each: ``Manifest.tree_digest``)."""
+    return _LABEL + _SIZES.pack(block_size, size)
+
+
+_SIZES = struct.Struct(">IQ")

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, NoReturn
 import msgpack
 
 from .blocks import BlockLedger, BlockSpace
-from .digest import BLOCK_DIGEST_LEN, file_digest
+from .digest import BLOCK_DIGEST_LEN, file_digest, file_digest_prefix
 from .errors import ProtocolError, RejectedError, UsageError
 from .wire import (
     MAX_BLOCK_SIZE,
@@ -655,10 +655,23 @@ class Manifest:
         """SHA-256("stx3 tree" || digest || the file digest of every FILE entry, in order)."""
         if ledger.total != self.space.total:
             raise ValueError("the ledger is not over this manifest's block space")
-        every = memoryview(ledger.all_digests())
+        every = ledger.all_digests()
         h = hashlib.sha256(_TREE_LABEL)
         h.update(self.digest)
+        # ``_file_digest`` of each FILE, inlined (one hash call a file; a tree has many).
+        sha256, prefix, blocks_of, n = (
+            hashlib.sha256,
+            file_digest_prefix,
+            self.space.entry_blocks,
+            BLOCK_DIGEST_LEN,
+        )
+        bs, FILE = self.block_size, Kind.FILE
         for i, e in enumerate(self.entries):
-            if e.kind == Kind.FILE:
-                h.update(self._file_digest(i, every))
+            if e.kind == FILE:
+                blocks = blocks_of(i)
+                x = e.extents
+                size = x[1] if len(x) == 2 else sum(x[1::2])
+                h.update(
+                    sha256(prefix(bs, size) + every[blocks.start * n : blocks.stop * n]).digest()
+                )
         return h.digest()

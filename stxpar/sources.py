@@ -40,21 +40,42 @@ class Sources:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     label: str = ""
 
+    _blocks: dict[int, int] = field(default_factory=dict, repr=False)
+    _tally: tuple[dict[Kind, int], int, int] | None = field(default=None, repr=False)
+
+    # Counted once each: a tree's walk made them and only ``rename_root`` changes the entries
+    # (their paths, not these).
+
     @property
     def data_bytes(self) -> int:
-        return sum(e.data_bytes for e in self.entries)
+        return self._counts()[2]
 
     @property
     def bytes(self) -> int:
-        return sum(e.size for e in self.entries if e.kind is Kind.FILE)
+        return self._counts()[1]
 
     def count(self, kind: Kind) -> int:
-        return sum(1 for e in self.entries if e.kind is kind)
+        return self._counts()[0].get(kind, 0)
+
+    def _counts(self) -> tuple[dict[Kind, int], int, int]:
+        if self._tally is None:
+            kinds = dict.fromkeys(Kind, 0)
+            apparent = data = 0
+            for e in self.entries:
+                kinds[e.kind] += 1
+                if e.kind is Kind.FILE:
+                    apparent += e.size
+                    data += e.data_bytes
+            self._tally = (kinds, apparent, data)
+        return self._tally
 
     def blocks(self, block_size: int) -> int:
-        return sum(
-            blocks_for(length, block_size) for e in self.entries for length in e.extents[1::2]
-        )
+        got = self._blocks.get(block_size)
+        if got is None:
+            got = self._blocks[block_size] = sum(
+                blocks_for(length, block_size) for e in self.entries for length in e.extents[1::2]
+            )
+        return got
 
     def manifest(self, block_size: int) -> Manifest:
         return Manifest(self.entries, block_size=block_size, encodings=True)
