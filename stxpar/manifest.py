@@ -28,6 +28,7 @@ Pure: no I/O here.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 import struct
@@ -132,8 +133,9 @@ class Entry(NamedTuple):
         ]
 
     def canonical(self) -> bytes:
-        """The entry's canonical encoding (its msgpack array), hashed by digest and key."""
-        return msgpack.packb(self.wire(), use_bin_type=True)
+        """The entry's canonical encoding (its msgpack array), hashed by digest and key. The
+        named tuple itself packs as ``wire()`` does (a tuple is an array, a Kind an int)."""
+        return msgpack.packb(self, use_bin_type=True)
 
 
 def shown(path: str) -> str:
@@ -409,7 +411,10 @@ class _Rules:
                     f"receiver's --max-bytes ({self.limits.max_bytes})"
                 )
             bs = self.block_size
-            self.blocks += sum([blocks_for(n, bs) for n in lengths])
+            if len(lengths) == 1:
+                self.blocks += blocks_for(lengths[0], bs)
+            else:
+                self.blocks += sum([blocks_for(n, bs) for n in lengths])
             if self.blocks > MAX_BLOCKS:
                 raise RejectedError(
                     f"the transfer has more than {MAX_BLOCKS} blocks of {bs} bytes "
@@ -423,12 +428,15 @@ class _Rules:
     def _path(path: str) -> None:
         if not path:
             _bad("empty path", path)
-        if _CONTROL.search(path):
-            _bad("control character in a path", path)
-        try:
-            size = len(path.encode())
-        except UnicodeEncodeError:
-            _bad("path is not UTF-8", path)
+        if path.isascii() and path.isprintable():  # the usual path: no control character,
+            size = len(path)  # and its UTF-8 is one byte a character
+        else:
+            if _CONTROL.search(path):
+                _bad("control character in a path", path)
+            try:
+                size = len(path.encode())
+            except UnicodeEncodeError:
+                _bad("path is not UTF-8", path)
         if size > MAX_PATH_BYTES:
             _bad(f"path longer than {MAX_PATH_BYTES} bytes", path)
         names = path.split("/")
@@ -475,6 +483,12 @@ class _Rules:
 
 
 def _extents(extents: tuple[int, ...], size: int, path: str) -> None:
+    if len(extents) == 2:  # the usual file: one extent
+        if extents[0] < 0 or extents[1] <= 0:
+            _bad("extents not sorted, overlapping or empty", path)
+        if extents[0] + extents[1] > size:
+            _bad("extent past the end of the file", path)
+        return
     if len(extents) % 2:
         _bad("odd number of extent fields", path)
     if len(extents) > 2 * MAX_EXTENTS:
@@ -593,7 +607,7 @@ class Manifest:
         roots: list[str] = []
         sha256, label, out = hashlib.sha256, _ENTRY_LABEL, self._keys
         for e in self.entries:
-            encoded = pack(e.wire())  # its canonical encoding
+            encoded = pack(e)  # its canonical encoding (``wire``: its fields in order)
             h.update(encoded)
             if kept is not None:
                 kept.append(encoded)
@@ -628,6 +642,23 @@ class Manifest:
             if e.kind == Kind.FILE and "/" not in e.path:
                 return e
         return None
+
+    @functools.cached_property
+    def send_order(self) -> tuple[int, ...]:
+        """Every block once, the largest files' first (a sender queues them so: the tail of
+        the transfer is then small files spread over every stream, not one big file on one
+        stream). Worked out once per manifest (a sender may start it while it waits)."""
+        entries, space = self.entries, self.space
+        sizes = [sum(e.extents[1::2]) if e.extents else 0 for e in entries]
+        order = sorted((i for i, n in enumerate(sizes) if n), key=lambda i: -sizes[i])
+        out: list[int] = []
+        taken = bytearray(space.total)  # a pack's members share their one block: it goes once
+        for i in order:
+            for b in space.entry_blocks(i):
+                if not taken[b]:
+                    taken[b] = 1
+                    out.append(b)
+        return tuple(out)
 
     def key(self, entry: int) -> bytes:
         """16 bytes naming entry ``entry`` (its canonical encoding): a FILE's staging identity."""

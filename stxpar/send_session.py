@@ -258,19 +258,11 @@ class SenderSession(Machine):
     def _needed(self) -> tuple[int, ...]:
         """The blocks still to send, the largest files' first: the tail of the transfer is
         then small files spread over every stream, not one big file on one stream."""
-        entries, has = self.metadata.manifest.entries, self.ledger.has
-        space = self.metadata.manifest.space
-        order = sorted(
-            (i for i, e in enumerate(entries) if e.extents), key=lambda i: -entries[i].data_bytes
-        )
-        out: list[int] = []
-        taken = bytearray(space.total)  # a pack's members share their one block: it goes once
-        for i in order:
-            for b in space.entry_blocks(i):
-                if not taken[b] and not has(b):
-                    taken[b] = 1
-                    out.append(b)
-        return tuple(out)
+        order = self.metadata.manifest.send_order
+        if not self.ledger.count:
+            return order
+        has = self.ledger.has
+        return tuple(b for b in order if not has(b))
 
     def _on_tick_wait(self, event: Tick) -> list[Output]:
         self._timed_out(event.now, data=False)

@@ -679,6 +679,7 @@ def _session(
                 if pool is not None and not layout_path:
                     # While the receiver checks the manifest and admits the transfer.
                     write_layout(pool)
+                    manifest.send_order  # noqa: B018 (worked out now, not after METADATA_ACK)
                 # The receiver fsyncs and renames before it answers RECEIPT; no answer for
                 # stall_timeout (METADATA_ACK too) is a stall like any other.
                 ctl.sock.settimeout(opts.stall_timeout)
