@@ -143,6 +143,20 @@ class Worker:
         if not isinstance(msg, Setup):
             return
         self.stream = msg.stream
+        secret = msg.secret
+        join = Join(
+            session_id=msg.session_id,
+            stream=self.stream,
+            mac=join_mac(stream_secret=secret, session_id=msg.session_id, stream=self.stream),
+        )
+        host, port = msg.host, msg.port
+        sock = connect(host, port, max_retries=2, timeout=msg.connect_timeout)
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.conn = FramedSocket(sock, peer=f"{host}:{port}")
+        # Joined first: the receiver's worker sets its stream up while this one reads the
+        # layout (a tree's takes some milliseconds on each side).
+        self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
         plan = layout.read(msg.layout)
         self.space = plan.space()
         self.refs = plan.files
@@ -154,27 +168,14 @@ class Worker:
             rekey_records=msg.rekey_records,
             rekey_bytes=msg.rekey_bytes,
         )
-        secret = msg.secret
         self.sealer = BlockSealer(stream_secret=secret, ctx=ctx)
         self.acks = AckChannel(stream_secret=secret, ctx=ctx)
-        join = Join(
-            session_id=ctx.session_id,
-            stream=self.stream,
-            mac=join_mac(stream_secret=secret, session_id=ctx.session_id, stream=self.stream),
-        )
-        del secret
+        del secret, msg
         # Source files are opened as their blocks come (a tree has many): a few stay open.
         self.fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.pace = 0
         self.buf = bytearray(self.space.block_size)
         self.view = memoryview(self.buf)
-        host, port = msg.host, msg.port
-        sock = connect(host, port, max_retries=2, timeout=msg.connect_timeout)
-        del msg
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.conn = FramedSocket(sock, peer=f"{host}:{port}")
-        self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
         reader = threading.Thread(target=self.read_acks, name="acks", daemon=True)
         reader.start()
         get = Get(self.slot)
