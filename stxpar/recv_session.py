@@ -301,6 +301,9 @@ class ReceiverSession(Machine):
         self.error: StxError | None = None
         self._end: End | None = None
         self._digest = b""
+        #: the whole-transfer digest, worked out as soon as the last block is recorded (while
+        #: END is on its way); None once anything is recorded after it
+        self._early: bytes | None = None
         self._grace_until = 0.0
         self._complete_by = 0.0
 
@@ -435,7 +438,8 @@ class ReceiverSession(Machine):
         if not ledger.complete:
             return []
         assert self._end is not None
-        self._digest = self._md().manifest.tree_digest(ledger)
+        early, self._early = self._early, None
+        self._digest = early if early is not None else self._md().manifest.tree_digest(ledger)
         if self._digest != self._end.digest:
             raise DigestMismatch(f"whole-transfer digest mismatch for {self.name}")
         self.state = State.FINISHING
@@ -467,11 +471,14 @@ class ReceiverSession(Machine):
 
     def _on_appended(self, ev: Appended) -> list[Output]:
         self.active_at = self.now
-        record = self._ledger().record
+        ledger = self._ledger()
+        self._early = None  # a block recorded again may change it
         for seq, digest in ev.blocks:
-            record(seq, digest)
+            ledger.record(seq, digest)
         if self.state is State.COMPLETING:
             return self._maybe_finalize()
+        if ev.blocks and ledger.complete and self.state is State.RECEIVING:
+            self._early = self._md().manifest.tree_digest(ledger)
         return []
 
     def _on_append_failed(self, ev: AppendFailed) -> list[Output]:

@@ -476,6 +476,21 @@ def test_blocks_landing_after_end_complete_the_transfer() -> None:
     assert p.feed(Appended([(3, DIGESTS[3])])) == [Finalize(complete=False)]
 
 
+def test_a_block_recorded_again_after_the_last_one_is_in_the_digest() -> None:
+    """The whole-transfer digest is worked out as the last block is recorded, before END; a
+    block recorded again after that (with another digest) must not leave it stale."""
+    p = Pair()
+    p.admit()
+    p.land([0, 1, 2, 3])  # complete: the digest is worked out now
+    other = bytes(BLOCK_DIGEST_LEN)
+    assert p.feed(Appended([(2, other)])) == []
+    out = p.end()  # END's digest is over the blocks as first recorded
+    assert out[-1] == CheckPartial()
+    assert str(failed(p.feed(PartialChecked(gone=False)))) == (
+        "whole-transfer digest mismatch for f.bin"
+    )
+
+
 def test_end_with_another_block_count() -> None:
     p = Pair()
     p.admit()
