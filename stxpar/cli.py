@@ -135,6 +135,22 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from .prescan import start as prescan
+
+    def warn(text: str) -> None:
+        if not args.quiet:
+            print(f"warning: {text}", file=sys.stderr)
+
+    # A tree is walked by a child process while this one imports the rest (stxpar.prescan).
+    walk = prescan(args.paths, warn)
+    try:
+        return _send(args, warn, walk)
+    finally:
+        if walk is not None:
+            walk.close()
+
+
+def _send(args: argparse.Namespace, warn: Callable[[str], None], walk: Any) -> int:
     from .cluster import local_host
     from .ipc import freeze_heap
     from .sender import prestart_workers, send
@@ -157,12 +173,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise UsageError("--workers 0 needs --cluster HOST:PORT (helpers do the sending)")
     # The workers first, forked while this process holds no key (a worker must never hold it).
     paths = args.paths
-
-    def warn(text: str) -> None:
-        if not args.quiet:
-            print(f"warning: {text}", file=sys.stderr)
-
-    pool = prestart_workers(paths, host, options=opts, warn=warn)
+    pool = prestart_workers(paths, host, options=opts, warn=warn, scanned=walk)
     freeze_heap()  # the walk's entries live until the end too
     try:
         key = _key(args)

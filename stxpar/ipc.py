@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import zmq
 
+from .forking import can_fork as can_fork
+
 #: Largest IPC message (a list of block digests for a big range stays well below this).
 MAX_IPC_MESSAGE = 16 << 20
 #: A worker's ZeroMQ sockets retry a connect this often (ms): a forked worker may try before its
@@ -195,17 +197,6 @@ def spawn_worker(
         env=env,
         close_fds=True,
     )
-
-
-def can_fork() -> bool:
-    """Whether ``fork_worker`` may fork this process now: Linux, and one thread (a fork while
-    another thread holds a lock leaves the child deadlocked; a ZeroMQ context has threads)."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
-        return False
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
 
 
 class ForkedWorker:

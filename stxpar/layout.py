@@ -34,8 +34,8 @@ import msgpack
 
 from .blocks import BlockSpace
 from .errors import ProtocolError
+from .fileref import FileRef
 from .fsutil import read_at_most
-from .messages import FileRef
 
 MAGIC = "stx3 layout 3"
 #: A row: path or name, dev, ino, size, mtime_ns, ctime_ns, mode.

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from .errors import ProtocolError
+from .fileref import FileRef as FileRef
 
 #: The protocol's version; a message of another version is refused.
 VERSION = 1
@@ -72,18 +73,8 @@ def message(tag: str) -> Callable[[type[M]], type[M]]:
     return register
 
 
-class FileRef(typing.NamedTuple):
-    """A source file as the sender's coordinator pinned it: a worker must open this very file
-    (``st_dev``, ``st_ino``) in this very state (size, mtime, ctime) or refuse (exit 5). A
-    named tuple, not a message: the walk makes one per file and a worker one per file it
-    reads (a frozen dataclass costs three times as much to make)."""
-
-    path: str
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
+# ``FileRef`` (``stxpar.fileref``) is the layout's row of a source file, not a message; it
+# is named here too for the modules that know it from here.
 
 
 # ------------------------------------------------------------------ sender coordinator <-> worker

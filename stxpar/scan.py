@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import SourceChangedError, UsageError
+from .fileref import FileRef
 from .manifest import (
     MAX_COMPONENT_BYTES,
     MAX_EXTENTS,
@@ -39,7 +40,6 @@ from .manifest import (
     Entry,
     Kind,
 )
-from .messages import FileRef
 from .source import REPLACED
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

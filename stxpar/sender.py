@@ -56,6 +56,7 @@ from .messages import (
     WorkerError,
 )
 from .netio import FramedSocket, connect, parse_hostport
+from .prescan import Prescan
 from .records import ControlChannel
 from .routing import pick_stream
 from .scheduler import Scheduler
@@ -831,9 +832,11 @@ def prestart_workers(
     block_size: int | None = None,
     options: SendOptions | None = None,
     warn: Callable[[str], None] | None = None,
+    scanned: Prescan | None = None,
 ) -> SenderPool | None:
     """Fork the worker processes that ``send`` with the same arguments will need, where this
     process may fork (Linux, one thread; else None, and ``send`` starts them itself).
+    ``scanned``: the walk of ``path``, going on in another process (``prescan.start``).
 
     Call it before the key is read: a forked worker holds a copy of its parent's memory, and a
     worker must never hold the PSK (docs/threat-model.md). Forked workers are ready in
@@ -841,7 +844,15 @@ def prestart_workers(
     fixed cost of a small transfer. Raises what ``send`` would for a bad file or options.
     """
     paths = _paths(path)
-    src, opts = _plan(paths, host, workers=workers, block_size=block_size, base=options, warn=warn)
+    src, opts = _plan(
+        paths,
+        host,
+        workers=workers,
+        block_size=block_size,
+        base=options,
+        warn=warn,
+        scanned=scanned,
+    )
     assert opts.block_size is not None and opts.workers is not None
     total = src.blocks(opts.block_size)
     if not total or not opts.workers or not ipc.can_fork():
@@ -866,6 +877,7 @@ def _plan(
     base: SendOptions | None,
     src: Sources | None = None,
     warn: Callable[[str], None] | None = None,
+    scanned: Prescan | None = None,
 ) -> tuple[Sources, SendOptions]:
     """What to send (``src``, already read, or read now) and the resolved options (worker
     count, block size) of a transfer."""
@@ -879,7 +891,7 @@ def _plan(
     ).resolved()
     assert opts.block_size is not None and opts.workers is not None
     if src is None:
-        src = open_sources(paths, warn=warn)
+        src = open_sources(paths, warn=warn, scanned=scanned)
     fixed = (block_size or base.block_size) is not None
     try:
         if opts.as_name is not None:

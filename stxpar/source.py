@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SourceChangedError, UsageError
-from .messages import FileRef
+from .fileref import FileRef
 
 #: What is said when the file at the source's name is not the one the transfer was built from.
 REPLACED = "the source file was replaced during the transfer"

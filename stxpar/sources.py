@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .fileref import FileRef
 from .layout import Layout
 from .manifest import Entry, Kind, Manifest
-from .messages import FileRef
+from .prescan import Prescan
 from .scan import Scan, check_top_name, extents_of, scan
 from .source import SourceFile
 from .wire import MAX_BLOCK_SIZE, MAX_BLOCKS, blocks_for, printable
@@ -121,11 +122,17 @@ class Sources:
 
 
 def open_sources(
-    paths: Sequence[str | os.PathLike[str]], *, warn: Callable[[str], None] | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    warn: Callable[[str], None] | None = None,
+    scanned: Prescan | None = None,
 ) -> Sources:
-    """Resolve and read what ``paths`` name (UsageError for a bad PATH)."""
+    """Resolve and read what ``paths`` name (UsageError for a bad PATH); ``scanned``: their
+    walk, going on in another process (``prescan.start``)."""
     if not paths:
         raise UsageError("nothing to send: give at least one PATH")
+    if scanned is not None:
+        return _of_scan(paths, scanned.result())
     if len(paths) == 1:
         try:
             st = os.stat(paths[0])
@@ -133,7 +140,10 @@ def open_sources(
             st = None  # scan says what is wrong with it
         if st is not None and stat.S_ISREG(st.st_mode):
             return of_file(SourceFile.open(paths[0]))
-    found = scan(paths, warn=warn)
+    return _of_scan(paths, scan(paths, warn=warn))
+
+
+def _of_scan(paths: Sequence[str | os.PathLike[str]], found: Scan) -> Sources:
     refs: list[FileRef | None] = [None] * len(found.entries)
     for i, ref in found.sources.items():
         refs[i] = ref

@@ -221,6 +221,20 @@ def test_tree_with_the_cli_arrives_identical(scratch: Path, tree: dict[str, Any]
         receiver.stop()
 
 
+def test_a_missing_path_beside_a_tree_is_a_one_line_error(
+    scratch: Path, tree: dict[str, Any]
+) -> None:
+    """The CLI walks a tree in a forked child (stxpar.prescan): its usage errors are still
+    the command's one line and exit 2, before anything connects (nothing listens here)."""
+    keyfile = scratch / "stx.key"
+    make_keyfile(keyfile)
+    missing = scratch / "missing"
+    run = run_stx("send", tree["root"], missing, "127.0.0.1:9", "--psk-file", keyfile)
+    assert run.rc == 2, run.stderr
+    assert run.stderr.splitlines()[-1] == f"stx: error: {missing}: no such file or directory"
+    assert "Traceback" not in run.stderr
+
+
 # ---------------------------------------------------------------- (b) (c) (d)
 
 
