@@ -25,6 +25,7 @@ from .config import (
     parse_size,
 )
 from .errors import EXIT_OTHER, StxError, UsageError
+from .launch import EarlyWalk
 from .netio import parse_hostport
 from .progress import _CLUSTER_EVENTS, Progress, _amount, _human, cluster_line
 from .progress import send_summary as send_summary
@@ -141,8 +142,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"warning: {text}", file=sys.stderr)
 
-    # A tree is walked by a child process while this one imports the rest (stxpar.prescan).
-    walk = prescan(args.paths, warn)
+    # A tree is walked by a child process while this one imports the rest (stxpar.prescan);
+    # ``stx send`` started it before its own imports (stxpar.launch) unless it could not.
+    walk = getattr(args, "prescan", None) or prescan(args.paths, warn)
     try:
         return _send(args, warn, walk)
     finally:
@@ -984,8 +986,26 @@ def _on_stop_signal(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
-def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
-    args = parser.parse_args(argv)
+def run(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser, early: EarlyWalk | None = None
+) -> int:
+    """``early``: a walk ``stxpar.launch`` started before this module was imported; kept for
+    ``stx send`` if it walks what the parsed command line names, else stopped."""
+    try:
+        args = parser.parse_args(argv)
+    except BaseException:
+        if early is not None:
+            early.walk.close()
+        raise
+    if early is not None:
+        if (
+            getattr(args, "func", None) is cmd_send
+            and [os.fspath(p) for p in args.paths] == early.paths
+            and args.quiet == early.quiet
+        ):
+            args.prescan = early.walk
+        else:
+            early.walk.close()
     from .ipc import freeze_heap, harden_process
 
     harden_process()
@@ -1013,11 +1033,16 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         return EXIT_OTHER
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(argv, build_parser())
+def main(argv: Sequence[str] | None = None, early: EarlyWalk | None = None) -> int:
+    return run(argv, build_parser(), early)
 
 
-def _alias(command: str, adder: Callable[[argparse.ArgumentParser], None], prog: str) -> int:
+def _alias(
+    command: str,
+    adder: Callable[[argparse.ArgumentParser], None],
+    prog: str,
+    early: EarlyWalk | None = None,
+) -> int:
     parser = _Parser(
         prog=prog,
         description=f"Same as 'stx {command}'.",
@@ -1025,11 +1050,11 @@ def _alias(command: str, adder: Callable[[argparse.ArgumentParser], None], prog:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     adder(parser)
-    return run(None, parser)
+    return run(None, parser, early)
 
 
-def send_main() -> int:
-    return _alias("send", _add_send_args, "stx-send")
+def send_main(early: EarlyWalk | None = None) -> int:
+    return _alias("send", _add_send_args, "stx-send", early)
 
 
 def recv_main() -> int:

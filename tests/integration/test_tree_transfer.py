@@ -221,6 +221,28 @@ def test_tree_with_the_cli_arrives_identical(scratch: Path, tree: dict[str, Any]
         receiver.stop()
 
 
+def test_a_command_line_read_otherwise_early_still_sends_the_tree(
+    scratch: Path, tree: dict[str, Any]
+) -> None:
+    """``--work 2`` (argparse's abbreviation of --workers) makes stxpar.launch take "2" for a
+    PATH: the parser finds other PATHs, the early walk is dropped, and stx send walks."""
+    keyfile = scratch / "stx.key"
+    make_keyfile(keyfile)
+    dest = scratch / "dest"
+    dest.mkdir()
+    (scratch / "logs").mkdir()
+    receiver = CliReceiver(keyfile, dest, scratch / "logs", workers=2, once=True).start()
+    try:
+        run = run_stx(
+            "send", "--work", "2", tree["root"], receiver.address, "--psk-file", keyfile, "-q"
+        )
+        assert run.rc == 0, run.stderr
+        assert receiver.wait(timeout=20) == 0, receiver.stderr
+        check_tree_arrived(tree, dest / "tree")
+    finally:
+        receiver.stop()
+
+
 def test_a_missing_path_beside_a_tree_is_a_one_line_error(
     scratch: Path, tree: dict[str, Any]
 ) -> None:
