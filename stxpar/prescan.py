@@ -7,7 +7,7 @@ Theory of operation
 the protocol's messages) and then walks what it was asked to send; a tree of ten thousand
 files takes about half as long again to walk, and the receiver waits for both, one after the
 other. ``start`` forks this process before those imports: the child walks (``scan.scan``, its
-warnings printed as they come), writes the result to a pipe (``marshal``: plain tuples) and
+warnings printed as they come), writes the result to a pipe (``marshal``: a column per field) and
 exits; the parent imports meanwhile, and ``Prescan.result`` reads the walk back when the
 sender needs it (``sources.open_sources``). The two run on two cores.
 
@@ -22,6 +22,7 @@ and reaps a child whose result was not read (the parent failed first, or was int
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import signal
@@ -58,15 +59,21 @@ class Prescan:
                 chunks.append(data)
         finally:
             self.close()
+        collecting = gc.isenabled()
+        gc.disable()  # tens of thousands of new objects, none of them garbage
         try:
-            kind, body = marshal.loads(b"".join(chunks))
-        except (EOFError, ValueError, TypeError):
-            raise RuntimeError("the walk of the PATHs ended without a result") from None
-        if kind == "usage":
-            raise UsageError(body)
-        if kind != "scan":
-            raise RuntimeError(f"the walk of the PATHs failed: {body}")
-        return _unflatten(body)
+            try:
+                kind, body = marshal.loads(b"".join(chunks))
+            except (EOFError, ValueError, TypeError):
+                raise RuntimeError("the walk of the PATHs ended without a result") from None
+            if kind == "usage":
+                raise UsageError(body)
+            if kind != "scan":
+                raise RuntimeError(f"the walk of the PATHs failed: {body}")
+            return _unflatten(body)
+        finally:
+            if collecting:
+                gc.enable()
 
     def close(self) -> None:
         """Stop and reap the child (if still there) and close the pipe."""
@@ -115,6 +122,7 @@ def _walked(paths: Sequence[str | os.PathLike[str]]) -> bool:
 
 
 def _child(fd: int, paths: Sequence[str | os.PathLike[str]], warn: Warn | None) -> None:
+    gc.disable()  # a short life that makes objects and drops none
     code = 1
     try:
         try:
@@ -123,7 +131,7 @@ def _child(fd: int, paths: Sequence[str | os.PathLike[str]], warn: Warn | None) 
             payload = ("usage", str(exc))
         except BaseException as exc:  # a bug, a signal: the parent says so
             payload = ("failed", f"{type(exc).__name__}: {exc}")
-        view = memoryview(marshal.dumps(payload))
+        view = memoryview(marshal.dumps(payload, 2))  # (2: no object references, faster)
         while view:
             view = view[os.write(fd, view) :]
         code = 0
@@ -137,10 +145,15 @@ def _child(fd: int, paths: Sequence[str | os.PathLike[str]], warn: Warn | None) 
 
 
 def _flatten(s: Scan) -> tuple[Any, ...]:
-    """``s`` as what ``marshal`` takes: plain tuples, ints and strings."""
+    """``s`` as what ``marshal`` takes quickly: a column per field (a list of ints or strings
+    each), not a tuple per entry."""
+    kinds, *fields = zip(*s.entries, strict=True) if s.entries else [()] * 8
+    refs = s.sources
     return (
-        [(int(e.kind), *e[1:]) for e in s.entries],
-        {i: tuple(ref) for i, ref in s.sources.items()},
+        list(map(int, kinds)),  # a Kind is not marshal's
+        fields,
+        list(refs),
+        list(zip(*refs.values(), strict=True)) if refs else [()] * 6,
         s.skipped,
         (s.files, s.dirs, s.symlinks, s.bytes, s.data_bytes, s.bytes_sparse),
     )
@@ -148,13 +161,9 @@ def _flatten(s: Scan) -> tuple[Any, ...]:
 
 def _unflatten(body: Any) -> Scan:
     """What ``_flatten`` made, back (from our own child: trusted as such)."""
-    rows, refs, skipped, counts = body
-    kinds = _KINDS
-    entries = [
-        Entry(kinds[k], path, size, mode, mtime, link, extents, file_id)
-        for k, path, size, mode, mtime, link, extents, file_id in rows
-    ]
-    sources = {i: FileRef._make(ref) for i, ref in refs.items()}
+    kinds, fields, index, refs, skipped, counts = body
+    entries = list(map(Entry, map(_KINDS.__getitem__, kinds), *fields))
+    sources = dict(zip(index, map(FileRef, *refs), strict=True))
     files, dirs, symlinks, apparent, data, sparse = counts
     return Scan(
         entries=entries,
