@@ -22,6 +22,7 @@ and reaps a child whose result was not read (the parent failed first, or was int
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import marshal
 import os
@@ -38,6 +39,8 @@ from .manifest import Entry, Kind
 from .scan import Scan, Warn, scan
 
 _KINDS = {int(k): k for k in Kind}
+#: The pipe's buffer (Linux's default limit for a process without privileges).
+_PIPE_SIZE = 1 << 20
 
 
 class Prescan:
@@ -98,6 +101,10 @@ def start(paths: Sequence[str | os.PathLike[str]], warn: Warn | None) -> Prescan
     if not _walked(paths) or not can_fork():
         return None
     r, w = os.pipe()
+    try:  # the whole walk of a big tree in one go, not 64 KiB a switch
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass
     try:
         pid = os.fork()
     except OSError:

@@ -497,8 +497,10 @@ def open_tree(
             opened.files_done = len(done)
             _sweep(
                 staging_fd,
-                {partial_name(manifest.key(i)) for i in opened._files}
-                - {partial_name(manifest.key(i)) for i in done},
+                lambda: (
+                    {partial_name(manifest.key(i)) for i in opened._files}
+                    - {partial_name(manifest.key(i)) for i in done}
+                ),
             )
             out: list[bytes] = []
             for i in sorted(held.keys() | done):
@@ -704,12 +706,17 @@ def _partial_ours(staging_fd: int, name: str) -> bool:
         os.close(fd)
 
 
-def _sweep(staging_fd: int, wanted: set[str]) -> None:
-    """Unlink what staging holds besides the log, the layout and the partials in ``wanted``
-    that are ours (a changed file's old partial, temporary names, anything planted)."""
+def _sweep(staging_fd: int, wanted_names: Callable[[], set[str]]) -> None:
+    """Unlink what staging holds besides the log, the layout and the partials in
+    ``wanted_names()`` that are ours (a changed file's old partial, temporary names, anything
+    planted). The names are worked out only if staging holds anything else (a new staging
+    directory holds nothing: ten thousand names saved)."""
+    wanted: set[str] | None = None
     for name in os.listdir(staging_fd):
         if name == treestate.NAME or name.startswith(LAYOUT):
             continue  # the log, and the session's layout file (and its temporary names)
+        if wanted is None:
+            wanted = wanted_names()
         try:
             st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
         except FileNotFoundError:
