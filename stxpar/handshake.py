@@ -107,6 +107,13 @@ def _private_key(raw: bytes | None) -> X25519PrivateKey:
     )
 
 
+def warm_up() -> None:
+    """Make and use one throwaway X25519 key: the first one a process makes costs several
+    milliseconds (the library sets itself up), which a receiver pays when it starts rather
+    than in its first handshake. No secret is involved."""
+    x25519_shared(X25519PrivateKey.generate(), _public_bytes(X25519PrivateKey.generate()))
+
+
 def _public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from . import destination, ipc, treefiles
+from . import destination, handshake, ipc, treefiles
 from .channel import report_pull, report_push
 from .config import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .config import DEFAULT_MAX_WORKER_STREAMS as DEFAULT_MAX_WORKER_STREAMS
@@ -226,6 +226,7 @@ class Receiver:
         o = self.options
         self._check_dest()
         self._listeners = listen_all(self.host, self.port)
+        handshake.warm_up()  # before the first sender, not in its handshake
         try:
             ipc.remove_stale_dirs()
             self._workdir = ipc.private_dir("stx-recv-")
