@@ -163,6 +163,26 @@ class Layout:
             raise ProtocolError("malformed layout file") from exc
 
 
+#: Layouts this process made before it forked its workers: path -> (layout, its block space).
+_KNOWN: dict[str, tuple[Layout, BlockSpace]] = {}
+
+
+def remember(path: str, layout: Layout, space: BlockSpace) -> None:
+    """Keep ``layout`` (to be written at ``path``) in memory: a worker forked after this call
+    finds it there (``recall``) instead of reading and decoding the file, and the
+    coordinator writes it from there (``write``)."""
+    _KNOWN[path] = (layout, space)
+
+
+def recall(path: str) -> tuple[Layout, BlockSpace] | None:
+    """The layout ``remember`` kept for ``path`` in this process (or before it was forked)."""
+    return _KNOWN.get(path)
+
+
+def forget(path: str) -> None:
+    _KNOWN.pop(path, None)
+
+
 def write(path: str, layout: Layout) -> None:
     """Write ``layout`` to a new file at ``path`` (in the coordinator's private directory)."""
     data = layout.encode()

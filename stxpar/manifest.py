@@ -590,6 +590,7 @@ class Manifest:
         block_size: int,
         keys: bool = False,
         encodings: bool = False,
+        space: BlockSpace | None = None,
     ) -> None:
         """``keys``: work out every entry's ``key`` now, from the encoding the digest hashes
         anyway (a receiver names every file's partial by it at admission). ``encodings``:
@@ -628,7 +629,8 @@ class Manifest:
         self.files, self.dirs, self.symlinks = files, dirs, symlinks
         self.data_bytes, self.apparent_bytes = data, apparent
         self.roots: tuple[str, ...] = tuple(roots)
-        self.space = BlockSpace.of_extents(
+        # ``space``: the same block space, made already (``sources.Sources.space``).
+        self.space = space or BlockSpace.of_extents(
             (e.extents for e in self.entries), block_size=block_size, pack=True
         )
 

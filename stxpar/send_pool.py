@@ -23,7 +23,10 @@ from pathlib import Path
 import zmq
 
 from . import ipc
+from . import layout as layout_file
+from .blocks import BlockSpace
 from .channel import CoordinatorLink, Endpoints
+from .layout import Layout
 from .sources import Sources
 from .supervisor import Supervisor, WorkerHandle
 
@@ -59,8 +62,17 @@ class SenderPool:
     ``close`` stops whatever still runs and removes the directory. ``source``: the file
     ``prestart_workers`` pinned, for the ``send`` that takes this pool (``take_source``)."""
 
-    def __init__(self, width: int, *, fork: bool = False) -> None:
+    def __init__(
+        self, width: int, *, fork: bool = False, plan: tuple[Layout, BlockSpace] | None = None
+    ) -> None:
+        """``plan``: the transfer's layout and block space, known before the workers are
+        forked: a forked worker takes them from memory (``layout.recall``), not from the file
+        (``layout_path``)."""
         self.endpoints = Endpoints.private("stx-send-")
+        #: where the session writes the layout its workers read
+        self.layout_path = os.path.join(self.endpoints.workdir, "layout")
+        if plan is not None:
+            layout_file.remember(self.layout_path, *plan)
         self.supervisor = Supervisor(self._spawn_process)
         self.zctx: zmq.Context | None = None
         self.link: CoordinatorLink | None = None
@@ -123,4 +135,5 @@ class SenderPool:
         if self.source is not None:
             self.source[1].close()
             self.source = None
+        layout_file.forget(self.layout_path)
         self.endpoints.remove()

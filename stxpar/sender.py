@@ -650,11 +650,18 @@ def _session(
         block_size = opts.block_size
 
         def write_layout(workers: SenderPool) -> None:
-            """The layout the workers read, once per pool, in its private directory."""
+            """The layout the workers read, once per pool, in its private directory (the one
+            made before they were forked, if it was)."""
             nonlocal layout_path
-            path = os.path.join(workers.endpoints.workdir, "layout")
+            path = workers.layout_path
+            plan = src.layout(block_size)
+            known = layout_file.recall(path)
+            if known is not None and known[0] != plan:
+                # Forked for other arguments (``prestart_workers``): its workers hold another
+                # layout under that name; this one gets a name of its own.
+                path += ".2"
             if not os.path.exists(path):
-                layout_file.write(path, src.layout(block_size))
+                layout_file.write(path, plan)
             layout_path = path
 
         def setup(stream: int) -> Setup:
@@ -859,7 +866,12 @@ def prestart_workers(
         src.close()
         return None
     try:
-        pool = SenderPool(min(opts.workers, total), fork=True)
+        plan = src.layout(opts.block_size)
+        # The workers are forked with the layout and its block space in memory (the file is
+        # still written, for workers started later).
+        pool = SenderPool(
+            min(opts.workers, total), fork=True, plan=(plan, src.space(opts.block_size))
+        )
     except BaseException:
         src.close()
         raise

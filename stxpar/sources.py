@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .blocks import BlockSpace
 from .errors import UsageError
 from .fileref import FileRef
 from .layout import Layout
@@ -42,6 +43,7 @@ class Sources:
     label: str = ""
 
     _blocks: dict[int, int] = field(default_factory=dict, repr=False)
+    _spaces: dict[int, BlockSpace] = field(default_factory=dict, repr=False)
     _tally: tuple[dict[Kind, int], int, int] | None = field(default=None, repr=False)
 
     # Counted once each: a tree's walk made them and only ``rename_root`` changes the entries
@@ -78,8 +80,20 @@ class Sources:
             )
         return got
 
+    def space(self, block_size: int) -> BlockSpace:
+        """The block space over the entries' data (made once per block size: the workers
+        forked with it and the manifest share it)."""
+        got = self._spaces.get(block_size)
+        if got is None:
+            got = self._spaces[block_size] = BlockSpace.of_extents(
+                (e.extents for e in self.entries), block_size=block_size, pack=True
+            )
+        return got
+
     def manifest(self, block_size: int) -> Manifest:
-        return Manifest(self.entries, block_size=block_size, encodings=True)
+        return Manifest(
+            self.entries, block_size=block_size, encodings=True, space=self.space(block_size)
+        )
 
     def layout(self, block_size: int) -> Layout:
         return Layout(block_size, tuple(e.extents for e in self.entries), tuple(self.refs))

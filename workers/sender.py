@@ -157,8 +157,12 @@ class Worker:
         # Joined first: the receiver's worker sets its stream up while this one reads the
         # layout (a tree's takes some milliseconds on each side).
         self.conn.send(encode_frame(FrameType.JOIN, join.encode()))
-        plan = layout.read(msg.layout)
-        self.space = plan.space()
+        known = layout.recall(msg.layout)  # forked with it in memory: nothing to read
+        if known is None:
+            plan = layout.read(msg.layout)
+            self.space = plan.space()
+        else:
+            plan, self.space = known
         self.refs = plan.files
         ctx = BlockContext(
             session_id=msg.session_id,
