@@ -85,6 +85,8 @@ class Pool(Protocol):
 
     def cancel_later(self, session_id: bytes) -> None: ...
 
+    def prepare(self, session_id: bytes, layout: str, streams: int) -> None: ...
+
 
 class Cluster(Protocol):
     """A receiver's helpers (``recv_cluster.RecvCluster``), as a session uses them."""
@@ -394,6 +396,7 @@ class ControlHandler:
             self._layout = os.path.join(self.workdir, f"layout-{self.session_id.hex()}")
             try:
                 layout_file.write(self._layout, self._plan(md, opened))
+                self.pool.prepare(self.session_id, self._layout, md.streams)
             except OSError as exc:
                 self._layout = ""
                 opened.close()

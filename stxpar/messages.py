@@ -217,6 +217,16 @@ class Cancel(Message):
     session_id: bytes
 
 
+@message("prepare")
+@dataclass(frozen=True)
+class Prepare(Message):
+    """Coordinator -> receiver worker: a session was admitted and its first streams come
+    here: read its layout (``layout``, the file) now, before they arrive."""
+
+    session_id: bytes
+    layout: str
+
+
 @message("pace")
 @dataclass(frozen=True)
 class Pace(Message):
@@ -475,7 +485,7 @@ LAYOUT_PART = 512 << 10
 SENDER_REQUESTS: tuple[type[Message], ...] = (Hello, Get)
 SENDER_REPLIES: tuple[type[Message], ...] = (Setup, Blocks, Done)
 SENDER_REPORTS: tuple[type[Message], ...] = (Acked, Sent, Retransmit, WorkerError, Alive)
-RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel, Pace)
+RECEIVER_JOBS: tuple[type[Message], ...] = (StreamJob, Cancel, Pace, Prepare)
 RECEIVER_REPORTS: tuple[type[Message], ...] = (Landed, StreamFailed, StreamClosed)
 RECEIVER_LIVENESS: tuple[type[Message], ...] = (Ready, Beat)
 

@@ -461,6 +461,9 @@ class _BothPools:
         self.pool.cancel_later(session_id)
         self.cluster.cancel_later(session_id)
 
+    def prepare(self, session_id: bytes, layout: str, streams: int) -> None:
+        self.pool.prepare(session_id, layout, streams)  # (helpers have theirs in the plan)
+
 
 def list_partials(dest: str | os.PathLike[str]) -> list[Partial]:
     """Partial transfers in ``dest`` (what a resume would continue): single files' partials,

@@ -38,7 +38,7 @@ from .config import (
     WORKER_TIMEOUT,
 )
 from .errors import ConnectError
-from .messages import Cancel, Pace, StreamJob
+from .messages import Cancel, Pace, Prepare, StreamJob
 from .placement import FINISHED_GRACE_S as FINISHED_GRACE_S
 from .placement import WORKER_QUIET_S as WORKER_QUIET_S
 from .placement import WORKER_START_S as WORKER_START_S
@@ -291,6 +291,24 @@ class ReceiverPool:
                 self._repace()
                 return
         raise ConnectError("receiver busy: no worker could take the data stream; try again shortly")
+
+    def prepare(self, session_id: bytes, layout: str, streams: int) -> None:
+        """Tell the workers the session's first ``streams`` streams will go to (the next in
+        line now) to read its layout before they come (``Prepare``): the first block is
+        then not held up by it. A worker that misses the message reads it when its stream
+        comes, as any other does."""
+        msg = Prepare(session_id, layout)
+        with self.lock:
+            now = time.monotonic()
+
+            def health(k: int) -> tuple[bool, bool]:
+                return self.members[k].exited(), self.live.quiet(k, now)
+
+            for i in self.placement.order(health)[: max(1, streams)]:
+                try:
+                    self.members[i].send(msg)
+                except OSError:
+                    pass  # dead or stuck: check() replaces it
 
     def released(self, session_id: bytes, stream: int) -> None:
         with self.lock:

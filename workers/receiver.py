@@ -438,21 +438,56 @@ class Worker:
         self.stopping = threading.Event()
         self.thread_failures = 0
         self._layouts: dict[bytes, tuple[str, layout.Layout, BlockSpace]] = {}
+        #: layouts being read now (``Prepare``): a stream of that session waits for it
+        self._reading: dict[tuple[bytes, str], threading.Event] = {}
 
     def layout(self, session_id: bytes, path: str) -> tuple[layout.Layout, BlockSpace]:
         """The layout of a session (read once per session, from the receiver's private
-        directory) and its block space."""
+        directory) and its block space; while another thread reads it, its result."""
         with self.lock:
             got = self._layouts.get(session_id)
             if got is not None and got[0] == path:
                 return got[1], got[2]
-        plan = layout.read(path)
-        space = plan.space()
-        with self.lock:
-            self._layouts[session_id] = (path, plan, space)
-            while len(self._layouts) > LAYOUTS_KEPT:
-                self._layouts.pop(next(iter(self._layouts)))
-        return plan, space
+            reading = self._reading.get((session_id, path))
+            if reading is None:
+                reading = self._reading[(session_id, path)] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            reading.wait()
+            with self.lock:
+                got = self._layouts.get(session_id)
+            if got is not None and got[0] == path:
+                return got[1], got[2]
+            return self.layout(session_id, path)  # that read failed: this one says why
+        try:
+            plan = layout.read(path)
+            space = plan.space()
+            with self.lock:
+                self._layouts[session_id] = (path, plan, space)
+                while len(self._layouts) > LAYOUTS_KEPT:
+                    self._layouts.pop(next(iter(self._layouts)))
+            return plan, space
+        finally:
+            with self.lock:
+                self._reading.pop((session_id, path), None)
+            reading.set()
+
+    def prepare(self, cmd: messages.Prepare) -> None:
+        """Read a session's layout ahead of its streams, in the background (a failure here
+        is the stream's to find and report)."""
+
+        def read() -> None:
+            try:
+                self.layout(cmd.session_id, cmd.layout)
+            except BaseException:  # noqa: S110 (the stream reads it again and says why)
+                pass
+
+        try:
+            threading.Thread(target=read, name="prepare", daemon=True).start()
+        except RuntimeError:
+            pass  # no thread to spare: the stream reads it
 
     def report(self, msg: bytes) -> None:
         with self._push_lock:
@@ -531,6 +566,8 @@ class Worker:
                     return  # shutting down
             elif isinstance(cmd, messages.Pace):
                 self.bucket.set_rate(cmd.rate)
+            elif isinstance(cmd, messages.Prepare):
+                self.prepare(cmd)
             elif isinstance(cmd, Cancel):
                 with self.lock:
                     victims = [j for j in self.streams if j.sid == cmd.session_id]

@@ -52,6 +52,7 @@ SAMPLES: list[m.Message] = [
     ),
     m.Cancel(session_id=b"i" * 16),
     m.Pace(rate=100 << 20),
+    m.Prepare(session_id=b"\x03" * 16, layout="/tmp/stx-recv-1/layout-03"),
     m.Ready(),
     m.Beat(),
     m.Landed(session_id=b"i" * 16, stream=2, blocks=((0, b"d" * 16),)),

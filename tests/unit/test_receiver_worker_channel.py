@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from stxpar.workers.receiver import Worker
 from stxpar import ipc, layout, messages
 from stxpar.errors import ConnectError
 from stxpar.layout import Layout
-from stxpar.messages import Cancel, StreamFailed, StreamJob
+from stxpar.messages import Cancel, Prepare, StreamFailed, StreamJob
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -135,3 +136,43 @@ def test_a_job_whose_layout_cannot_be_read_fails(
             assert why in got.message
         finally:
             ours.close()
+
+
+def _held(worker: Worker, sid: bytes, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with worker.lock:
+            if sid in worker._layouts:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def test_prepare_reads_the_layout_before_the_stream_comes(
+    rig: tuple[socket.socket, zmq.Socket, Worker], layout_file: str
+) -> None:
+    chan, pull, worker = rig
+    chan.send(messages.encode(Prepare(SID, layout_file)))
+    assert _held(worker, SID)  # read in the background, and kept for the session
+    with worker.lock:
+        path, plan, space = worker._layouts[SID]
+    assert path == layout_file
+    # the stream of that session finds it there (the same objects, not a second read)
+    assert worker.layout(SID, layout_file) == (plan, space)
+
+
+def test_a_prepare_that_cannot_read_is_silent_and_the_stream_says_why(
+    rig: tuple[socket.socket, zmq.Socket, Worker], tmp_path: Path
+) -> None:
+    chan, pull, worker = rig
+    missing = str(tmp_path / "missing")
+    chan.send(messages.encode(Prepare(SID, missing)))
+    assert not pull.poll(300)  # no report for a prepare
+    ours, theirs = socket.socketpair()
+    try:
+        socket.send_fds(chan, [messages.encode(_job(1, missing))], [theirs.fileno()])
+        theirs.close()
+        got = _report(pull)
+        assert isinstance(got, StreamFailed) and "cannot read the transfer's layout" in got.message
+    finally:
+        ours.close()
