@@ -52,6 +52,7 @@ from .destination import STATE_SUFFIX as STATE_SUFFIX
 from .destination import check_dest
 from .destination import safe_name as safe_name
 from .errors import ConnectError, StxError, UsageError
+from .fsutil import process_umask
 from .gatekeeper import Gatekeeper, GateLimits, hand_over
 from .handshake import ReplayCache, keyring_for
 from .keyschedule import SessionKeys
@@ -74,21 +75,6 @@ from .wire import Join
 #: on_event(kind, fields): "listening", "accepted", "received", "failed", "rejected", "dropped",
 #: "warning".
 EventFn = Callable[[str, dict[str, Any]], None]
-
-
-def _process_umask() -> int:
-    """The process's umask, read without changing it (``Umask:`` in ``/proc/self/status``);
-    where that is missing, set and restored at once (a race with other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 @dataclass(frozen=True)
@@ -180,7 +166,7 @@ class Receiver:
         self._zctx: zmq.Context | None = None
         self._workdir = ""
         self._report_ep = ""
-        self._umask = _process_umask()  # read once, here
+        self._umask = process_umask()  # read once, here
         self.dropped_streams = 0
         #: The helpers' port (``RecvOptions.cluster``), once started.
         self.cluster: RecvCluster | None = None

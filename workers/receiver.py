@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import zmq
 
-from stxpar import ipc, layout, messages
+from stxpar import fsutil, ipc, layout, messages
 from stxpar.blocks import BlockSpace
 from stxpar.channel import report_push
 from stxpar.digest import block_digest
@@ -172,7 +172,7 @@ class StreamThread(threading.Thread):
         body_view = memoryview(body)
         target: _Target
         if self.job.tree:
-            target = _TreeTarget(self.job.path, self.job.inode, plan)
+            target = _TreeTarget(self.job.path, self.job.inode, plan, self.owner.umask)
         else:
             target = _FileTarget(self.job.path, self.job.inode, self.job.streams)
         pending: list[tuple[int, bytes]] = []
@@ -301,7 +301,9 @@ class _TreeTarget(_Target):
     """A tree's staging directory (proved to be the session's inode): each entry's blocks go
     to its partial there, created on first use; a few partials stay open."""
 
-    def __init__(self, path: str, inode: tuple[int, int] | None, plan: layout.Layout) -> None:
+    def __init__(
+        self, path: str, inode: tuple[int, int] | None, plan: layout.Layout, umask: int = 0o077
+    ) -> None:
         try:
             self.dir = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -311,6 +313,9 @@ class _TreeTarget(_Target):
             os.close(self.dir)
             raise RejectedError("the staging directory was removed or replaced under the receiver")
         self.plan = plan
+        #: the process's umask (a pack's new partials are made with their mode where it
+        #: leaves that mode whole)
+        self.umask = umask
         self.open: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.dirty: set[int] = set()
 
@@ -344,11 +349,11 @@ class _TreeTarget(_Target):
             raise RejectedError("a partial file in the staging directory is not a regular file")
         return fd
 
-    def _open_new(self, name: str) -> int:
-        """A partial made now (-1 if the name is taken: a file that starts over, a block that
-        came twice)."""
+    def _open_new(self, name: str, mode: int) -> int:
+        """A partial made now, with ``mode`` (-1 if the name is taken: a file that starts
+        over, a block that came twice)."""
         try:
-            return os.open(name, _PARTIAL_FLAGS | os.O_EXCL, 0o600, dir_fd=self.dir)
+            return os.open(name, _PARTIAL_FLAGS | os.O_EXCL, mode, dir_fd=self.dir)
         except FileExistsError:
             return -1
         except OSError as exc:
@@ -372,9 +377,14 @@ class _TreeTarget(_Target):
         three; ``treefiles``). The mode is left 0600 when it would take the owner's read or
         write away (a block that comes again must still open it), and a partial that was
         already there is written as any other: the coordinator finishes both."""
+        umask = self.umask
         for entry, at, length in members:
             name, size, mtime_ns, mode = self.plan.finished(entry)
-            fd = self._open_new(name)
+            # Made with its mode at once where the umask leaves that mode as it is (staging
+            # is 0700: nobody else sees the file before it is complete).
+            kept = mode & 0o600 == 0o600
+            made = mode if kept and not mode & umask else 0o600
+            fd = self._open_new(name, made)
             new = fd >= 0
             if not new:
                 fd = self._open(name)
@@ -384,7 +394,7 @@ class _TreeTarget(_Target):
                     if written == length and new:
                         if size != length:
                             os.ftruncate(fd, size)
-                        if mode & 0o600 == 0o600:
+                        if kept and made != mode:
                             os.fchmod(fd, mode)
                         os.utime(fd, ns=(mtime_ns, mtime_ns))
                         os.fsync(fd)
@@ -438,6 +448,7 @@ class Worker:
         self.stopping = threading.Event()
         self.thread_failures = 0
         self._layouts: dict[bytes, tuple[str, layout.Layout, BlockSpace]] = {}
+        self.umask = fsutil.process_umask()  # read once, before any stream thread
         #: layouts being read now (``Prepare``): a stream of that session waits for it
         self._reading: dict[tuple[bytes, str], threading.Event] = {}
 

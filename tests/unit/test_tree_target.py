@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 from stxpar.workers.receiver import _TreeTarget
 
 from stxpar import layout, treefiles
@@ -87,13 +88,14 @@ def check_landed(dest: Path) -> None:
         assert body == data + bytes(st.st_size - len(data)), path
 
 
-def test_the_worker_finishes_a_packs_new_partials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("umask", [0o077, 0o022])  # made 0600 then chmod, or made with it
+def test_the_worker_finishes_a_packs_new_partials(tmp_path: Path, umask: int) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     m = manifest()
     opened = admit(dest, m)
     b, plain = the_pack(m)
-    target = _TreeTarget(str(opened.staging), opened.inode(), plan(m))
+    target = _TreeTarget(str(opened.staging), opened.inode(), plan(m), umask)
     try:
         target.write_pack(memoryview(plain), m.space.members(m.space.locate(b)))
     finally:
