@@ -387,7 +387,16 @@ class _Rules:
 
     def add(self, e: Entry) -> None:
         path = e.path
-        self._path(path)
+        if path and len(path) <= MAX_COMPONENT_BYTES and path.isascii() and path.isprintable():
+            # The usual path: short (no component, nor the path, can be too long), one byte
+            # a character, no control character: only its components and its name are left.
+            wrapped = f"/{path}/"
+            if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
+                _bad("empty, '.' or '..' path component", path)
+            if "/" not in path and path.endswith(RESERVED_SUFFIXES):
+                _bad("reserved top-level name", path)
+        else:
+            self._path(path)
         if path in self.seen:
             _bad("duplicate path", path)
         parent = path.rpartition("/")[0]
@@ -450,19 +459,19 @@ class _Rules:
 
     @staticmethod
     def _fields(e: Entry) -> None:
-        path = e.path
-        if not 0 <= e.mode <= 0o777:
+        kind, path, size, mode, mtime, link, extents, file_id = e
+        if not 0 <= mode <= 0o777:
             _bad("mode out of range", path)
-        if not _I64[0] <= e.mtime_ns <= _I64[1]:
+        if not _I64[0] <= mtime <= _I64[1]:
             _bad("mtime out of range", path)
-        if e.kind == Kind.FILE:
-            if not 0 <= e.size <= MAX_FILE_SIZE:
+        if kind == Kind.FILE:
+            if not 0 <= size <= MAX_FILE_SIZE:
                 _bad("file size out of range", path)
-            if e.link:
+            if link:
                 _bad("link text on a file", path)
-            if len(e.file_id) != FILE_ID_LEN:
+            if len(file_id) != FILE_ID_LEN:
                 _bad(f"file id is not {FILE_ID_LEN} bytes", path)
-            _extents(e.extents, e.size, path)
+            _extents(extents, size, path)
             return
         if e.size or e.extents or e.file_id:
             _bad(f"size, extents or file id on a {e.kind.name.lower()}", path)

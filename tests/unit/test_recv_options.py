@@ -18,7 +18,7 @@ from stxpar.config import (
     default_workers,
 )
 from stxpar.errors import UsageError
-from stxpar.receiver import _process_umask
+from stxpar.fsutil import process_umask
 
 KEY = b"k" * 32
 
@@ -86,7 +86,7 @@ def test_receiver_folds_keyword_arguments_into_its_options(tmp_path: Path) -> No
 def test_the_umask_is_read_without_being_set() -> None:
     old = os.umask(0o027)
     try:
-        assert _process_umask() == 0o027
+        assert process_umask() == 0o027
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(old)
