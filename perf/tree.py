@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -310,16 +311,28 @@ class TreeBench:
         self.stale.clear()
 
     def wait_all(self, procs: list[subprocess.Popen[bytes]], t0: float) -> float:
-        """Wait for every process; seconds from t0 to the last exit. Raises Failed on timeout."""
-        end = t0 + self.args.timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    self.kill(q)
-                raise Failed(f"timed out after {self.args.timeout:.0f} s") from None
-        return time.monotonic() - t0
+        """Wait for every process; seconds from t0 to the last exit. Raises Failed on timeout.
+
+        The waits block (a timer kills the processes at the limit): ``Popen.wait(timeout=)``
+        polls, with sleeps of up to 50 ms, which rounded every time here up to the next poll."""
+        expired = threading.Event()
+
+        def kill_all() -> None:
+            expired.set()
+            for q in procs:
+                self.kill(q)
+
+        timer = threading.Timer(max(0.1, t0 + self.args.timeout - time.monotonic()), kill_all)
+        timer.start()
+        try:
+            for p in procs:
+                p.wait()
+            done = time.monotonic() - t0
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            raise Failed(f"timed out after {self.args.timeout:.0f} s")
+        return done
 
     def wait_sshd_idle(self) -> None:
         """Let the sshd reap the previous connection's processes before the next run."""
