@@ -424,16 +424,21 @@ class ControlHandler:
         self._feed(Admitted(md.name, opened.ledger, opened.complete, routes=self.routes))
 
     @staticmethod
-    def _plan(md: Transfer, opened: partials.Opened | treefiles.TreeOpened) -> layout_file.Layout:
-        manifest = md.manifest
-        extents = [e.extents for e in manifest.entries]
-        key, name = manifest.key, treefiles.partial_name
-        names = {
-            i: (name(key(i)), e.size, e.mtime_ns, e.mode)
-            for i, e in enumerate(manifest.entries)
-            if e.extents
-        }
-        return layout_file.Layout.named(md.block_size, extents, names)
+    def _plan(md: Transfer, opened: partials.Opened | treefiles.TreeOpened) -> bytes:
+        """The session's layout file (``layout.receiver_bytes``): per entry with data, its
+        partial's name and the size, mtime and mode of the finished file."""
+        entries = md.manifest.entries
+        key, name = md.manifest.key, treefiles.partial_name
+        index = [i for i, e in enumerate(entries) if e.extents]
+        return layout_file.receiver_bytes(
+            md.block_size,
+            [e.extents for e in entries],
+            index,
+            [name(key(i)) for i in index],
+            [entries[i].size for i in index],
+            [entries[i].mtime_ns for i in index],
+            [entries[i].mode for i in index],
+        )
 
     def _append(self, blocks: list[tuple[int, bytes]]) -> None:
         failed: StxError | None = None

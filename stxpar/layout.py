@@ -163,6 +163,26 @@ class Layout:
             raise ProtocolError("malformed layout file") from exc
 
 
+def receiver_bytes(
+    block_size: int,
+    extents: Sequence[tuple[int, ...]],
+    index: list[int],
+    names: list[str],
+    sizes: list[int],
+    mtimes: list[int],
+    modes: list[int],
+) -> bytes:
+    """What ``Layout.named(...).encode()`` makes, from its columns at once (a receiver writes
+    this for every tree it admits: ten thousand rows are never made). ``index``: the entries
+    with data, in order; the other lists: their partial names and finished files' fields."""
+    counts = [len(extents[i]) for i in index]
+    flat = [x for i in index for x in extents[i]]
+    zeros = [0] * len(index)
+    body = [MAGIC, block_size, len(extents), index, counts, flat]
+    body += [names, zeros, zeros, sizes, mtimes, zeros, modes]
+    return msgpack.packb(body, use_bin_type=True)
+
+
 #: Layouts this process made before it forked its workers: path -> (layout, its block space).
 _KNOWN: dict[str, tuple[Layout, BlockSpace]] = {}
 
@@ -183,9 +203,10 @@ def forget(path: str) -> None:
     _KNOWN.pop(path, None)
 
 
-def write(path: str, layout: Layout) -> None:
-    """Write ``layout`` to a new file at ``path`` (in the coordinator's private directory)."""
-    data = layout.encode()
+def write(path: str, layout: Layout | bytes) -> None:
+    """Write ``layout`` (or its encoding) to a new file at ``path`` (in the coordinator's
+    private directory)."""
+    data = layout if isinstance(layout, bytes) else layout.encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)

@@ -61,6 +61,29 @@ def test_a_receiver_layout_round_trips() -> None:
         back.finished(1)
 
 
+def test_a_receiver_layout_from_its_columns_is_the_same_file() -> None:
+    names = {
+        0: ("p0.stxpart", 10, 1_000_000_007, 0o644),
+        2: ("p2.stxpart", 1 << 20, 5, 0o600),
+        4: ("p4.stxpart", 7, 0, 0o755),
+    }
+    index = sorted(names)
+    data = layout.receiver_bytes(
+        1 << 16,
+        EXTENTS,
+        index,
+        [names[i][0] for i in index],
+        [names[i][1] for i in index],
+        [names[i][2] for i in index],
+        [names[i][3] for i in index],
+    )
+    assert data == Layout.named(1 << 16, EXTENTS, names).encode()
+    back = Layout.decode(data)
+    assert {i: back.finished(i) for i in names} == names
+    empty = layout.receiver_bytes(4096, ((), ()), [], [], [], [], [])
+    assert empty == Layout.named(4096, ((), ()), {}).encode()
+
+
 def test_a_layout_without_files_round_trips() -> None:
     plan = Layout.named(4096, ((), ()), {})
     back = Layout.decode(plan.encode())
