@@ -175,6 +175,12 @@ def _send(args: argparse.Namespace, warn: Callable[[str], None], walk: Any) -> i
         raise UsageError("--workers 0 needs --cluster HOST:PORT (helpers do the sending)")
     # The workers first, forked while this process holds no key (a worker must never hold it).
     paths = args.paths
+    if walk is not None:
+        # While the walk's child finishes and hands its result over: the first X25519 key of
+        # a process costs some milliseconds the handshake would pay otherwise.
+        from .handshake import warm_up
+
+        warm_up()
     pool = prestart_workers(paths, host, options=opts, warn=warn, scanned=walk)
     freeze_heap()  # the walk's entries live until the end too
     try:
