@@ -525,7 +525,7 @@ class _DataPhase:
         while time.monotonic() < deadline and not sup.all_exited():
             if self.cluster is not None:
                 self.cluster.pump(0)
-            if link.router.poll(5):  # short: a worker's exit is noticed within 5 ms
+            if link.router.poll(1):  # short: a worker's exit is noticed within 1 ms
                 identity, _ = link.router.recv_multipart()
                 try:
                     link.reply(identity, Done(), block=False)

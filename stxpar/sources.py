@@ -61,6 +61,10 @@ class Sources:
         return self._counts()[0].get(kind, 0)
 
     def _counts(self) -> tuple[dict[Kind, int], int, int]:
+        if self._tally is None and self.tree is not None:  # the walk counted them
+            t = self.tree
+            kinds = {Kind.FILE: t.files, Kind.DIR: t.dirs, Kind.SYMLINK: t.symlinks}
+            self._tally = (kinds, t.bytes, t.data_bytes)
         if self._tally is None:
             kinds = dict.fromkeys(Kind, 0)
             apparent = data = 0
