@@ -25,6 +25,7 @@ Pure apart from ``write``/``read`` (a file in a directory only this user can ent
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -228,4 +229,10 @@ def read(path: str) -> Layout:
         data = read_at_most(fd, MAX_LAYOUT)
     finally:
         os.close(fd)
-    return Layout.decode(data)
+    collecting = gc.isenabled()
+    gc.disable()  # a burst of objects that all live on: no collection in the middle of it
+    try:
+        return Layout.decode(data)
+    finally:
+        if collecting:
+            gc.enable()
