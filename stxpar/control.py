@@ -41,6 +41,7 @@ from . import partials, treefiles
 from .blocks import BlockLedger
 from .destination import NameLock, Names, check_final, disk_error, make_subdir, safe_name
 from .errors import ConnectError, RejectedError, StxError, error_from_wire
+from .gcpause import no_collection
 from .keyschedule import SessionKeys
 from .manifest import Limits
 from .messages import Landed, StreamFailed
@@ -268,7 +269,8 @@ class ControlHandler:
             return
         fs.deadline = None
         fs.sock.settimeout(SEND_TIMEOUT)  # a large resume bitmap may take a while to send
-        self._feed(FrameIn(ftype, payload))
+        with no_collection():  # METADATA: the manifest's entries come next
+            self._feed(FrameIn(ftype, payload))
         if core.terminal:
             return
         fs.sock.settimeout(None)
@@ -286,7 +288,11 @@ class ControlHandler:
                 except StxError as exc:
                     self._feed(ConnectionLost(exc))
                 else:
-                    self._feed(FrameIn(ftype, payload))
+                    # A chunk of entries checked (with the last, the manifest built and the
+                    # transfer admitted) makes objects that all live on: nothing to collect.
+                    manifest = core.state is State.WAIT_MANIFEST
+                    with no_collection() if manifest else contextlib.nullcontext():
+                        self._feed(FrameIn(ftype, payload))
 
     def _wait(self) -> bool:
         """Until the socket is readable (True), a wake-up or the core's next deadline."""

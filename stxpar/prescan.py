@@ -35,6 +35,7 @@ from typing import Any
 from .errors import UsageError
 from .fileref import FileRef
 from .forking import can_fork
+from .gcpause import no_collection
 from .manifest import Entry, Kind
 from .scan import Scan, Warn, scan
 
@@ -62,9 +63,7 @@ class Prescan:
                 chunks.append(data)
         finally:
             self.close()
-        collecting = gc.isenabled()
-        gc.disable()  # tens of thousands of new objects, none of them garbage
-        try:
+        with no_collection():  # tens of thousands of new objects, none of them garbage
             try:
                 kind, body = marshal.loads(b"".join(chunks))
             except (EOFError, ValueError, TypeError):
@@ -74,9 +73,6 @@ class Prescan:
             if kind != "scan":
                 raise RuntimeError(f"the walk of the PATHs failed: {body}")
             return _unflatten(body)
-        finally:
-            if collecting:
-                gc.enable()
 
     def close(self) -> None:
         """Stop and reap the child (if still there) and close the pipe."""
