@@ -170,10 +170,7 @@ def read_whole(ref: FileRef, into: memoryview) -> None:
     state (one ``fstat`` for both checks; what was read is dropped with the exception):
     SourceChangedError (exit 5) if it is not, or shrank."""
     path = ref.path
-    try:
-        fd = os.open(path, _SOURCE_FLAGS)
-    except OSError as exc:
-        raise SourceChangedError(f"{REPLACED} ({path}: {exc.strerror})") from None
+    fd = _open(path)
     try:
         try:
             got = os.preadv(fd, [into], 0)
@@ -187,6 +184,15 @@ def read_whole(ref: FileRef, into: memoryview) -> None:
             raise SourceChangedError("a source file shrank during the transfer")
     finally:
         os.close(fd)
+
+
+def _open(path: str) -> int:
+    """``path`` opened for reading, never through a symlink as its last component, never
+    blocking on a FIFO; SourceChangedError (exit 5) if it cannot be."""
+    try:
+        return os.open(path, _SOURCE_FLAGS)
+    except OSError as exc:
+        raise SourceChangedError(f"{REPLACED} ({path}: {exc.strerror})") from None
 
 
 def _check_identity(st: os.stat_result, ref: FileRef, path: str) -> None:
@@ -203,10 +209,7 @@ def open_source(ref: FileRef) -> int:
     already resolved the one the user may have named), and the identity and state of what was
     opened must be the coordinator's."""
     path = ref.path
-    try:
-        fd = os.open(path, _SOURCE_FLAGS)
-    except OSError as exc:
-        raise SourceChangedError(f"{REPLACED} ({path}: {exc.strerror})") from None
+    fd = _open(path)
     try:
         st = os.fstat(fd)
         _check_identity(st, ref, path)

@@ -172,13 +172,18 @@ def test_tree_with_the_api_arrives_identical(
 
 
 @pytest.mark.timeout(90)
-def test_tree_with_the_cli_arrives_identical(scratch: Path, tree: dict[str, Any]) -> None:
+def _cli_receiver(scratch: Path) -> tuple[Path, Path, CliReceiver]:
+    """A key file, DEST and an ``stx recv --once`` listening into it (logs in scratch/logs)."""
     keyfile = scratch / "stx.key"
     make_keyfile(keyfile)
     dest = scratch / "dest"
     dest.mkdir()
     (scratch / "logs").mkdir()
-    receiver = CliReceiver(keyfile, dest, scratch / "logs", workers=2, once=True).start()
+    return keyfile, dest, CliReceiver(keyfile, dest, scratch / "logs", workers=2, once=True).start()
+
+
+def test_tree_with_the_cli_arrives_identical(scratch: Path, tree: dict[str, Any]) -> None:
+    keyfile, dest, receiver = _cli_receiver(scratch)
     try:
         before = snapshot(scratch, exclude=dest)
         run = run_stx(
@@ -226,12 +231,7 @@ def test_a_command_line_read_otherwise_early_still_sends_the_tree(
 ) -> None:
     """``--work 2`` (argparse's abbreviation of --workers) makes stxpar.launch take "2" for a
     PATH: the parser finds other PATHs, the early walk is dropped, and stx send walks."""
-    keyfile = scratch / "stx.key"
-    make_keyfile(keyfile)
-    dest = scratch / "dest"
-    dest.mkdir()
-    (scratch / "logs").mkdir()
-    receiver = CliReceiver(keyfile, dest, scratch / "logs", workers=2, once=True).start()
+    keyfile, dest, receiver = _cli_receiver(scratch)
     try:
         run = run_stx(
             "send", "--work", "2", tree["root"], receiver.address, "--psk-file", keyfile, "-q"
