@@ -355,11 +355,12 @@ class _DataPhase:
             self._reply(self.identities[slot], Done())
 
     def _report(self, done: int, size: int) -> None:
-        if self.progress is not None:
-            self.progress(done, size)
+        # The files first: the CLI's line shows the count it heard last when bytes come.
         if self.file_progress is not None:
             run = self.run_state
             self.file_progress(run.files_done(), run.manifest.files)
+        if self.progress is not None:
+            self.progress(done, size)
 
     def _serve(self, slot: int) -> None:
         answer = self.sched.take(slot)

@@ -147,6 +147,7 @@ def test_tree_with_the_api_arrives_identical(
     dest = Path(api_receiver.dest)
     before = snapshot(scratch, exclude=dest)
     warnings: list[str] = []
+    heard: list[tuple[str, int, int]] = []
     result = stxpar.send(
         [tree["root"]],
         *api_receiver.address,
@@ -154,7 +155,14 @@ def test_tree_with_the_api_arrives_identical(
         workers=2,
         block_size=BLOCK,
         warn=warnings.append,
+        progress=lambda done, total: heard.append(("bytes", done, total)),
+        file_progress=lambda done, total: heard.append(("files", done, total)),
     )
+    # The CLI draws its line on each bytes report with the files count heard before it: the
+    # last line must count every file (a file count after the last line is never shown).
+    last = max(i for i, h in enumerate(heard) if h[0] == "bytes")
+    files = [h for h in heard[:last] if h[0] == "files"]
+    assert heard[last][1] == heard[last][2] and files[-1][1] == files[-1][2], heard[-4:]
     copy = dest / "tree"
     check_tree_arrived(tree, copy)
     assert_clean(dest, {"tree"})
