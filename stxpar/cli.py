@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config import (
@@ -30,6 +30,9 @@ from .netio import parse_hostport
 from .progress import _CLUSTER_EVENTS, Progress, _amount, _human, cluster_line
 from .progress import send_summary as send_summary
 from .psk import load_key_file, write_key_file
+
+if TYPE_CHECKING:
+    from .prescan import Prescan
 
 EXIT_CODES = """exit codes:
   0  success
@@ -152,7 +155,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             walk.close()
 
 
-def _send(args: argparse.Namespace, warn: Callable[[str], None], walk: Any) -> int:
+def _send(args: argparse.Namespace, warn: Callable[[str], None], walk: Prescan | None) -> int:
     from .cluster import local_host
     from .ipc import freeze_heap
     from .sender import prestart_workers, send

@@ -36,8 +36,7 @@ def block_digest(data: bytes | memoryview | bytearray) -> bytes:
 def file_digest(
     *, block_digests: bytes | bytearray | memoryview, block_size: int, size: int
 ) -> bytes:
-    h = hashlib.sha256(_LABEL)
-    h.update(_SIZES.pack(block_size, size))
+    h = hashlib.sha256(file_digest_prefix(block_size, size))
     h.update(block_digests)
     return h.digest()
 

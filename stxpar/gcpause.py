@@ -1,5 +1,5 @@
 """``no_collection``: a pause of the cyclic garbage collector around a burst of objects that all
-live on (its own module: the walk's child, the layout reader and the receiver's shell use it,
+live on (its own module: the walk's result, the layout reader and the receiver's shell use it,
 and none of them may import more than it needs)."""
 
 from __future__ import annotations

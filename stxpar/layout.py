@@ -126,11 +126,7 @@ class Layout:
                 [f.ctime_ns for f in refs],
                 [0] * len(refs),
             ]
-        extents = self.extents
-        counts = [len(extents[i]) for i in index]
-        flat = [x for i in index for x in extents[i]]
-        body = [MAGIC, self.block_size, len(extents), index, counts, flat, *map(list, cols)]
-        return msgpack.packb(body, use_bin_type=True)
+        return _pack(self.block_size, self.extents, index, [list(c) for c in cols])
 
     @classmethod
     def decode(cls, data: bytes) -> Layout:
@@ -176,11 +172,18 @@ def receiver_bytes(
     """What ``Layout.named(...).encode()`` makes, from its columns at once (a receiver writes
     this for every tree it admits: ten thousand rows are never made). ``index``: the entries
     with data, in order; the other lists: their partial names and finished files' fields."""
+    zeros = [0] * len(index)
+    return _pack(block_size, extents, index, [names, zeros, zeros, sizes, mtimes, zeros, modes])
+
+
+def _pack(
+    block_size: int, extents: Sequence[tuple[int, ...]], index: list[int], cols: list[list[Any]]
+) -> bytes:
+    """The layout file: the header, the entries with data (``index``) and their extents, then
+    the ``_COLUMNS`` columns of their rows."""
     counts = [len(extents[i]) for i in index]
     flat = [x for i in index for x in extents[i]]
-    zeros = [0] * len(index)
-    body = [MAGIC, block_size, len(extents), index, counts, flat]
-    body += [names, zeros, zeros, sizes, mtimes, zeros, modes]
+    body = [MAGIC, block_size, len(extents), index, counts, flat, *cols]
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -190,8 +193,7 @@ _KNOWN: dict[str, tuple[Layout, BlockSpace]] = {}
 
 def remember(path: str, layout: Layout, space: BlockSpace) -> None:
     """Keep ``layout`` (to be written at ``path``) in memory: a worker forked after this call
-    finds it there (``recall``) instead of reading and decoding the file, and the
-    coordinator writes it from there (``write``)."""
+    finds it there (``recall``) instead of reading and decoding the file."""
     _KNOWN[path] = (layout, space)
 
 

@@ -86,7 +86,7 @@ class Kind(enum.IntEnum):
 
 
 #: A kind's number -> the Kind (a dict lookup is the check and the conversion at once).
-_KIND_OF = {int(k): k for k in Kind}
+KIND_OF = {int(k): k for k in Kind}
 
 
 class Entry(NamedTuple):
@@ -188,7 +188,7 @@ def _entry(raw: Any) -> Entry:
     kind, path, size, mode, mtime, link, extents, file_id = raw
     if not isinstance(path, str):
         raise ProtocolError("bad manifest: a path is not a string")
-    k = _KIND_OF.get(kind) if type(kind) is int else None  # (a bool is not an int here)
+    k = KIND_OF.get(kind) if type(kind) is int else None  # (a bool is not an int here)
     if k is None:
         raise ProtocolError(f"bad manifest: unknown entry kind ({shown(path)})")
     if not (type(size) is int and type(mode) is int and type(mtime) is int):
@@ -387,16 +387,7 @@ class _Rules:
 
     def add(self, e: Entry) -> None:
         path = e.path
-        if path and len(path) <= MAX_COMPONENT_BYTES and path.isascii() and path.isprintable():
-            # The usual path: short (no component, nor the path, can be too long), one byte
-            # a character, no control character: only its components and its name are left.
-            wrapped = f"/{path}/"
-            if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
-                _bad("empty, '.' or '..' path component", path)
-            if "/" not in path and path.endswith(RESERVED_SUFFIXES):
-                _bad("reserved top-level name", path)
-        else:
-            self._path(path)
+        self._path(path)
         if path in self.seen:
             _bad("duplicate path", path)
         parent = path.rpartition("/")[0]
@@ -439,6 +430,15 @@ class _Rules:
             _bad("empty path", path)
         if path.isascii() and path.isprintable():  # the usual path: no control character,
             size = len(path)  # and its UTF-8 is one byte a character
+            if size <= MAX_COMPONENT_BYTES:
+                # Short too (neither it nor a component can be too long): only its components
+                # and its name are left, three substring tests instead of a split and a loop.
+                wrapped = f"/{path}/"
+                if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
+                    _bad("empty, '.' or '..' path component", path)
+                if "/" not in path and path.endswith(RESERVED_SUFFIXES):
+                    _bad("reserved top-level name", path)
+                return
         else:
             if _CONTROL.search(path):
                 _bad("control character in a path", path)
@@ -473,21 +473,21 @@ class _Rules:
                 _bad(f"file id is not {FILE_ID_LEN} bytes", path)
             _extents(extents, size, path)
             return
-        if e.size or e.extents or e.file_id:
-            _bad(f"size, extents or file id on a {e.kind.name.lower()}", path)
-        if e.kind == Kind.DIR:
-            if e.link:
+        if size or extents or file_id:
+            _bad(f"size, extents or file id on a {kind.name.lower()}", path)
+        if kind == Kind.DIR:
+            if link:
                 _bad("link text on a directory", path)
             return
-        if not e.link:
+        if not link:
             _bad("empty link text", path)
-        if "\x00" in e.link:
+        if "\x00" in link:
             _bad("NUL in link text", path)
         try:
-            size = len(e.link.encode())
+            link_size = len(link.encode())
         except UnicodeEncodeError:
             _bad("link text is not UTF-8", path)
-        if size > MAX_LINK_BYTES:
+        if link_size > MAX_LINK_BYTES:
             _bad(f"link text longer than {MAX_LINK_BYTES} bytes", path)
 
 

@@ -36,10 +36,9 @@ from .errors import UsageError
 from .fileref import FileRef
 from .forking import can_fork
 from .gcpause import no_collection
-from .manifest import Entry, Kind
+from .manifest import KIND_OF, Entry
 from .scan import Scan, Warn, scan
 
-_KINDS = {int(k): k for k in Kind}
 #: The pipe's buffer (Linux's default limit for a process without privileges).
 _PIPE_SIZE = 1 << 20
 
@@ -165,7 +164,7 @@ def _flatten(s: Scan) -> tuple[Any, ...]:
 def _unflatten(body: Any) -> Scan:
     """What ``_flatten`` made, back (from our own child: trusted as such)."""
     kinds, fields, index, refs, skipped, counts = body
-    entries = list(map(Entry, map(_KINDS.__getitem__, kinds), *fields))
+    entries = list(map(Entry, map(KIND_OF.__getitem__, kinds), *fields))
     sources = dict(zip(index, map(FileRef, *refs), strict=True))
     files, dirs, symlinks, apparent, data, sparse = counts
     return Scan(

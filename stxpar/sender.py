@@ -657,7 +657,7 @@ def _session(
             path = workers.layout_path
             plan = src.layout(block_size)
             known = layout_file.recall(path)
-            if known is not None and known[0] != plan:
+            if known is not None and known[0] is not plan:
                 # Forked for other arguments (``prestart_workers``): its workers hold another
                 # layout under that name; this one gets a name of its own.
                 path += ".2"

@@ -44,6 +44,7 @@ class Sources:
 
     _blocks: dict[int, int] = field(default_factory=dict, repr=False)
     _spaces: dict[int, BlockSpace] = field(default_factory=dict, repr=False)
+    _layouts: dict[int, Layout] = field(default_factory=dict, repr=False)
     _tally: tuple[dict[Kind, int], int, int] | None = field(default=None, repr=False)
 
     # Counted once each: a tree's walk made them and only ``rename_root`` changes the entries
@@ -100,7 +101,13 @@ class Sources:
         )
 
     def layout(self, block_size: int) -> Layout:
-        return Layout(block_size, tuple(e.extents for e in self.entries), tuple(self.refs))
+        """The workers' layout (made once per block size, like ``space``)."""
+        got = self._layouts.get(block_size)
+        if got is None:
+            got = self._layouts[block_size] = Layout(
+                block_size, tuple(e.extents for e in self.entries), tuple(self.refs)
+            )
+        return got
 
     def rename_root(self, name: str) -> None:
         """Send the one top-level entry as ``name`` (``--as``): its path and every path
